@@ -1,0 +1,1 @@
+"""FIRM on PyTorch Lightning."""

@@ -1,0 +1,353 @@
+"""Prompt data for FIRM: one LightningDataModule that also serves federated clients.
+
+Data flow (all of it in ``setup()``, which runs once):
+
+1. ``load_rows`` reads the rows: a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file,
+   a directory written by ``Dataset.save_to_disk``, or a Hugging Face hub dataset name.
+2. Only the prompt (and group) columns are kept; both are checked to exist.
+3. The rows are shuffled with ``seed`` and capped at ``max_prompts``. Shuffling first makes
+   the eval set a random sample and makes flwr-datasets' ``IidPartitioner`` (which cuts
+   contiguous shards) really IID.
+4. The first ``eval_size`` rows become the held-out eval set; the rest is the training set.
+5. A flwr-datasets partitioner ("iid", "dirichlet" over ``group_column``, or "column": one
+   client per group value) splits the training set into ``num_clients`` parts. Each part
+   is recorded as a list of indices into the training set (``client_indices``).
+
+Consumers: a federated loop calls ``client_dataloader(client_id, round_idx)`` per client and
+round; plain Lightning training uses ``train_dataloader``/``val_dataloader``. Every batch is
+a dict ``{"prompt": list[str]}``, plus ``"group": list[str]`` when there is a group column.
+Everything is seeded: the same ``seed`` gives the same eval set, split and batch order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import datasets
+import lightning as L
+import torch
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+)
+from torch.utils.data import DataLoader, Dataset
+
+DEFAULT_PROMPTS = str(Path(__file__).resolve().parent / "data" / "prompts.jsonl")
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Suffixes that mark a path as a local file even when we cannot load that type.
+_LOCAL_SUFFIXES = set(_FILE_BUILDERS) | {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xz", ".bz2"}
+_PARTITIONS = ("iid", "dirichlet", "column")
+_ROW = "__row__"  # helper column: lets us read back which rows a partitioner chose
+# A client with no prompts cannot train a round, so Dirichlet resamples until each has one.
+_MIN_CLIENT_PROMPTS = 1
+
+
+# --------------------------------------------------------------------------- loading
+def _looks_local(path: str) -> bool:
+    """True if ``path`` is meant as a local path rather than a hub id.
+
+    Hub ids are ``name`` or ``org/name``, so one "/" alone does not make a path local;
+    a data-file extension, a leading "/", "." or "~", a backslash or a second "/" does.
+    """
+    p = path.replace("\\", "/")
+    return (Path(p).suffix.lower() in _LOCAL_SUFFIXES or p.startswith(("/", ".", "~"))
+            or p.count("/") > 1 or "\\" in path)
+
+
+def _load_local_dir(path: Path, subset: Optional[str], split: str) -> datasets.Dataset:
+    # save_to_disk leaves state.json (Dataset) or dataset_dict.json (DatasetDict) behind;
+    # any other directory is a folder of data files that load_dataset can infer.
+    if not ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        return datasets.load_dataset(str(path), subset, split=split)
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"split {split!r} not in {path} (splits: {sorted(ds)}); "
+                             f"pass split= one of those")
+        ds = ds[split]
+    return ds
+
+
+def _load_hub(name: str, subset: Optional[str], split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(name, subset, split=split)
+    except Exception as e:  # offline, unknown name, bad subset: all need the same advice
+        raise FileNotFoundError(
+            f"could not load hub dataset {name!r} (subset={subset!r}, split={split!r}): "
+            f"{type(e).__name__}: {e}. This machine may be offline. Pre-download it with "
+            f"`huggingface-cli download --repo-type dataset {name}` on a machine with "
+            f"network access, or pass a local .jsonl/.csv/.parquet file or save_to_disk "
+            f"directory as path=") from e
+
+
+def load_rows(path: str, subset: Optional[str] = None, split: str = "train") -> datasets.Dataset:
+    """Load a ``datasets.Dataset`` from a local file, a save_to_disk directory or the hub."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        builder = _FILE_BUILDERS.get(local.suffix.lower())
+        if builder is None:
+            raise ValueError(f"unsupported file type {local.suffix!r} for {path}: "
+                             f"convert it to one of {sorted(_FILE_BUILDERS)}")
+        # A single data file always comes back as the builder's one "train" split.
+        return datasets.load_dataset(builder, data_files=str(local), split="train")
+    if local.is_dir():
+        return _load_local_dir(local, subset, split)
+    if _looks_local(path):  # a typo'd local path should not turn into a hub request
+        raise FileNotFoundError(f"local path {path!r} does not exist; check the path, "
+                                f"or omit path= to use the shipped {DEFAULT_PROMPTS}")
+    return _load_hub(path, subset, split)
+
+
+# --------------------------------------------------------------------------- batching
+class _Prompts(Dataset):
+    """Rows of (prompt, group) served as dicts; groups may be absent."""
+
+    def __init__(self, prompts: list[str], groups: Optional[list[str]]):
+        self.prompts, self.groups = prompts, groups
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict[str, str]:
+        row = {"prompt": self.prompts[i]}
+        if self.groups is not None:
+            row["group"] = self.groups[i]
+        return row
+
+
+def collate_prompts(rows: list[dict[str, str]]) -> dict[str, list[str]]:
+    """Keep strings as lists: tokenisation happens in the model, not the loader."""
+    return {key: [r[key] for r in rows] for key in rows[0]}
+
+
+def _generator(*keys: int) -> torch.Generator:
+    # Hash the keys instead of adding them, so (seed=1, client=0) and (seed=0, client=1)
+    # do not share a batch order; sha256 also accepts negative seeds.
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+# --------------------------------------------------------------------------- module
+class PromptDataModule(L.LightningDataModule):
+    """Prompts split into a held-out eval set and ``num_clients`` training partitions.
+
+    See the module docstring for the data flow. Accessors call ``setup()`` on demand, so a
+    federated loop can use the module without a Trainer.
+    """
+
+    def __init__(
+        self,
+        path: str = DEFAULT_PROMPTS,
+        subset: Optional[str] = None,
+        split: str = "train",
+        prompt_column: str = "prompt",
+        group_column: Optional[str] = "topic",
+        eval_size: Union[int, float] = 48,
+        num_clients: int = 4,
+        partition: Literal["iid", "dirichlet", "column"] = "iid",
+        dirichlet_alpha: float = 1.0,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        max_prompts: Optional[int] = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.path, self.subset, self.split = str(path), subset, split
+        self.prompt_column, self.group_column = prompt_column, group_column
+        self.eval_size, self.num_clients = eval_size, num_clients
+        self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.max_prompts, self.seed = max_prompts, seed
+        self._check_config()
+        self._train_prompts: Optional[list[str]] = None
+        self._train_groups: Optional[list[str]] = None
+        self._eval_prompts: list[str] = []
+        self._eval_groups: Optional[list[str]] = None
+        self._client_indices: list[list[int]] = []
+
+    def _check_config(self) -> None:
+        """Fail at construction on settings that are wrong whatever the data."""
+        if self.partition not in _PARTITIONS:
+            raise ValueError(f"partition={self.partition!r} is unknown; use one of {_PARTITIONS}")
+        if self.num_clients < 1:
+            raise ValueError(f"num_clients={self.num_clients}: need at least 1 client")
+        if self.partition != "iid" and self.group_column is None:
+            raise ValueError(f"partition={self.partition!r} splits by a group column but "
+                             f"group_column=None; name one (e.g. group_column='topic') "
+                             f"or use partition='iid'")
+        e = self.eval_size
+        if e < 0 or (isinstance(e, float) and e >= 1):
+            raise ValueError(f"eval_size={e}: give a count >= 0 or a fraction in [0, 1)")
+        if self.dirichlet_alpha <= 0:
+            raise ValueError(f"dirichlet_alpha={self.dirichlet_alpha} must be > 0")
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self._train_prompts is not None:  # Lightning calls setup per stage; load once
+            return
+        ds = self._load()
+        n_eval = self._eval_count(len(ds))
+        self._check_enough_training_rows(len(ds), n_eval)
+        self._eval_prompts, self._eval_groups = self._columns(ds.select(range(n_eval)))
+        self._train_prompts, self._train_groups = self._columns(
+            ds.select(range(n_eval, len(ds))))
+        self._client_indices = self._partition_train()
+
+    def _load(self) -> datasets.Dataset:
+        ds = load_rows(self.path, self.subset, self.split)
+        wanted = [c for c in (self.prompt_column, self.group_column) if c is not None]
+        for col in wanted:
+            if col not in ds.column_names:
+                kind = "prompt_column" if col == self.prompt_column else "group_column"
+                hint = "" if kind == "prompt_column" else (
+                    " (or group_column=None with partition='iid')")
+                raise ValueError(f"{kind}={col!r} is not a column of {self.path}; available "
+                                 f"columns: {ds.column_names}. Pass {kind}= one of them{hint}")
+        ds = ds.select_columns(wanted).shuffle(seed=self.seed)
+        if self.max_prompts is not None:
+            ds = ds.select(range(min(self.max_prompts, len(ds))))
+        return ds
+
+    def _eval_count(self, n_rows: int) -> int:
+        e = self.eval_size
+        n_eval = round(e * n_rows) if isinstance(e, float) else int(e)
+        if n_eval >= n_rows:
+            raise ValueError(f"eval_size={e} takes {n_eval} of the {n_rows} loaded prompts, "
+                             f"leaving none to train on; lower eval_size or load more rows "
+                             f"(max_prompts={self.max_prompts})")
+        return n_eval
+
+    def _check_enough_training_rows(self, n_rows: int, n_eval: int) -> None:
+        n_train = n_rows - n_eval
+        if self.num_clients > n_train:
+            raise ValueError(f"num_clients={self.num_clients} is more than the {n_train} "
+                             f"training prompts ({n_rows} loaded - {n_eval} eval); use "
+                             f"fewer clients, a smaller eval_size or more data")
+
+    def _columns(self, ds: datasets.Dataset) -> tuple[list[str], Optional[list[str]]]:
+        prompts = ds[self.prompt_column]
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"prompt_column={self.prompt_column!r} must hold strings, "
+                             f"found {type(bad[0]).__name__} {bad[0]!r}; clean the data first")
+        if self.group_column is None:
+            return prompts, None
+        return prompts, [str(g) for g in ds[self.group_column]]  # batches carry str groups
+
+    # ------------------------------------------------------------------ partitioning
+    def _make_partitioner(self) -> Partitioner:
+        if self.partition == "iid":
+            return IidPartitioner(num_partitions=self.num_clients)
+        if self.partition == "dirichlet":
+            return DirichletPartitioner(
+                num_partitions=self.num_clients, partition_by=self.group_column,
+                alpha=float(self.dirichlet_alpha), min_partition_size=_MIN_CLIENT_PROMPTS,
+                self_balancing=False, seed=self.seed)
+        return NaturalIdPartitioner(partition_by=self.group_column)
+
+    def _partition_train(self) -> list[list[int]]:
+        # The partitioners return row subsets, not indices: give them an in-memory table
+        # with a row-number column and read it back from each partition.
+        table = {_ROW: list(range(len(self._train_prompts)))}
+        if self.group_column is not None:
+            table[self.group_column] = self._train_groups
+        part = self._make_partitioner()
+        part.dataset = datasets.Dataset.from_dict(table)
+        n_parts = self._count_partitions(part)
+        if self.partition == "column" and n_parts != self.num_clients:
+            values = sorted(set(self._train_groups))
+            raise ValueError(f"partition='column' makes one client per distinct "
+                             f"{self.group_column!r} value in the training set ({n_parts}: "
+                             f"{values}) but num_clients={self.num_clients}; set "
+                             f"num_clients={n_parts} or use partition='dirichlet'")
+        return [list(part.load_partition(i)[_ROW]) for i in range(n_parts)]
+
+    def _count_partitions(self, part: Partitioner) -> int:
+        if not isinstance(part, DirichletPartitioner):
+            return part.num_partitions
+        # For Dirichlet this draws the split; it resamples (warning each time) when a client
+        # gets fewer than _MIN_CLIENT_PROMPTS rows and gives up after 10 tries.
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*min_partition_size.*")
+                return part.num_partitions
+        except ValueError as e:
+            raise ValueError(f"Dirichlet partition (alpha={self.dirichlet_alpha}) left a "
+                             f"client with fewer than {_MIN_CLIENT_PROMPTS} prompt(s) in "
+                             f"every try ({e}); use a larger dirichlet_alpha, fewer "
+                             f"clients (num_clients={self.num_clients}) or more data") from e
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def train_prompts(self) -> list[str]:
+        self.setup()
+        return list(self._train_prompts)
+
+    @property
+    def train_groups(self) -> Optional[list[str]]:
+        """Group value of each training prompt (aligned with ``train_prompts``), or None."""
+        self.setup()
+        return None if self._train_groups is None else list(self._train_groups)
+
+    @property
+    def eval_prompts(self) -> list[str]:
+        self.setup()
+        return list(self._eval_prompts)
+
+    @property
+    def eval_groups(self) -> Optional[list[str]]:
+        self.setup()
+        return None if self._eval_groups is None else list(self._eval_groups)
+
+    @property
+    def client_indices(self) -> list[list[int]]:
+        """Per client, its indices into ``train_prompts``; every index is in exactly one."""
+        self.setup()
+        return [list(c) for c in self._client_indices]
+
+    def _indices(self, client_id: int) -> list[int]:
+        self.setup()
+        if not 0 <= client_id < len(self._client_indices):
+            n = len(self._client_indices)
+            raise IndexError(f"client_id={client_id} out of range: there are {n} clients "
+                             f"(ids 0..{n - 1})")
+        return self._client_indices[client_id]
+
+    def num_examples(self, client_id: int) -> int:
+        return len(self._indices(client_id))
+
+    def client_prompts(self, client_id: int) -> list[str]:
+        return [self._train_prompts[i] for i in self._indices(client_id)]
+
+    def _client_groups(self, client_id: int) -> Optional[list[str]]:
+        if self._train_groups is None:
+            return None
+        return [self._train_groups[i] for i in self._indices(client_id)]
+
+    # ------------------------------------------------------------------ loaders
+    def client_dataloader(self, client_id: int, round_idx: int = 0) -> DataLoader:
+        """Client ``client_id``'s prompts, shuffled in an order fixed by (seed, client, round)."""
+        rows = _Prompts(self.client_prompts(client_id), self._client_groups(client_id))
+        return DataLoader(rows, batch_size=self.batch_size, shuffle=True,
+                          generator=_generator(self.seed, client_id, round_idx),
+                          collate_fn=collate_prompts)
+
+    def train_dataloader(self) -> DataLoader:
+        """All training prompts (centralised training); -1 keeps it apart from client ids."""
+        self.setup()
+        return DataLoader(_Prompts(self._train_prompts, self._train_groups),
+                          batch_size=self.batch_size, shuffle=True,
+                          generator=_generator(self.seed, -1), collate_fn=collate_prompts)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(_Prompts(self._eval_prompts, self._eval_groups),
+                          batch_size=self.eval_batch_size, shuffle=False,
+                          collate_fn=collate_prompts)

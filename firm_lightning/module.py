@@ -1,0 +1,233 @@
+"""``FIRMClientModule``: one client's local training, as a Lightning module.
+
+``training_step`` is one FIRM local step (spec section 2, client steps 1-10):
+
+1. sample ``G`` responses for each of the ``B`` prompts of the batch;
+2. score them with every objective: rewards ``R`` of shape (S, B*G);
+3. leave-one-out advantages per objective (optionally whitened);
+4. one forward pass for the response log-probs, reference log-probs with the adapter off;
+5. per-objective losses ``L_s`` = policy-gradient surrogate + the same KL penalty;
+6. per-objective gradients over the adapter weights only (``S`` backward passes);
+7. Gram matrix of those gradients; 8. ``λ`` from the weighting;
+9. ``d = Σ λ_s g_s`` written into ``.grad``, optimiser step; 10. log λ, rewards, KL, ``‖d‖``.
+
+Optimisation is manual because the update is a combination of ``S`` gradients, not the
+gradient of one loss.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import lightning as L
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from torchmetrics import MeanMetric
+
+from firm_lightning.advantages import leave_one_out_advantages
+from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
+from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
+from firm_lightning.sequences import Rollout, sample, token_logprobs
+from firm_lightning.weighting import RegularizedMinNorm, Weighting
+
+
+@dataclass
+class SamplingSettings:
+    """How responses are sampled, in training and in evaluation."""
+
+    num_generations: int = 4  # G responses per prompt (>= 2 for the leave-one-out baseline)
+    max_new_tokens: int = 32
+    max_prompt_length: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eval_num_generations: int = 2
+    eval_seed: int = 1234  # fixed, so evaluations are comparable across rounds and algorithms
+
+
+@dataclass
+class PolicyGradientSettings:
+    """The per-objective policy-gradient loss."""
+
+    kl_coef: float = 0.05  # κ: the same KL-to-reference penalty inside every L_s
+    whiten_advantages: bool = True
+    ppo_epochs: int = 1  # optimiser steps per batch of rollouts; >1 uses the clipped ratio
+    clip_range: float = 0.2
+    max_grad_norm: Optional[float] = 1.0  # clip ‖d‖; None to disable
+
+
+class FIRMClientModule(L.LightningModule):
+    """Policy (base model + LoRA), reward functions and in-client weighting of one FIRM client.
+
+    The orchestrator reuses one instance for every client: it loads the global adapter with
+    :meth:`load_adapter_state`, fits, and reads back :meth:`adapter_state` and
+    :meth:`client_summary`. The base weights are frozen and never copied.
+    """
+
+    def __init__(
+        self,
+        objectives: list[RewardFunction],
+        weighting: Optional[Weighting] = None,
+        policy: Optional[PolicyBuilder] = None,
+        lora: LoRASettings = LoRASettings(),
+        sampling: SamplingSettings = SamplingSettings(),
+        loss: PolicyGradientSettings = PolicyGradientSettings(),
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.objective_names = check_objective_names(objectives)
+        self.objectives = list(objectives)
+        self.weighting = weighting if weighting is not None else RegularizedMinNorm()
+        self.sampling = sampling
+        self.loss_settings = loss
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        base, self.tokenizer = (policy or TinyPolicy()).build()
+        self.policy = add_lora(base, lora)
+        self.client_metrics = torch.nn.ModuleDict(
+            {_metric_key(k): MeanMetric() for k in self._summary_names()}
+        )
+        if sampling.num_generations < 2:
+            raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
+
+    # ---- adapter exchange (what the orchestrator sends and receives) ----
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A detached CPU copy of the LoRA weights: the client's upload."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.policy).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load LoRA weights; a malformed state (wrong keys, shapes or non-finite values) is refused."""
+        expected = get_peft_model_state_dict(self.policy)
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Adapter state does not match this model's LoRA adapter: missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}. Was it produced with the same policy and lora settings?"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"Adapter tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                    f"{tuple(expected[name].shape)}: check lora.r and target_modules."
+                )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"Adapter tensor {name!r} contains NaN or inf; refusing to load it.")
+        set_peft_model_state_dict(self.policy, state)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    # ---- Lightning hooks ----
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    def on_train_start(self) -> None:
+        for metric in self.client_metrics.values():
+            metric.reset()
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        rollout = self.rollout(batch["prompt"], self.sampling.num_generations)
+        rewards = score_all(self.objectives, rollout.prompts, rollout.responses).to(self.device)
+        advantages = leave_one_out_advantages(rewards, rollout.group_size, self.loss_settings.whiten_advantages)
+        with torch.no_grad(), self.policy.disable_adapter():
+            reference = token_logprobs(self.policy, rollout)
+        old = None
+        for _ in range(self.loss_settings.ppo_epochs):
+            logprobs = token_logprobs(self.policy, rollout)
+            old = logprobs.detach() if old is None else old
+            losses, kl = self.objective_losses(logprobs, old, reference, advantages, rollout.response_mask)
+            lambdas, norm = self.weighted_step(losses)
+        self._record(rewards.mean(dim=1), lambdas, kl.detach(), norm, rollout)
+
+    def objective_losses(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        ref_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-objective losses ``L_s`` (shape (S,)) and the KL term they share."""
+        mask = mask.float()
+        ratio = torch.exp(logprobs - old_logprobs)  # 1 with grad on the first epoch
+        clipped = ratio.clamp(1 - self.loss_settings.clip_range, 1 + self.loss_settings.clip_range)
+        adv = advantages[:, :, None]  # (S, N, 1) broadcast over tokens
+        surrogate = torch.minimum(ratio * adv, clipped * adv)  # (S, N, T)
+        pg = -_sequence_mean(surrogate, mask).mean(dim=1)  # (S,)
+        log_ratio_ref = ref_logprobs - logprobs
+        kl_tokens = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3 estimator: >= 0, unbiased
+        kl = _sequence_mean(kl_tokens, mask).mean()
+        return pg + self.loss_settings.kl_coef * kl, kl
+
+    def weighted_step(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-objective gradients → Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step."""
+        params = self.trainable_parameters()
+        grads = torch.stack([self._flat_grad(loss, params) for loss in losses])  # (S, P)
+        gram = grads @ grads.T
+        lambdas = self.weighting(gram.detach()).to(grads.dtype)
+        direction = lambdas @ grads
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        offset = 0
+        for p in params:
+            p.grad = direction[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        norm = direction.norm()
+        if self.loss_settings.max_grad_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.loss_settings.max_grad_norm)
+        optimizer.step()
+        return lambdas.detach(), norm.detach()
+
+    @staticmethod
+    def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Rewards of the current adapter on held-out prompts, sampled with a fixed seed."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.sampling.eval_seed + batch_idx)
+            rollout = self.rollout(batch["prompt"], self.sampling.eval_num_generations)
+        rewards = score_all(self.objectives, rollout.prompts, rollout.responses)
+        for name, value in zip(self.objective_names, rewards.mean(dim=1)):
+            self.log(f"eval/reward/{name}", value, on_epoch=True, batch_size=len(rollout.responses))
+
+    def rollout(self, prompts: list[str], group_size: int) -> Rollout:
+        s = self.sampling
+        return sample(
+            self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
+            s.max_prompt_length, s.temperature, s.top_k, s.top_p,
+        )
+
+    # ---- client metrics (read by the orchestrator after a fit) ----
+
+    def _summary_names(self) -> list[str]:
+        per_objective = [f"{kind}/{n}" for kind in ("train/reward", "lambda") for n in self.objective_names]
+        return per_objective + ["train/kl", "train/update_norm", "train/response_length"]
+
+    def _record(self, rewards, lambdas, kl, norm, rollout: Rollout) -> None:
+        values = dict(zip(self._summary_names(), [*rewards, *lambdas, kl, norm]))
+        values["train/response_length"] = rollout.response_mask.sum(1).float().mean()
+        for name, value in values.items():
+            self.client_metrics[_metric_key(name)].update(value)
+        self.log_dict({k: float(v) for k, v in values.items()}, on_step=True, on_epoch=False)
+
+    def client_summary(self) -> dict[str, float]:
+        """Means over this fit's local steps of every recorded quantity."""
+        return {name: float(self.client_metrics[_metric_key(name)].compute()) for name in self._summary_names()}
+
+
+def _sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's response tokens (last dim)."""
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def _metric_key(name: str) -> str:
+    return name.replace("/", "__").replace(".", "_")

@@ -1,0 +1,142 @@
+"""Reward functions: the objectives a client trains against.
+
+The protocol is deliberately tiny (as in TRL): an object with a ``name`` and a call from
+``(prompts, responses)`` to a float tensor of shape ``(len(responses),)``. The name becomes
+the metric suffix (``train/reward/<name>``, ``lambda/<name>``, ``eval/reward/<name>``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    name: str
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor: ...
+
+
+class CharsetReward:
+    """Fraction of the response's characters that belong to ``charset`` (0 for an empty response).
+
+    An offline toy objective: two rewards with disjoint character sets genuinely conflict
+    (raising one fraction lowers the other once the neutral characters are gone), and a tiny
+    model learns them within seconds.
+    """
+
+    def __init__(self, name: str, charset: str) -> None:
+        if not charset:
+            raise ValueError(f"CharsetReward {name!r}: charset is empty; give the characters to reward.")
+        self.name = name
+        self.charset = frozenset(charset)
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        return torch.tensor(
+            [sum(c in self.charset for c in r) / len(r) if r else 0.0 for r in responses],
+            dtype=torch.float32,
+        )
+
+
+class HFRewardModel:
+    """A Hugging Face sequence-classification reward model with one output (hub name or path).
+
+    Loaded lazily on first use, frozen, in eval mode, scored without grad in batches with its
+    own tokenizer on ``template.format(prompt=..., response=...)``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        name_or_path: str,
+        template: str = "{prompt}{response}",
+        batch_size: int = 16,
+        max_length: int = 512,
+        device: Optional[str] = None,
+        torch_dtype: Optional[str] = None,
+    ) -> None:
+        self.name = name
+        self.name_or_path = name_or_path
+        self.template = template
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.device = device
+        self.torch_dtype = torch_dtype
+        self._model = None
+        self._tokenizer = None
+
+    def _load(self) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
+            dtype = getattr(torch, self.torch_dtype) if self.torch_dtype else None
+            model = AutoModelForSequenceClassification.from_pretrained(self.name_or_path, dtype=dtype)
+        except OSError as error:
+            raise OSError(
+                f"Reward model {self.name!r}: could not load {self.name_or_path!r}: {error}\n"
+                f"If this machine is offline, download it first (`huggingface-cli download {self.name_or_path}`) "
+                "or point name_or_path at a local folder made with save_pretrained."
+            ) from error
+        if model.config.num_labels != 1:
+            raise ValueError(
+                f"Reward model {self.name!r} ({self.name_or_path}) has {model.config.num_labels} outputs; "
+                "a reward model must output one score per sequence (num_labels=1)."
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._model = model.to(device).eval().requires_grad_(False)
+        self._tokenizer = tokenizer
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        if self._model is None:
+            self._load()
+        texts = [self.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
+        scores = [self._score(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        return torch.cat(scores).float().cpu()
+
+    def _score(self, texts: list[str]) -> torch.Tensor:
+        batch = self._tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+        ).to(self._model.device)
+        return self._model(**batch).logits[:, 0]
+
+
+def score_all(
+    objectives: Sequence[RewardFunction], prompts: list[str], responses: list[str]
+) -> torch.Tensor:
+    """Rewards of every response under every objective, shape (S, N), checked for shape and NaN."""
+    rows = []
+    for objective in objectives:
+        rewards = torch.as_tensor(objective(prompts, responses), dtype=torch.float32).flatten()
+        if rewards.numel() != len(responses):
+            raise ValueError(
+                f"Reward function {objective.name!r} returned {rewards.numel()} rewards for "
+                f"{len(responses)} responses; it must return one float per response."
+            )
+        if not torch.isfinite(rewards).all():
+            bad = [i for i, ok in enumerate(torch.isfinite(rewards).tolist()) if not ok][:3]
+            raise ValueError(
+                f"Reward function {objective.name!r} returned non-finite rewards (NaN/inf) at rows {bad}, "
+                f"e.g. for response {responses[bad[0]]!r}; make it return finite floats."
+            )
+        rows.append(rewards)
+    return torch.stack(rows)
+
+
+def check_objective_names(objectives: Sequence[RewardFunction]) -> list[str]:
+    """Names must be present and unique: they key every metric."""
+    names = [getattr(o, "name", None) for o in objectives]
+    if not objectives:
+        raise ValueError("No objectives given: configure at least one reward function under model.objectives.")
+    if any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"Every reward function needs a non-empty string `name` attribute; got {names}.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Objective names must be unique (they name the metrics); got {names}.")
+    return names
