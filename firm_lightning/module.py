@@ -98,11 +98,11 @@ class FIRMClientModule(L.LightningModule):
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """A detached CPU copy of the LoRA weights: the client's upload."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(self.policy).items()}
+        return {k: v.detach().to("cpu", copy=True) for k, v in _lora_state(self.policy).items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load LoRA weights; a malformed state (wrong keys, shapes or non-finite values) is refused."""
-        expected = get_peft_model_state_dict(self.policy)
+        expected = _lora_state(self.policy)
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(
@@ -222,6 +222,11 @@ class FIRMClientModule(L.LightningModule):
     def client_summary(self) -> dict[str, float]:
         """Means over this fit's local steps of every recorded quantity."""
         return {name: float(self.client_metrics[_metric_key(name)].compute()) for name in self._summary_names()}
+
+
+def _lora_state(policy) -> dict[str, torch.Tensor]:
+    # Only the LoRA tensors: never the (frozen) embeddings peft may add for tied layers.
+    return get_peft_model_state_dict(policy, save_embedding_layers=False)
 
 
 def _sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ builds a few-layer model from a ``transformers`` config (the offline default and
 from __future__ import annotations
 
 import abc
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
@@ -101,14 +102,14 @@ class TinyPolicy(PolicyBuilder):
         if self.architecture == "gpt2":
             config = GPT2Config(
                 n_layer=self.num_layers, n_embd=self.hidden_size, n_head=self.num_heads,
-                n_positions=self.max_positions, **special,
+                n_positions=self.max_positions, tie_word_embeddings=False, **special,
             )
             return GPT2LMHeadModel(config)
         config = LlamaConfig(
             num_hidden_layers=self.num_layers, hidden_size=self.hidden_size,
             intermediate_size=2 * self.hidden_size, num_attention_heads=self.num_heads,
             num_key_value_heads=self.num_heads, max_position_embeddings=self.max_positions,
-            **special,
+            tie_word_embeddings=False, **special,
         )
         return LlamaForCausalLM(config)
 
@@ -134,6 +135,7 @@ class LoRASettings:
 
 def add_lora(model: PreTrainedModel, lora: LoRASettings) -> PeftModel:
     """Freeze the base model and wrap it with a trainable LoRA adapter."""
+    is_gpt2 = model.config.model_type == "gpt2"
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -141,7 +143,11 @@ def add_lora(model: PreTrainedModel, lora: LoRASettings) -> PeftModel:
         target_modules=lora.target_modules,
         init_lora_weights=lora.init_lora_weights,
         # GPT-2 stores its projections as Conv1D (transposed weights).
-        fan_in_fan_out=model.config.model_type == "gpt2",
+        fan_in_fan_out=is_gpt2,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft flips fan_in_fan_out back for GPT-2's plain Linear layers (lm_head) and says so.
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        return get_peft_model(model, config)

@@ -1,26 +1,32 @@
 """Reward functions: the objectives a client trains against.
 
-The protocol is deliberately tiny (as in TRL): an object with a ``name`` and a call from
+The interface is deliberately tiny (as in TRL): an object with a ``name`` and a call from
 ``(prompts, responses)`` to a float tensor of shape ``(len(responses),)``. The name becomes
 the metric suffix (``train/reward/<name>``, ``lambda/<name>``, ``eval/reward/<name>``).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Protocol, Sequence, runtime_checkable
+import abc
+from typing import Optional, Sequence
 
 import torch
 
 
-@runtime_checkable
-class RewardFunction(Protocol):
+class RewardFunction(abc.ABC):
+    """Base class of the objectives: a ``name`` and ``(prompts, responses) -> tensor (N,)``.
+
+    Any object with a ``name`` and that call works from Python (duck typing); subclassing makes
+    it configurable with ``class_path`` in YAML.
+    """
+
     name: str
 
+    @abc.abstractmethod
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor: ...
 
 
-class CharsetReward:
+class CharsetReward(RewardFunction):
     """Fraction of the response's characters that belong to ``charset`` (0 for an empty response).
 
     An offline toy objective: two rewards with disjoint character sets genuinely conflict
@@ -41,7 +47,7 @@ class CharsetReward:
         )
 
 
-class HFRewardModel:
+class HFRewardModel(RewardFunction):
     """A Hugging Face sequence-classification reward model with one output (hub name or path).
 
     Loaded lazily on first use, frozen, in eval mode, scored without grad in batches with its
@@ -103,7 +109,7 @@ class HFRewardModel:
 
     def _score(self, texts: list[str]) -> torch.Tensor:
         batch = self._tokenizer(
-            texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+            texts, return_tensors="pt", padding=True, padding_side="right", truncation=True, max_length=self.max_length
         ).to(self._model.device)
         return self._model(**batch).logits[:, 0]
 

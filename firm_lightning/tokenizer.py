@@ -21,7 +21,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     """Return the character tokenizer (vocabulary of 99 tokens, ``<pad>`` is id 0)."""
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # "." misses "\n"
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,

@@ -1,0 +1,3 @@
+from firm_lightning.cli import main
+
+main()

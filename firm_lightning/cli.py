@@ -1,0 +1,129 @@
+"""``python -m firm_lightning {fit,validate} --config X.yaml``: the LightningCLI front end.
+
+The config has LightningCLI's groups ``model`` (``FIRMClientModule``), ``data``
+(``PromptDataModule``) and ``trainer`` (the per-client ``Trainer``: ``max_steps`` is the
+number of local steps K), plus ``federation`` (``FederationConfig``). ``fit`` runs a whole
+federation instead of one ``Trainer.fit``; ``validate`` evaluates a saved global adapter.
+Every option is also a flag (``--federation.num_rounds 3``), and a misspelt one fails with
+jsonargparse's error naming it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lightning.pytorch import seed_everything
+from lightning.pytorch.cli import LightningCLI
+from safetensors.torch import load_file
+
+from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.module import FIRMClientModule
+from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, _quiet_lightning
+from firm_lightning.trainer_factory import TrainerFactory
+
+
+class FIRMCLI(LightningCLI):
+    def __init__(self, args=None, **kwargs) -> None:
+        super().__init__(
+            FIRMClientModule,
+            PromptDataModule,
+            save_config_callback=None,  # the orchestrator writes config.yaml once, not once per client
+            seed_everything_default=False,  # federation.seed seeds everything instead
+            auto_configure_optimizers=False,
+            load_from_checkpoint_support=False,
+            args=args,
+            **kwargs,
+        )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule", "ckpt_path"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_class_arguments(FederationConfig, "federation")
+        parser.link_arguments("federation.num_clients", "data.init_args.num_clients" if self.subclass_mode_data else "data.num_clients")
+        parser.link_arguments("federation.seed", "data.init_args.seed" if self.subclass_mode_data else "data.seed")
+
+    def _parse_ckpt_path(self) -> None:
+        """``ckpt_path`` names a LoRA adapter (.safetensors), not a Lightning checkpoint: nothing to parse."""
+
+    def before_instantiate_classes(self) -> None:
+        # Seeds the LoRA initialisation and anything else built from the config.
+        seed_everything(self._section("federation").seed, workers=True, verbose=False)
+
+    def instantiate_classes(self) -> None:
+        """Build model and data once; trainers are built per client by the TrainerFactory."""
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self.trainer = None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        getattr(self, f"run_{subcommand}")()
+
+    def _section(self, key: str):
+        return self._get(self.config_init if hasattr(self, "config_init") else self.config, key)
+
+    def _trainer_factory(self, output_dir: Path) -> TrainerFactory:
+        trainer_config = self._get(self.config, "trainer").as_dict()
+        return TrainerFactory(trainer_config, output_dir)
+
+    def run_fit(self) -> None:
+        federation = self._section("federation")
+        output_dir = Path(federation.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        parser = self._parser(self.subcommand)
+        parser.save(self.config[self.subcommand], output_dir / "config.yaml", overwrite=True, skip_check=True)
+        print(
+            f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
+            f"objectives {self.model.objective_names}, weighting {self.model.weighting!r}; writing to {output_dir}/",
+            flush=True,
+        )
+        orchestrator = FederatedOrchestrator(
+            self.model, self.datamodule, federation, self._trainer_factory(output_dir), echo=_echo
+        )
+        self.state = orchestrator.run()
+
+    def run_validate(self) -> None:
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path:
+            self.model.load_adapter_state(load_file(str(_adapter_file(ckpt_path))))
+        federation = self._section("federation")
+        with _quiet_lightning(federation.quiet):
+            trainer = TrainerFactory(
+                {**self._get(self.config, "trainer").as_dict(), "max_steps": 1}, federation.output_dir
+            ).eval_trainer()
+            results = trainer.validate(self.model, datamodule=self.datamodule, verbose=False)[0]
+        print(f"adapter: {ckpt_path or '(freshly initialised)'}")
+        for key, value in results.items():
+            print(f"{key:<32}{value:.4f}")
+        self.results = results
+
+
+def _adapter_file(path: str) -> Path:
+    """A .safetensors adapter file, or a peft adapter folder holding adapter_model.safetensors."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "adapter_model.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"No adapter at {path!r}: pass a .safetensors file written by `fit` "
+            "(e.g. <output_dir>/adapters/round_005.safetensors) or a folder holding adapter_model.safetensors."
+        )
+    return p
+
+
+def _echo(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(args=None) -> None:
+    FIRMCLI(args=args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,218 @@
+"""``FederatedOrchestrator``: the server loop of a simulated federation.
+
+Each round: sample clients → for each, a fresh ``Trainer`` fits the one shared
+``FIRMClientModule`` from the global adapter (adapter state dicts are swapped in and out;
+the base model exists once) → aggregate the uploads → evaluate the new global adapter on the
+held-out prompts with a fixed sampling seed → record metrics and save the adapter.
+
+All that changes from round to round lives in one ``FederationState``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from firm_lightning.aggregation import FedAvg
+from firm_lightning.client import ClientUpdate, train_client
+from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.federation_metrics import lambda_dispersion, payload_bytes, update_dispersion
+from firm_lightning.module import FIRMClientModule
+from firm_lightning.report import RunWriter
+from firm_lightning.trainer_factory import TrainerFactory
+
+
+@dataclass
+class FederationConfig:
+    """The ``federation:`` section of the config (``--federation.*`` on the command line)."""
+
+    num_rounds: int = 5
+    num_clients: int = 4
+    client_fraction: float = 1.0  # fraction q of the clients sampled per round
+    min_clients: int = 1  # ... but at least this many
+    server_lr: float = 1.0  # η_g; 1.0 is plain FedAvg of the adapters
+    seed: int = 0
+    output_dir: str = "runs/firm"
+    save_adapters: bool = True  # the global adapter after every round, as .safetensors
+    quiet: bool = True  # hide Lightning's per-trainer start-up messages
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1 or self.num_clients < 1:
+            raise ValueError("federation.num_rounds and federation.num_clients must be >= 1.")
+        if not 0 < self.client_fraction <= 1:
+            raise ValueError(f"federation.client_fraction must be in (0, 1]; got {self.client_fraction}.")
+        if not 1 <= self.min_clients <= self.num_clients:
+            raise ValueError(
+                f"federation.min_clients must be between 1 and num_clients={self.num_clients}; got {self.min_clients}."
+            )
+
+
+@dataclass
+class FederationState:
+    """Everything that changes across rounds (what a checkpoint of the federation needs)."""
+
+    round: int  # rounds completed; 0 = only the initial evaluation
+    global_adapter: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per round
+    client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round
+
+
+class FederatedOrchestrator:
+    def __init__(
+        self,
+        module: FIRMClientModule,
+        datamodule: PromptDataModule,
+        config: FederationConfig,
+        trainer_factory: TrainerFactory,
+        aggregator: Optional[FedAvg] = None,
+        writer: Optional[RunWriter] = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        if datamodule.num_clients != config.num_clients:
+            raise ValueError(
+                f"data.num_clients={datamodule.num_clients} but federation.num_clients={config.num_clients}; "
+                "set them equal (the CLI links them)."
+            )
+        self.module = module
+        self.datamodule = datamodule
+        self.config = config
+        self.trainers = trainer_factory
+        self.aggregator = aggregator or FedAvg(config.server_lr)
+        self.writer = writer or RunWriter(
+            config.output_dir, module.objective_names, module.policy.peft_config["default"], echo
+        )
+        self.echo = echo
+
+    # ---- the loop ----
+
+    def run(self) -> FederationState:
+        start = time.perf_counter()
+        with _quiet_lightning(self.config.quiet):
+            self.datamodule.setup("fit")
+            state = self.initial_state()
+            for round_idx in range(state.round + 1, self.config.num_rounds + 1):
+                state = self.run_round(state, round_idx)
+        self.writer.finish(state, time.perf_counter() - start, self.config)
+        return state
+
+    def initial_state(self) -> FederationState:
+        adapter = self.module.adapter_state()
+        row = {"round": 0, **self.evaluate(adapter)}
+        state = FederationState(round=0, global_adapter=adapter, history=[row])
+        self.writer.record_round(state, row, [])
+        self.echo(f"round 0/{self.config.num_rounds} (initial adapter) | {_format_eval(row)}")
+        return state
+
+    def run_round(self, state: FederationState, round_idx: int) -> FederationState:
+        tic = time.perf_counter()
+        clients = self.sample_clients(round_idx)
+        self.echo(f"round {round_idx}/{self.config.num_rounds} | training clients {clients} ...")
+        updates = [self.train_one(state.global_adapter, c, round_idx) for c in clients]
+        new_adapter = self.aggregator.aggregate(
+            state.global_adapter, [u.adapter for u in updates], [u.num_examples for u in updates]
+        )
+        client_rows = [self._client_row(u, round_idx, state.global_adapter) for u in updates]
+        row = {
+            "round": round_idx,
+            **self.evaluate(new_adapter),
+            **self._round_metrics(updates, state.global_adapter, client_rows),
+            "time/round_s": time.perf_counter() - tic,
+        }
+        state = FederationState(
+            round=round_idx,
+            global_adapter=new_adapter,
+            history=[*state.history, row],
+            client_history=[*state.client_history, *client_rows],
+        )
+        self.writer.record_round(state, row, client_rows)
+        self.echo(
+            f"round {round_idx}/{self.config.num_rounds} | {_format_eval(row)} | "
+            f"λ-dispersion {row['lambda_dispersion']:.4f} | update dispersion {row['update_dispersion']:.3f} | "
+            f"{row['time/round_s']:.1f}s"
+        )
+        return state
+
+    def sample_clients(self, round_idx: int) -> list[int]:
+        """Seeded by (seed, round): the same clients for the same round on any rerun."""
+        n = self.config.num_clients
+        m = min(n, max(self.config.min_clients, math.ceil(self.config.client_fraction * n)))
+        rng = np.random.default_rng([self.config.seed, round_idx])
+        return sorted(int(c) for c in rng.choice(n, size=m, replace=False))
+
+    def train_one(self, global_adapter: dict, client_id: int, round_idx: int) -> ClientUpdate:
+        trainer = self.trainers.client_trainer(client_id, round_idx)
+        loader = self.datamodule.client_dataloader(client_id, round_idx=round_idx)
+        return train_client(
+            self.module, global_adapter, loader, trainer, client_id, self.datamodule.num_examples(client_id)
+        )
+
+    def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean reward per objective of ``adapter`` on the held-out prompts (fixed sampling seed)."""
+        self.module.load_adapter_state(adapter)
+        trainer = self.trainers.eval_trainer()
+        results = trainer.validate(self.module, dataloaders=self.datamodule.val_dataloader(), verbose=False)
+        return {k: float(v) for k, v in results[0].items()}
+
+    # ---- metrics ----
+
+    def _client_row(self, update: ClientUpdate, round_idx: int, global_adapter: dict) -> dict:
+        return {
+            "round": round_idx,
+            "client": update.client_id,
+            "num_examples": update.num_examples,
+            "comm/bytes_up": payload_bytes(update.adapter),
+            "comm/bytes_down": payload_bytes(global_adapter),
+            **update.metrics,
+        }
+
+    def _round_metrics(self, updates: list[ClientUpdate], global_adapter: dict, client_rows: list[dict]) -> dict:
+        names = self.module.objective_names
+        lambdas = [[u.metrics[f"lambda/{n}"] for n in names] for u in updates]
+        metrics = {
+            "lambda_dispersion": lambda_dispersion(lambdas),
+            "update_dispersion": update_dispersion([u.adapter for u in updates], global_adapter),
+            "comm/bytes_up": sum(r["comm/bytes_up"] for r in client_rows),
+            "comm/bytes_down": sum(r["comm/bytes_down"] for r in client_rows),
+            "comm/bytes_up_per_client": client_rows[0]["comm/bytes_up"],
+            "clients": len(updates),
+        }
+        for key in [f"train/reward/{n}" for n in names] + [f"lambda/{n}" for n in names] + ["train/kl"]:
+            metrics[key] = float(np.mean([u.metrics[key] for u in updates]))
+        return metrics
+
+
+def _format_eval(row: dict) -> str:
+    return "eval " + " ".join(f"{k.removeprefix('eval/reward/')}={v:.3f}" for k, v in row.items() if k.startswith("eval/reward/"))
+
+
+@contextmanager
+def _quiet_lightning(enabled: bool):
+    """Hide the start-up chatter that one Trainer per client per round would repeat hundreds of times."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        for pattern in (
+            ".*does not have many workers.*",
+            ".*smaller than the logging interval.*",
+            ".*have no `val_dataloader`.*",
+            ".*treespec.*",
+        ):
+            warnings.filterwarnings("ignore", message=pattern)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)

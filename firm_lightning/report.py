@@ -1,0 +1,129 @@
+"""What a federation run leaves on disk and prints: adapters, CSVs, plots, a summary table.
+
+Layout of ``output_dir``::
+
+    config.yaml                  the resolved config (written by the CLI)
+    metrics.csv                  one row per round: eval/reward/<objective>, lambda_dispersion, ...
+    client_metrics.csv           one row per client per round: lambda/<objective>, train/reward/<objective>, bytes
+    adapters/round_<r>.safetensors, adapters/adapter_config.json, adapters/final/ (a peft adapter folder)
+    plots/eval_rewards.png, plots/lambdas.png
+    summary.txt                  the table printed at the end
+    clients/client_<id>/round_<r>/  each client fit's own Lightning logs
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from safetensors.torch import save_file
+
+if TYPE_CHECKING:
+    from firm_lightning.orchestrator import FederationConfig, FederationState
+
+
+class RunWriter:
+    def __init__(self, output_dir: str | Path, objective_names: list[str], adapter_config=None, echo=print) -> None:
+        self.dir = Path(output_dir)
+        self.names = objective_names
+        self.adapter_config = adapter_config  # a peft config, saved beside the adapters
+        self.echo = echo
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def record_round(self, state: "FederationState", row: dict, client_rows: list[dict]) -> None:
+        write_csv(self.dir / "metrics.csv", state.history)
+        if state.client_history:
+            write_csv(self.dir / "client_metrics.csv", state.client_history)
+        self.save_adapter(state.global_adapter, self.dir / "adapters" / f"round_{state.round:03d}.safetensors", state.round)
+
+    def save_adapter(self, adapter: dict[str, torch.Tensor], path: Path, round_idx: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(path), metadata={"round": str(round_idx)})
+        if self.adapter_config is not None and not (path.parent / "adapter_config.json").exists():
+            self.adapter_config.save_pretrained(str(path.parent))
+
+    def finish(self, state: "FederationState", wall_s: float, config: "FederationConfig") -> None:
+        last = self.dir / "adapters" / f"round_{state.round:03d}.safetensors"
+        if last.exists() and self.adapter_config is not None:
+            final = self.dir / "adapters" / "final"
+            final.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(last, final / "adapter_model.safetensors")
+            self.adapter_config.save_pretrained(str(final))
+        plot_eval_rewards(state.history, self.names, self.dir / "plots" / "eval_rewards.png")
+        plot_lambdas(state.client_history, self.names, self.dir / "plots" / "lambdas.png")
+        text = summary_table(state, self.names, wall_s)
+        (self.dir / "summary.txt").write_text(text + "\n")
+        self.echo(text)
+        self.echo(f"outputs in {self.dir}/ (metrics.csv, client_metrics.csv, adapters/, plots/, summary.txt)")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def summary_table(state: "FederationState", names: list[str], wall_s: Optional[float] = None) -> str:
+    first, last = state.history[0], state.history[-1]
+    lines = [f"FIRM federation: {state.round} rounds" + (f" in {wall_s:.1f}s" if wall_s is not None else "")]
+    lines.append(f"{'objective':<16}{'eval round 0':>14}{f'eval round {state.round}':>16}{'change':>10}")
+    for n in names:
+        a, b = first[f"eval/reward/{n}"], last[f"eval/reward/{n}"]
+        lines.append(f"{n:<16}{a:>14.4f}{b:>16.4f}{b - a:>+10.4f}")
+    if state.client_history:
+        lines.append("")
+        lam_cols = "".join(f"{'λ ' + n:>16}" for n in names)
+        lines.append(f"{'client':<8}{'rounds':>7}{lam_cols}{'up B/round':>13}{'down B/round':>14}")
+        for client in sorted({int(r["client"]) for r in state.client_history}):
+            rows = [r for r in state.client_history if int(r["client"]) == client]
+            lams = "".join(f"{sum(r[f'lambda/{n}'] for r in rows) / len(rows):>16.3f}" for n in names)
+            up = sum(r["comm/bytes_up"] for r in rows) / len(rows)
+            down = sum(r["comm/bytes_down"] for r in rows) / len(rows)
+            lines.append(f"{client:<8}{len(rows):>7}{lams}{up:>13,.0f}{down:>14,.0f}")
+        lines.append("(λ: mean over the client's local steps and rounds; bytes: adapter tensors sent, numel × element size)")
+    return "\n".join(lines)
+
+
+def plot_eval_rewards(history: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r["round"] for r in history]
+    for n in names:
+        ax.plot(rounds, [r[f"eval/reward/{n}"] for r in history], marker="o", label=n)
+    ax.set(xlabel="round", ylabel="eval reward (global adapter)", title="Eval reward per objective")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lambdas(client_history: list[dict], names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    clients = sorted({int(r["client"]) for r in client_history})
+    for ax, n in zip(axes[0], names):
+        for c in clients:
+            rows = [r for r in client_history if int(r["client"]) == c]
+            ax.plot([r["round"] for r in rows], [r[f"lambda/{n}"] for r in rows], marker=".", label=f"client {c}")
+        ax.set(xlabel="round", ylabel=f"λ {n}", title=f"λ {n} per client", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

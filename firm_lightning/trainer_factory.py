@@ -1,0 +1,87 @@
+"""Fresh Lightning ``Trainer`` objects, one per client per round.
+
+A ``Trainer`` built twice from one LightningCLI config would share its callback and logger
+objects (their state leaks from one client to the next), so the factory keeps the *config*
+and instantiates callbacks and loggers anew for every trainer: ``{class_path, init_args}``
+specs are instantiated, ready-made objects are deep-copied. Each client round logs into its
+own directory ``<output_dir>/clients/client_<id>/round_<r>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.loggers import CSVLogger
+
+# Per-client fits neither validate nor checkpoint: the orchestrator evaluates and saves the
+# global adapter itself.
+CLIENT_DEFAULTS = dict(
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+    limit_val_batches=0,
+    max_epochs=-1,
+)
+
+
+class TrainerFactory:
+    def __init__(self, trainer_config: Optional[dict[str, Any]] = None, output_dir: str | Path = "runs/firm") -> None:
+        config = dict(trainer_config or {})
+        self.callbacks = config.pop("callbacks", None) or []
+        self.logger = config.pop("logger", True)
+        self.kwargs = {k: v for k, v in config.items() if v is not None}
+        self.output_dir = Path(output_dir)
+        if self.kwargs.get("max_steps", -1) in (-1, None):
+            raise ValueError(
+                "trainer.max_steps sets the number of local steps K per client per round and must be > 0, "
+                "e.g. `--trainer.max_steps 8`."
+            )
+
+    def client_trainer(self, client_id: int, round_idx: int) -> L.Trainer:
+        log_dir = self.output_dir / "clients"
+        kwargs = {**CLIENT_DEFAULTS, **self.kwargs}
+        kwargs.update(
+            default_root_dir=str(log_dir),
+            callbacks=[_fresh(c) for c in _as_list(self.callbacks)],
+            logger=self._fresh_loggers(log_dir, f"client_{client_id:03d}", f"round_{round_idx:03d}"),
+        )
+        return L.Trainer(**kwargs)
+
+    def eval_trainer(self) -> L.Trainer:
+        kwargs = {k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS}
+        return L.Trainer(
+            **kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=str(self.output_dir),
+        )
+
+    def _fresh_loggers(self, save_dir: Path, name: str, version: str):
+        if self.logger is False or self.logger is None:
+            return False
+        if self.logger is True:
+            return CSVLogger(save_dir=str(save_dir), name=name, version=version)
+        return [_fresh(spec, save_dir=str(save_dir), name=name, version=version) for spec in _as_list(self.logger)]
+
+
+_DEVICE_KEYS = ("accelerator", "devices", "precision", "strategy", "num_nodes", "limit_val_batches")
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _fresh(spec, **overrides):
+    """A new instance from a ``{class_path, init_args}`` spec (plus the overrides it accepts), or a deep copy."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        init_args = dict(spec.get("init_args") or {})
+        module_name, class_name = spec["class_path"].rsplit(".", 1)
+        cls = getattr(__import__(module_name, fromlist=[class_name]), class_name)
+        accepted = inspect.signature(cls.__init__).parameters
+        init_args.update({k: v for k, v in overrides.items() if k in accepted})
+        return instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
+    return copy.deepcopy(spec)
