@@ -22,6 +22,8 @@ class FedAvg:
     ) -> AdapterState:
         if not client_states:
             raise ValueError("No client updates to aggregate: every sampled client failed or none was sampled.")
+        for i, state in enumerate(client_states):
+            check_update(state, global_state, i)
         weights = example_weights(num_examples)
         new_state = {}
         for name, theta in global_state.items():
@@ -36,3 +38,20 @@ def example_weights(num_examples: Sequence[int]) -> list[float]:
     if total <= 0 or any(n < 0 for n in num_examples):
         raise ValueError(f"Client example counts must be >= 0 with a positive total; got {list(num_examples)}.")
     return [n / total for n in num_examples]
+
+
+def check_update(state: AdapterState, global_state: AdapterState, index: int) -> None:
+    """Refuse a malformed client update (wrong keys, shapes, non-finite values) before it mixes in."""
+    missing, extra = sorted(set(global_state) - set(state)), sorted(set(state) - set(global_state))
+    if missing or extra:
+        raise ValueError(
+            f"Client update {index} does not match the global adapter: missing {missing[:3]}, unexpected {extra[:3]}."
+        )
+    for name, tensor in state.items():
+        if tensor.shape != global_state[name].shape:
+            raise ValueError(
+                f"Client update {index}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(global_state[name].shape)}."
+            )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"Client update {index}: tensor {name!r} contains NaN or inf; the update is refused.")

@@ -133,8 +133,28 @@ class LoRASettings:
     init_lora_weights: Union[bool, str] = True
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Turn the base model's dropout off (as TRL does for RL fine-tuning).
+
+    Responses are sampled in eval mode; with dropout on in the training forward passes, the
+    policy's and the reference's log-probs would use different random masks (a non-zero KL
+    for an untouched adapter) and the PPO ratio would carry dropout noise.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in list(vars(config)) if config is not None else []:
+        if ("dropout" in key or "pdrop" in key) and isinstance(getattr(config, key), float):
+            setattr(config, key, 0.0)  # models that call functional dropout read the config
+
+
 def add_lora(model: PreTrainedModel, lora: LoRASettings) -> PeftModel:
-    """Freeze the base model and wrap it with a trainable LoRA adapter."""
+    """Freeze the base model, switch its dropout off and wrap it with a trainable LoRA adapter.
+
+    ``lora.dropout`` (default 0) stays as configured: it is the user's explicit choice.
+    """
+    disable_dropout(model)
     is_gpt2 = model.config.model_type == "gpt2"
     config = LoraConfig(
         r=lora.r,

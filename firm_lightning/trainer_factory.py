@@ -27,6 +27,7 @@ CLIENT_DEFAULTS = dict(
     num_sanity_val_steps=0,
     limit_val_batches=0,
     max_epochs=-1,
+    log_every_n_steps=1,  # local fits are a handful of steps
 )
 
 
@@ -61,9 +62,9 @@ class TrainerFactory:
         )
 
     def _fresh_loggers(self, save_dir: Path, name: str, version: str):
-        if self.logger is False or self.logger is None:
+        if self.logger is False:
             return False
-        if self.logger is True:
+        if self.logger is True or self.logger is None:  # None: the Trainer's default logger
             return CSVLogger(save_dir=str(save_dir), name=name, version=version)
         return [_fresh(spec, save_dir=str(save_dir), name=name, version=version) for spec in _as_list(self.logger)]
 

@@ -1,0 +1,26 @@
+# Two commands: `make demo` runs the offline default federation, `make test` runs the test suite.
+# Both create the virtual environment first. torch is pinned before anything that depends on it:
+# an unpinned torch resolves to a multi-GB CUDA build on CPU machines.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/tiny.yaml
+
+.PHONY: install demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	$(PY) -m firm_lightning fit --config $(CONFIG)
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
