@@ -19,10 +19,12 @@ SHORT = [
     "--data.eval_size=32",
     "--data.max_prompts=240",
 ]
-# Seed-to-seed spread of the eval reward, measured with
-# `python benchmarks/seed_spread.py --seeds 0 1 2 3 4` on this shortened config (see its JSON output):
-# the largest std across seeds of any objective's eval reward, at round 0 or at the last round.
-MEASURED_SEED_STD = 0.03
+# Seed-to-seed spread, measured with `python benchmarks/seed_spread.py --seeds 0 1 2 3 4` on exactly
+# this shortened config (federation.seed changes the data split, LoRA init and client order):
+# std across seeds of the round-0 eval reward 0.004 / 0.003, of the last-round eval reward
+# 0.057 / 0.045, of the change 0.059 / 0.046 (a_to_m / n_to_z); mean change +0.29 / +0.31,
+# smallest change seen +0.22. The rise must beat twice the largest of these stds.
+MEASURED_SEED_STD = 0.059
 MARGIN = 2 * MEASURED_SEED_STD
 
 
