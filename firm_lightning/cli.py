@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
-from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, _quiet_lightning
+from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, quiet_lightning
 from firm_lightning.trainer_factory import TrainerFactory
 
 
@@ -93,7 +93,7 @@ class FIRMCLI(LightningCLI):
         if ckpt_path:
             self.model.load_adapter_state(load_file(str(_adapter_file(ckpt_path))))
         federation = self._section("federation")
-        with _quiet_lightning(federation.quiet):
+        with quiet_lightning(federation.quiet):
             trainer = TrainerFactory(
                 {**self._get(self.config, "trainer").as_dict(), "max_steps": 1}, federation.output_dir
             ).eval_trainer()

@@ -41,7 +41,7 @@ class FederationConfig:
     server_lr: float = 1.0  # η_g; 1.0 is plain FedAvg of the adapters
     seed: int = 0
     output_dir: str = "runs/firm"
-    save_adapters: bool = True  # the global adapter after every round, as .safetensors
+    save_adapters: bool = True  # the global adapter after every round (False: only the final one)
     quiet: bool = True  # hide Lightning's per-trainer start-up messages
 
     def __post_init__(self) -> None:
@@ -87,7 +87,8 @@ class FederatedOrchestrator:
         self.trainers = trainer_factory
         self.aggregator = aggregator or FedAvg(config.server_lr)
         self.writer = writer or RunWriter(
-            config.output_dir, module.objective_names, module.policy.peft_config["default"], echo
+            config.output_dir, module.objective_names, module.policy.peft_config["default"], echo,
+            save_every_round=config.save_adapters,
         )
         self.echo = echo
 
@@ -95,7 +96,7 @@ class FederatedOrchestrator:
 
     def run(self) -> FederationState:
         start = time.perf_counter()
-        with _quiet_lightning(self.config.quiet):
+        with quiet_lightning(self.config.quiet):
             self.datamodule.setup("fit")
             state = self.initial_state()
             for round_idx in range(state.round + 1, self.config.num_rounds + 1):
@@ -148,6 +149,10 @@ class FederatedOrchestrator:
         return sorted(int(c) for c in rng.choice(n, size=m, replace=False))
 
     def train_one(self, global_adapter: dict, client_id: int, round_idx: int) -> ClientUpdate:
+        # Each client fit draws its samples from a seed of its own (seed, round, client): the
+        # result does not depend on which clients ran before it, so a resumed run or a client
+        # on another machine reproduces it.
+        torch.manual_seed(client_seed(self.config.seed, round_idx, client_id))
         trainer = self.trainers.client_trainer(client_id, round_idx)
         loader = self.datamodule.client_dataloader(client_id, round_idx=round_idx)
         return train_client(
@@ -189,12 +194,16 @@ class FederatedOrchestrator:
         return metrics
 
 
+def client_seed(seed: int, round_idx: int, client_id: int) -> int:
+    return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
+
+
 def _format_eval(row: dict) -> str:
     return "eval " + " ".join(f"{k.removeprefix('eval/reward/')}={v:.3f}" for k, v in row.items() if k.startswith("eval/reward/"))
 
 
 @contextmanager
-def _quiet_lightning(enabled: bool):
+def quiet_lightning(enabled: bool):
     """Hide the start-up chatter that one Trainer per client per round would repeat hundreds of times."""
     if not enabled:
         yield

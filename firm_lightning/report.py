@@ -14,7 +14,6 @@ Layout of ``output_dir``::
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -26,8 +25,12 @@ if TYPE_CHECKING:
 
 
 class RunWriter:
-    def __init__(self, output_dir: str | Path, objective_names: list[str], adapter_config=None, echo=print) -> None:
+    def __init__(
+        self, output_dir: str | Path, objective_names: list[str], adapter_config=None, echo=print,
+        save_every_round: bool = True,
+    ) -> None:
         self.dir = Path(output_dir)
+        self.save_every_round = save_every_round
         self.names = objective_names
         self.adapter_config = adapter_config  # a peft config, saved beside the adapters
         self.echo = echo
@@ -37,7 +40,11 @@ class RunWriter:
         write_csv(self.dir / "metrics.csv", state.history)
         if state.client_history:
             write_csv(self.dir / "client_metrics.csv", state.client_history)
-        self.save_adapter(state.global_adapter, self.dir / "adapters" / f"round_{state.round:03d}.safetensors", state.round)
+        if self.save_every_round:
+            self.save_adapter(state.global_adapter, self._round_path(state.round), state.round)
+
+    def _round_path(self, round_idx: int) -> Path:
+        return self.dir / "adapters" / f"round_{round_idx:03d}.safetensors"
 
     def save_adapter(self, adapter: dict[str, torch.Tensor], path: Path, round_idx: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,12 +53,8 @@ class RunWriter:
             self.adapter_config.save_pretrained(str(path.parent))
 
     def finish(self, state: "FederationState", wall_s: float, config: "FederationConfig") -> None:
-        last = self.dir / "adapters" / f"round_{state.round:03d}.safetensors"
-        if last.exists() and self.adapter_config is not None:
-            final = self.dir / "adapters" / "final"
-            final.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(last, final / "adapter_model.safetensors")
-            self.adapter_config.save_pretrained(str(final))
+        final = self.dir / "adapters" / "final"
+        self.save_adapter(state.global_adapter, final / "adapter_model.safetensors", state.round)
         plot_eval_rewards(state.history, self.names, self.dir / "plots" / "eval_rewards.png")
         plot_lambdas(state.client_history, self.names, self.dir / "plots" / "lambdas.png")
         text = summary_table(state, self.names, wall_s)

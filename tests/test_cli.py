@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from firm_lightning.cli import FIRMCLI, main
@@ -97,3 +98,16 @@ def test_print_config_shows_the_federation_group(capsys):
         main(["fit", "--config", CONFIG, "--federation.num_rounds=2", "--print_config"])
     out = capsys.readouterr().out
     assert "federation:" in out and "num_rounds: 2" in out and "num_clients: 4" in out
+
+
+def test_final_adapter_folder_loads_with_peft(run_dir: Path):
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from firm_lightning.policy import TinyPolicy
+
+    base, _ = TinyPolicy().build()
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapters" / "final"))
+    saved = load_file(str(run_dir / "adapters" / f"round_{ROUNDS:03d}.safetensors"))
+    loaded = get_peft_model_state_dict(model, save_embedding_layers=False)
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)

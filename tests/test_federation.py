@@ -167,3 +167,23 @@ def test_data_and_federation_client_counts_must_agree(tmp_path):
 def test_federation_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FederationConfig(num_clients=4, **kwargs)
+
+
+def test_a_client_round_is_reproducible_whatever_ran_before(tmp_path):
+    orch = _orchestrator(tmp_path, 2)
+    orch.datamodule.setup("fit")
+    start = orch.module.adapter_state()
+    first = orch.train_one(start, client_id=1, round_idx=3)
+    orch.train_one(start, client_id=0, round_idx=3)  # consumes randomness in between
+    torch.rand(100)
+    again = orch.train_one(start, client_id=1, round_idx=3)
+    assert all(torch.equal(first.adapter[k], again.adapter[k]) for k in first.adapter)
+    other_round = orch.train_one(start, client_id=1, round_idx=4)
+    assert any(not torch.equal(first.adapter[k], other_round.adapter[k]) for k in first.adapter)
+
+
+def test_save_adapters_false_keeps_only_the_final_adapter(tmp_path):
+    _orchestrator(tmp_path, 2, num_rounds=2, save_adapters=False).run()
+    assert not list((tmp_path / "adapters").glob("round_*.safetensors"))
+    assert (tmp_path / "adapters" / "final" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapters" / "final" / "adapter_config.json").is_file()
