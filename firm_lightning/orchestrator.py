@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from firm_lightning.aggregation import FedAvg
-from firm_lightning.client import ClientUpdate, train_client
+from firm_lightning.algorithms import Algorithm
+from firm_lightning.client import ClientUpdate
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.federation_metrics import lambda_dispersion, payload_bytes, update_dispersion
 from firm_lightning.module import FIRMClientModule
@@ -72,7 +72,7 @@ class FederatedOrchestrator:
         datamodule: PromptDataModule,
         config: FederationConfig,
         trainer_factory: TrainerFactory,
-        aggregator: Optional[FedAvg] = None,
+        algorithm: Optional[Algorithm] = None,
         writer: Optional[RunWriter] = None,
         echo: Callable[[str], None] = print,
     ) -> None:
@@ -85,7 +85,12 @@ class FederatedOrchestrator:
         self.datamodule = datamodule
         self.config = config
         self.trainers = trainer_factory
-        self.aggregator = aggregator or FedAvg(config.server_lr)
+        self.algorithm = algorithm or Algorithm()
+        weighting = self.algorithm.weighting(len(module.objective_names))
+        if weighting is not None:
+            module.weighting = weighting
+        self.procedure = self.algorithm.procedure()
+        self.aggregator = self.algorithm.aggregator(config.server_lr)
         self.writer = writer or RunWriter(
             config.output_dir, module.objective_names, module.policy.peft_config["default"], echo,
             save_every_round=config.save_adapters,
@@ -117,19 +122,17 @@ class FederatedOrchestrator:
         clients = self.sample_clients(round_idx)
         self.echo(f"round {round_idx}/{self.config.num_rounds} | training clients {clients} ...")
         updates = [self.train_one(state.global_adapter, c, round_idx) for c in clients]
-        new_adapter = self.aggregator.aggregate(
-            state.global_adapter, [u.adapter for u in updates], [u.num_examples for u in updates]
-        )
+        result = self.aggregator.aggregate(state.global_adapter, updates)
         client_rows = [self._client_row(u, round_idx, state.global_adapter) for u in updates]
         row = {
             "round": round_idx,
-            **self.evaluate(new_adapter),
-            **self._round_metrics(updates, state.global_adapter, client_rows),
+            **self.evaluate(result.adapter),
+            **self._round_metrics(updates, result, state.global_adapter, client_rows),
             "time/round_s": time.perf_counter() - tic,
         }
         state = FederationState(
             round=round_idx,
-            global_adapter=new_adapter,
+            global_adapter=result.adapter,
             history=[*state.history, row],
             client_history=[*state.client_history, *client_rows],
         )
@@ -153,10 +156,13 @@ class FederatedOrchestrator:
         # result does not depend on which clients ran before it, so a resumed run or a client
         # on another machine reproduces it.
         torch.manual_seed(client_seed(self.config.seed, round_idx, client_id))
-        trainer = self.trainers.client_trainer(client_id, round_idx)
-        loader = self.datamodule.client_dataloader(client_id, round_idx=round_idx)
-        return train_client(
-            self.module, global_adapter, loader, trainer, client_id, self.datamodule.num_examples(client_id)
+        return self.procedure.run(
+            self.module,
+            global_adapter,
+            dataloader=lambda: self.datamodule.client_dataloader(client_id, round_idx=round_idx),
+            trainer=lambda tag: self.trainers.client_trainer(client_id, round_idx, tag),
+            client_id=client_id,
+            num_examples=self.datamodule.num_examples(client_id),
         )
 
     def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -173,17 +179,17 @@ class FederatedOrchestrator:
             "round": round_idx,
             "client": update.client_id,
             "num_examples": update.num_examples,
-            "comm/bytes_up": payload_bytes(update.adapter),
+            "comm/bytes_up": sum(payload_bytes(a) for a in update.adapters),
             "comm/bytes_down": payload_bytes(global_adapter),
             **update.metrics,
         }
 
-    def _round_metrics(self, updates: list[ClientUpdate], global_adapter: dict, client_rows: list[dict]) -> dict:
+    def _round_metrics(self, updates: list[ClientUpdate], result, global_adapter: dict, client_rows: list[dict]) -> dict:
         names = self.module.objective_names
         lambdas = [[u.metrics[f"lambda/{n}"] for n in names] for u in updates]
         metrics = {
             "lambda_dispersion": lambda_dispersion(lambdas),
-            "update_dispersion": update_dispersion([u.adapter for u in updates], global_adapter),
+            "update_dispersion": update_dispersion(result.client_adapters, global_adapter),
             "comm/bytes_up": sum(r["comm/bytes_up"] for r in client_rows),
             "comm/bytes_down": sum(r["comm/bytes_down"] for r in client_rows),
             "comm/bytes_up_per_client": client_rows[0]["comm/bytes_up"],
@@ -191,6 +197,8 @@ class FederatedOrchestrator:
         }
         for key in [f"train/reward/{n}" for n in names] + [f"lambda/{n}" for n in names] + ["train/kl"]:
             metrics[key] = float(np.mean([u.metrics[key] for u in updates]))
+        if result.server_lambdas is not None:
+            metrics.update({f"server_lambda/{n}": lam for n, lam in zip(names, result.server_lambdas)})
         return metrics
 
 

@@ -44,13 +44,13 @@ class TrainerFactory:
                 "e.g. `--trainer.max_steps 8`."
             )
 
-    def client_trainer(self, client_id: int, round_idx: int) -> L.Trainer:
+    def client_trainer(self, client_id: int, round_idx: int, tag: str = "") -> L.Trainer:
         log_dir = self.output_dir / "clients"
         kwargs = {**CLIENT_DEFAULTS, **self.kwargs}
         kwargs.update(
             default_root_dir=str(log_dir),
             callbacks=[_fresh(c) for c in _as_list(self.callbacks)],
-            logger=self._fresh_loggers(log_dir, f"client_{client_id:03d}", f"round_{round_idx:03d}"),
+            logger=self._fresh_loggers(log_dir, f"client_{client_id:03d}", f"round_{round_idx:03d}{tag}"),
         )
         return L.Trainer(**kwargs)
 

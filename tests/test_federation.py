@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 
 from conftest import make_datamodule, make_module
-from firm_lightning.aggregation import FedAvg
+from firm_lightning.aggregation import FedAvg, MinNormOverObjectives
+from firm_lightning.client import ClientUpdate
 from firm_lightning.federation_metrics import lambda_dispersion, payload_bytes, update_dispersion
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
 from firm_lightning.trainer_factory import TrainerFactory
@@ -20,10 +21,15 @@ def _state(*values):
     return {"a": torch.tensor(values[:2], dtype=torch.float32), "b": torch.tensor([[values[2]]], dtype=torch.float32)}
 
 
+def _updates(states, num_examples=None):
+    num_examples = num_examples or [1] * len(states)
+    return [ClientUpdate(i, s if isinstance(s, list) else [s], n, {}) for i, (s, n) in enumerate(zip(states, num_examples))]
+
+
 def test_fedavg_matches_hand_computed_weighted_average():
     g = _state(0.0, 0.0, 0.0)
     clients = [_state(1.0, 2.0, 3.0), _state(4.0, 8.0, -3.0)]
-    out = FedAvg(server_lr=1.0).aggregate(g, clients, num_examples=[1, 3])
+    out = FedAvg(server_lr=1.0).aggregate(g, _updates(clients, [1, 3])).adapter
     # weights 1/4 and 3/4
     assert torch.allclose(out["a"], torch.tensor([0.25 * 1 + 0.75 * 4, 0.25 * 2 + 0.75 * 8]))
     assert torch.allclose(out["b"], torch.tensor([[0.25 * 3 - 0.75 * 3]]))
@@ -32,23 +38,38 @@ def test_fedavg_matches_hand_computed_weighted_average():
 def test_server_lr_scales_the_step_and_zero_leaves_theta_unchanged():
     g = _state(1.0, 1.0, 1.0)
     clients = [_state(3.0, 5.0, 1.0)]
-    assert all(torch.equal(v, g[k]) for k, v in FedAvg(0.0).aggregate(g, clients, [5]).items())
-    half = FedAvg(0.5).aggregate(g, clients, [5])
+    assert all(torch.equal(v, g[k]) for k, v in FedAvg(0.0).aggregate(g, _updates(clients)).adapter.items())
+    half = FedAvg(0.5).aggregate(g, _updates(clients)).adapter
     assert torch.allclose(half["a"], torch.tensor([2.0, 3.0]))
 
 
 def test_fedavg_refuses_malformed_updates():
     g = _state(0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="missing"):
-        FedAvg().aggregate(g, [{"a": g["a"]}], [1])
+        FedAvg().aggregate(g, _updates([{"a": g["a"]}]))
     with pytest.raises(ValueError, match="shape"):
-        FedAvg().aggregate(g, [{"a": torch.zeros(3), "b": g["b"]}], [1])
+        FedAvg().aggregate(g, _updates([{"a": torch.zeros(3), "b": g["b"]}]))
     with pytest.raises(ValueError, match="NaN"):
-        FedAvg().aggregate(g, [_state(float("nan"), 0.0, 0.0)], [1])
+        FedAvg().aggregate(g, _updates([_state(float("nan"), 0.0, 0.0)]))
     with pytest.raises(ValueError, match="No client updates"):
-        FedAvg().aggregate(g, [], [])
+        FedAvg().aggregate(g, [])
+    with pytest.raises(ValueError, match="expects one"):
+        FedAvg().aggregate(g, _updates([[g, g]]))
     with pytest.raises(ValueError, match="server_lr"):
         FedAvg(-1.0)
+
+
+def test_fmgda_server_step_is_min_norm_over_the_averaged_per_objective_deltas():
+    g = {"w": torch.zeros(2)}
+    # two clients, two objectives; averaged deltas: Δ_1 = (1, 0), Δ_2 = (0, 2)
+    c0 = [{"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}]
+    c1 = [{"w": torch.tensor([0.0, 0.0])}, {"w": torch.tensor([0.0, 3.0])}]
+    result = MinNormOverObjectives(server_lr=1.0).aggregate(g, _updates([c0, c1]))
+    # min-norm of orthogonal (1,0) and (0,2): λ ∝ (1/1, 1/4) → (0.8, 0.2); step (0.8, 0.4)
+    assert result.server_lambdas == pytest.approx([0.8, 0.2])
+    assert torch.allclose(result.adapter["w"], torch.tensor([0.8, 0.4]))
+    # client 0's effective update: 0.8·(2,0) + 0.2·(0,1)
+    assert torch.allclose(result.client_adapters[0]["w"], torch.tensor([1.6, 0.2]))
 
 
 def test_payload_bytes_counts_numel_times_element_size():
@@ -177,9 +198,9 @@ def test_a_client_round_is_reproducible_whatever_ran_before(tmp_path):
     orch.train_one(start, client_id=0, round_idx=3)  # consumes randomness in between
     torch.rand(100)
     again = orch.train_one(start, client_id=1, round_idx=3)
-    assert all(torch.equal(first.adapter[k], again.adapter[k]) for k in first.adapter)
+    assert all(torch.equal(first.adapters[0][k], again.adapters[0][k]) for k in first.adapters[0])
     other_round = orch.train_one(start, client_id=1, round_idx=4)
-    assert any(not torch.equal(first.adapter[k], other_round.adapter[k]) for k in first.adapter)
+    assert any(not torch.equal(first.adapters[0][k], other_round.adapters[0][k]) for k in first.adapters[0])
 
 
 def test_save_adapters_false_keeps_only_the_final_adapter(tmp_path):
