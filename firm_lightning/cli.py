@@ -17,6 +17,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.cli import LightningCLI
 from safetensors.torch import load_file
 
+from firm_lightning.compare import CompareSettings, markdown_table, plot_comparison, run_comparison, summarize
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, quiet_lightning
@@ -42,6 +43,22 @@ class FIRMCLI(LightningCLI):
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule", "ckpt_path"},
             "validate": {"model", "dataloaders", "datamodule"},
         }
+
+    # Subcommands that are not Trainer methods: name -> (settings class, its group, help).
+    EXTRA_SUBCOMMANDS = {
+        "compare": (CompareSettings, "compare", "Run several algorithms with identical seeds, data and budget."),
+    }
+
+    def _add_subcommands(self, parser, **kwargs) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        subcommands = parser._subcommands_action
+        for name, (settings, group, description) in self.EXTRA_SUBCOMMANDS.items():
+            sub = self.init_parser(description=description, **kwargs.get(name, {}))
+            self._add_arguments(sub)
+            sub.add_class_arguments(settings, group)
+            self._subcommand_parsers[name] = sub
+            self._subcommand_method_arguments[name] = []
+            subcommands.add_subcommand(name, sub, help=description)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_class_arguments(FederationConfig, "federation")
@@ -87,6 +104,28 @@ class FIRMCLI(LightningCLI):
             self.model, self.datamodule, federation, self._trainer_factory(output_dir), echo=_echo
         )
         self.state = orchestrator.run()
+
+    def run_compare(self) -> None:
+        federation = self._section("federation")
+        out = Path(federation.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._parser(self.subcommand).save(self.config[self.subcommand], out / "config.yaml", overwrite=True, skip_check=True)
+        settings = self._section("compare")
+        print(
+            f"compare: {[a.name for a in settings.algorithms]} × seeds {settings.seeds} × "
+            f"α {settings.dirichlet_alphas or [self.datamodule.hparams['dirichlet_alpha']]}; writing to {out}/",
+            flush=True,
+        )
+        rows = run_comparison(
+            self.model, self.datamodule, federation, self._get(self.config, "trainer").as_dict(), settings, _echo
+        )
+        table = summarize(rows, self.model.objective_names)
+        text = markdown_table(table)
+        (out / "summary.md").write_text(text + "\n")
+        plot_comparison(rows, self.model.objective_names, out / "plots")
+        print(text)
+        print(f"outputs in {out}/ (metrics.csv, summary.md, plots/, runs/)")
+        self.summary = table
 
     def run_validate(self) -> None:
         ckpt_path = self._get(self.config, "ckpt_path")
