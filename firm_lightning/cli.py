@@ -11,6 +11,7 @@ jsonargparse's error naming it.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from lightning.pytorch import seed_everything
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from firm_lightning.compare import CompareSettings, markdown_table, plot_comparison, run_comparison, summarize
 from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.pareto import ParetoSettings, front_report, run_sweep, write_outputs
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, quiet_lightning
 from firm_lightning.trainer_factory import TrainerFactory
@@ -47,6 +49,7 @@ class FIRMCLI(LightningCLI):
     # Subcommands that are not Trainer methods: name -> (settings class, its group, help).
     EXTRA_SUBCOMMANDS = {
         "compare": (CompareSettings, "compare", "Run several algorithms with identical seeds, data and budget."),
+        "pareto": (ParetoSettings, "pareto", "Sweep preferences for FIRM and linear scalarisation; draw the fronts."),
     }
 
     def _add_subcommands(self, parser, **kwargs) -> None:
@@ -126,6 +129,28 @@ class FIRMCLI(LightningCLI):
         print(text)
         print(f"outputs in {out}/ (metrics.csv, summary.md, plots/, runs/)")
         self.summary = table
+
+    def run_pareto(self) -> None:
+        federation = self._section("federation")
+        out = Path(federation.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._parser(self.subcommand).save(self.config[self.subcommand], out / "config.yaml", overwrite=True, skip_check=True)
+        settings = self._section("pareto")
+        names = self.model.objective_names
+        print(f"pareto: {[a.name for a in settings.algorithms]} × preferences {settings.preferences}; writing to {out}/")
+        tic = time.perf_counter()
+        rows = run_sweep(
+            self.model, self.datamodule, federation, self._get(self.config, "trainer").as_dict(), settings, _echo
+        )
+        report = front_report(rows, names, settings.reference)
+        report["wall_s"] = time.perf_counter() - tic
+        write_outputs(rows, names, report, out)
+        print(f"reference point {report['reference']} ({report['reference_source']})")
+        for algorithm, entry in report["algorithms"].items():
+            print(f"{algorithm:<16} hypervolume {entry['hypervolume']:.5f}  non-dominated "
+                  + ", ".join(f"p={e['preference']} → {[round(x, 3) for x in e['rewards']]}" for e in entry["non_dominated"]))
+        print(f"outputs in {out}/ (pareto.csv, pareto.png, hypervolume.json, runs/)")
+        self.report = report
 
     def run_validate(self) -> None:
         ckpt_path = self._get(self.config, "ckpt_path")

@@ -1,0 +1,195 @@
+"""Preference sweeps and Pareto fronts.
+
+``hypervolume`` and ``non_dominated`` work on any reward matrix (rows are points, columns
+objectives, higher is better) and are meant to be called on users' own results too.
+``run_sweep`` trains one federation per (algorithm, preference), evaluates each final global
+adapter on the same held-out prompts and skips runs already finished in the output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from firm_lightning.algorithms import FIRM, Algorithm, Linear
+from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.module import FIRMClientModule
+from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
+from firm_lightning.trainer_factory import TrainerFactory
+from firm_lightning.weighting import validate_preference
+
+
+def non_dominated(points) -> np.ndarray:
+    """Boolean mask of the rows no other row dominates (≥ everywhere and > somewhere).
+
+    Duplicated rows do not dominate each other, so all copies of a non-dominated point are kept.
+    """
+    p = np.asarray(points, dtype=float)
+    if p.ndim != 2:
+        raise ValueError(f"points must be a 2-D array (rows = points, columns = objectives); got shape {p.shape}.")
+    ge = (p[:, None, :] >= p[None, :, :]).all(-1)
+    gt = (p[:, None, :] > p[None, :, :]).any(-1)
+    dominated_by = ge & gt  # [j, i]: row j dominates row i
+    return ~dominated_by.any(0)
+
+
+def hypervolume(points, reference) -> float:
+    """Volume of the region dominated by ``points`` and dominating ``reference`` (maximisation).
+
+    Exact (slicing over the last objective, recursively); points that do not strictly dominate
+    the reference add nothing. Cost grows as n^(S-1): fine for sweeps of tens of points.
+    """
+    p = np.asarray(points, dtype=float)
+    ref = np.asarray(reference, dtype=float)
+    if p.ndim != 2 or ref.shape != (p.shape[1],):
+        raise ValueError(
+            f"points must be (n, S) and reference (S,); got {p.shape} and {ref.shape}."
+        )
+    p = p[(p > ref).all(1)]
+    return float(_slices(p[non_dominated(p)] if len(p) else p, ref))
+
+
+def _slices(p: np.ndarray, ref: np.ndarray) -> float:
+    if len(p) == 0:
+        return 0.0
+    if p.shape[1] == 1:
+        return float(p[:, 0].max() - ref[0])
+    order = np.argsort(-p[:, -1])
+    volume = 0.0
+    for k, i in enumerate(order):
+        below = p[order[k + 1], -1] if k + 1 < len(order) else ref[-1]
+        if p[i, -1] > below:
+            volume += (p[i, -1] - below) * _slices(p[order[: k + 1], :-1], ref[:-1])
+    return volume
+
+
+class ParetoSettings:
+    """The ``pareto:`` section: preferences to sweep, algorithms to sweep them with, the reference point."""
+
+    def __init__(
+        self,
+        preferences: Optional[list[list[float]]] = None,
+        algorithms: Optional[list[Algorithm]] = None,
+        reference: Optional[list[float]] = None,
+    ) -> None:
+        self.preferences = preferences or [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]]
+        self.algorithms = algorithms or [FIRM(beta=1.0), Linear()]
+        self.reference = reference  # None: the initial adapter's eval rewards
+        for algorithm in self.algorithms:
+            if not hasattr(algorithm, "preference"):
+                raise ValueError(f"Algorithm {algorithm.name!r} takes no preference; sweep FIRM or Linear.")
+
+
+def run_sweep(
+    module: FIRMClientModule,
+    datamodule: PromptDataModule,
+    federation: FederationConfig,
+    trainer_config: dict,
+    settings: ParetoSettings,
+    echo: Callable[[str], None] = print,
+) -> list[dict]:
+    """Final eval rewards of one federation per (algorithm, preference); finished runs are reused."""
+    out = Path(federation.output_dir)
+    names = module.objective_names
+    preferences = [validate_preference(p, len(names)).tolist() for p in settings.preferences]
+    initial, configured = module.adapter_state(), module.weighting
+    rows, total = [], len(preferences) * len(settings.algorithms)
+    for template in settings.algorithms:
+        for p in preferences:
+            algorithm = copy.copy(template)
+            algorithm.preference = p
+            tag = "p_" + "_".join(f"{x:.3f}" for x in p)
+            run_dir = out / "runs" / template.name / tag
+            label = f"{len(rows) + 1}/{total} {template.name} p={_fmt(p)}"
+            final = _finished(run_dir)
+            if final is None:
+                echo(f"[{label}] training ...")
+                module.load_adapter_state(initial)
+                module.weighting = configured
+                config = dataclasses.replace(federation, output_dir=str(run_dir))
+                FederatedOrchestrator(
+                    module, datamodule, config, TrainerFactory(trainer_config, run_dir), algorithm,
+                    echo=lambda m, label=label: echo(f"[{label}] {m}"),
+                ).run()
+                final = _finished(run_dir)
+            else:
+                echo(f"[{label}] already finished in {run_dir}, skipped")
+            rows.append({"algorithm": template.name, "preference": p, **final})
+    module.weighting = configured
+    return rows
+
+
+def _finished(run_dir: Path) -> Optional[dict]:
+    """The first and last eval rows of a finished run (summary.txt is written last), else None."""
+    if not (run_dir / "summary.txt").is_file():
+        return None
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    evals = lambda row: {k: float(v) for k, v in row.items() if k.startswith("eval/reward/")}
+    return {"initial": evals(rows[0]), **evals(rows[-1])}
+
+
+def front_report(rows: list[dict], names: list[str], reference: Optional[Sequence[float]]) -> dict:
+    """Hypervolume and non-dominated points per algorithm, against one stated reference point."""
+    source = "given"
+    if reference is None:
+        reference = [rows[0]["initial"][f"eval/reward/{n}"] for n in names]
+        source = "eval rewards of the initial adapter (round 0)"
+    report = {"reference": list(reference), "reference_source": source, "algorithms": {}}
+    for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
+        mine = [r for r in rows if r["algorithm"] == algorithm]
+        points = np.array([[r[f"eval/reward/{n}"] for n in names] for r in mine])
+        mask = non_dominated(points)
+        report["algorithms"][algorithm] = {
+            "hypervolume": hypervolume(points, reference),
+            "non_dominated": [{"preference": r["preference"], "rewards": pt.tolist()}
+                              for r, pt, keep in zip(mine, points, mask) if keep],
+        }
+    return report
+
+
+def write_outputs(rows: list[dict], names: list[str], report: dict, out: Path) -> None:
+    with open(out / "pareto.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["algorithm", "preference"] + [f"eval/reward/{n}" for n in names])
+        for r in rows:
+            writer.writerow([r["algorithm"], json.dumps(r["preference"])] + [r[f"eval/reward/{n}"] for n in names])
+    (out / "hypervolume.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_fronts(rows, names, out / "pareto.png", report["reference"])
+
+
+def plot_fronts(rows: list[dict], names: list[str], path: Path, reference: Sequence[float]) -> None:
+    """One panel per pair of objectives; one series per algorithm, connected in preference order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.5), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
+            mine = sorted((r for r in rows if r["algorithm"] == algorithm), key=lambda r: r["preference"][0])
+            xs = [r[f"eval/reward/{names[i]}"] for r in mine]
+            ys = [r[f"eval/reward/{names[j]}"] for r in mine]
+            ax.plot(xs, ys, marker="o", label=algorithm)
+            for r, x, y in zip(mine, xs, ys):
+                ax.annotate(_fmt(r["preference"]), (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
+        ax.scatter([reference[i]], [reference[j]], marker="x", color="black", label="reference")
+        ax.set(xlabel=f"eval reward {names[i]}", ylabel=f"eval reward {names[j]}", title="Pareto front")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(p: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{x:g}" for x in p) + "]"
