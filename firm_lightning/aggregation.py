@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from firm_lightning.adapters import check_adapter_state
 from firm_lightning.client import ClientUpdate
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
@@ -109,23 +110,5 @@ def _checked(global_state: AdapterState, updates: Sequence[ClientUpdate]) -> Seq
         raise ValueError("No client updates to aggregate: every sampled client failed or none was sampled.")
     for u in updates:
         for state in u.adapters:
-            check_update(state, global_state, u.client_id)
+            check_adapter_state(state, global_state, f"Update from client {u.client_id}")
     return updates
-
-
-def check_update(state: AdapterState, global_state: AdapterState, client_id: int) -> None:
-    """Refuse a malformed client update (wrong keys, shapes, non-finite values) before it mixes in."""
-    missing, extra = sorted(set(global_state) - set(state)), sorted(set(state) - set(global_state))
-    if missing or extra:
-        raise ValueError(
-            f"Update from client {client_id} does not match the global adapter: "
-            f"missing {missing[:3]}, unexpected {extra[:3]}."
-        )
-    for name, tensor in state.items():
-        if tensor.shape != global_state[name].shape:
-            raise ValueError(
-                f"Update from client {client_id}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(global_state[name].shape)}."
-            )
-        if not torch.isfinite(tensor).all():
-            raise ValueError(f"Update from client {client_id}: tensor {name!r} contains NaN or inf; refused.")

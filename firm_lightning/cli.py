@@ -92,12 +92,16 @@ class FIRMCLI(LightningCLI):
         trainer_config = self._get(self.config, "trainer").as_dict()
         return TrainerFactory(trainer_config, output_dir)
 
+    def _prepare_output_dir(self) -> Path:
+        """Create federation.output_dir and save the resolved config there."""
+        out = Path(self._section("federation").output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        config = self.config[self.subcommand]
+        self._parser(self.subcommand).save(config, out / "config.yaml", overwrite=True, skip_check=True)
+        return out
+
     def run_fit(self) -> None:
-        federation = self._section("federation")
-        output_dir = Path(federation.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        parser = self._parser(self.subcommand)
-        parser.save(self.config[self.subcommand], output_dir / "config.yaml", overwrite=True, skip_check=True)
+        federation, output_dir = self._section("federation"), self._prepare_output_dir()
         print(
             f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
             f"objectives {self.model.objective_names}, weighting {self.model.weighting!r}; writing to {output_dir}/",
@@ -109,10 +113,7 @@ class FIRMCLI(LightningCLI):
         self.state = orchestrator.run()
 
     def run_compare(self) -> None:
-        federation = self._section("federation")
-        out = Path(federation.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self._parser(self.subcommand).save(self.config[self.subcommand], out / "config.yaml", overwrite=True, skip_check=True)
+        federation, out = self._section("federation"), self._prepare_output_dir()
         settings = self._section("compare")
         print(
             f"compare: {[a.name for a in settings.algorithms]} × seeds {settings.seeds} × "
@@ -131,10 +132,7 @@ class FIRMCLI(LightningCLI):
         self.summary = table
 
     def run_pareto(self) -> None:
-        federation = self._section("federation")
-        out = Path(federation.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self._parser(self.subcommand).save(self.config[self.subcommand], out / "config.yaml", overwrite=True, skip_check=True)
+        federation, out = self._section("federation"), self._prepare_output_dir()
         settings = self._section("pareto")
         names = self.model.objective_names
         print(f"pareto: {[a.name for a in settings.algorithms]} × preferences {settings.preferences}; writing to {out}/")

@@ -26,6 +26,7 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
 
+from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import leave_one_out_advantages
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
@@ -102,21 +103,7 @@ class FIRMClientModule(L.LightningModule):
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load LoRA weights; a malformed state (wrong keys, shapes or non-finite values) is refused."""
-        expected = _lora_state(self.policy)
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"Adapter state does not match this model's LoRA adapter: missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}. Was it produced with the same policy and lora settings?"
-            )
-        for name, tensor in state.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(
-                    f"Adapter tensor {name!r} has shape {tuple(tensor.shape)}, expected "
-                    f"{tuple(expected[name].shape)}: check lora.r and target_modules."
-                )
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"Adapter tensor {name!r} contains NaN or inf; refusing to load it.")
+        check_adapter_state(state, _lora_state(self.policy), "Adapter state")
         set_peft_model_state_dict(self.policy, state)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -119,3 +119,26 @@ def test_objective_one_reward_does_not_decrease_as_its_preference_grows(tmp_path
     assert all(b - a > -SEED_STD for a, b in zip(rewards, rewards[1:])), rewards
     assert rewards[-1] - rewards[0] > 2 * SEED_STD, rewards  # the preference really steers
     assert list(report["algorithms"]) == ["firm_beta1"]
+
+
+def test_three_objectives_get_pairwise_panels_and_an_s_dimensional_hypervolume(tmp_path):
+    from firm_lightning.pareto import front_report, write_outputs
+
+    names = ["a", "b", "c"]
+    prefs = [[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]]
+    points = [[3, 1, 1], [1, 3, 1], [1, 1, 3]]
+    rows = [
+        {"algorithm": "firm", "preference": p, "initial": {f"eval/reward/{n}": 0.0 for n in names},
+         **{f"eval/reward/{n}": v for n, v in zip(names, pt)}}
+        for p, pt in zip(prefs, points)
+    ]
+    report = front_report(rows, names, reference=None)
+    # three 3×1×1-style boxes from the origin: 3·3 − 3·1 (pairwise overlaps 1·1·1) + 1 (triple) = 7
+    assert report["algorithms"]["firm"]["hypervolume"] == pytest.approx(7.0)
+    assert report["reference"] == [0.0, 0.0, 0.0]
+    write_outputs(rows, names, report, tmp_path)
+    import matplotlib.image as mpimg
+
+    height, width = mpimg.imread(tmp_path / "pareto.png").shape[:2]
+    assert width > 2.5 * height  # three side-by-side panels: (a,b), (a,c), (b,c)
+    assert len((tmp_path / "pareto.csv").read_text().splitlines()) == 4
