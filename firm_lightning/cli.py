@@ -35,6 +35,7 @@ class FIRMCLI(LightningCLI):
             seed_everything_default=False,  # federation.seed seeds everything instead
             auto_configure_optimizers=False,
             load_from_checkpoint_support=False,
+            subclass_mode_data=True,  # PromptDataModule or a subclass such as HHRLHFDataModule
             args=args,
             **kwargs,
         )

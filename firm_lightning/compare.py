@@ -9,6 +9,7 @@ algorithm × α × seed × round), a ``summary.md`` table and comparison plots.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import statistics
 from pathlib import Path
@@ -54,7 +55,7 @@ def run_comparison(
     rows = []
     for alpha in alphas:
         for seed in settings.seeds:
-            data = PromptDataModule(**{**datamodule.hparams, "dirichlet_alpha": alpha, "seed": seed})
+            data = _rebuilt(datamodule, dirichlet_alpha=alpha, seed=seed)
             for algorithm in settings.algorithms:
                 label = f"{algorithm.name} α={alpha:g} seed={seed}"
                 run_dir = out / "runs" / f"alpha{alpha:g}_seed{seed}" / algorithm.name
@@ -70,6 +71,13 @@ def run_comparison(
                 write_csv(out / "metrics.csv", rows)
     module.weighting = configured
     return rows
+
+
+def _rebuilt(datamodule: PromptDataModule, **changes) -> PromptDataModule:
+    """The same kind of data module with the same settings but ``changes``."""
+    accepted = inspect.signature(type(datamodule).__init__).parameters
+    kwargs = {k: v for k, v in datamodule.hparams.items() if k in accepted}
+    return type(datamodule)(**{**kwargs, **changes})
 
 
 def summarize(rows: list[dict], objectives: list[str]) -> list[dict]:

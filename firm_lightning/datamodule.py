@@ -200,8 +200,12 @@ class PromptDataModule(L.LightningDataModule):
             ds.select(range(n_eval, len(ds))))
         self._client_indices = self._partition_train()
 
+    def _raw_rows(self) -> datasets.Dataset:
+        """The rows before column checks and shuffling (subclasses read other formats here)."""
+        return load_rows(self.path, self.subset, self.split)
+
     def _load(self) -> datasets.Dataset:
-        ds = load_rows(self.path, self.subset, self.split)
+        ds = self._raw_rows()
         wanted = [c for c in (self.prompt_column, self.group_column) if c is not None]
         for col in wanted:
             if col not in ds.column_names:

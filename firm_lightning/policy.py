@@ -44,7 +44,9 @@ class PretrainedPolicy(PolicyBuilder):
         torch_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
         revision: Optional[str] = None,
         trust_remote_code: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
+        self.gradient_checkpointing = gradient_checkpointing
         self.name_or_path = name_or_path
         self.torch_dtype = torch_dtype
         self.revision = revision
@@ -63,6 +65,10 @@ class PretrainedPolicy(PolicyBuilder):
                 f"(`huggingface-cli download {self.name_or_path}`) or set "
                 "`--model.policy.init_args.name_or_path` to a local folder made with save_pretrained."
             ) from error
+        if self.gradient_checkpointing:
+            # Trade compute for activation memory; inputs must require grad for a frozen base + LoRA.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         return model, prepare_tokenizer(tokenizer)
 
 

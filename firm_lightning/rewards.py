@@ -8,7 +8,7 @@ the metric suffix (``train/reward/<name>``, ``lambda/<name>``, ``eval/reward/<na
 from __future__ import annotations
 
 import abc
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -112,6 +112,53 @@ class HFRewardModel(RewardFunction):
             texts, return_tensors="pt", padding=True, padding_side="right", truncation=True, max_length=self.max_length
         ).to(self._model.device)
         return self._model(**batch).logits[:, 0]
+
+
+class NormalizedReward(RewardFunction):
+    """``(r − mean) / std`` of another reward, so objectives on different scales weigh alike.
+
+    ``mode``: ``"calibration"`` freezes the statistics of the first batch it scores;
+    ``"running"`` keeps updating them with every batch (Welford); ``"fixed"`` uses the given
+    ``mean`` and ``std``. A constant reward maps to 0, never NaN. Evaluation logs the
+    normalised value too: with ``"running"``, eval rewards of different rounds use different
+    statistics, so prefer ``"calibration"`` or ``"fixed"`` to compare rounds.
+    """
+
+    def __init__(
+        self,
+        reward: RewardFunction,
+        mode: Literal["calibration", "running", "fixed"] = "calibration",
+        mean: Optional[float] = None,
+        std: Optional[float] = None,
+        eps: float = 1e-6,
+    ) -> None:
+        if mode == "fixed" and (mean is None or std is None or std <= 0):
+            raise ValueError("NormalizedReward(mode='fixed') needs mean and a positive std.")
+        self.reward, self.mode, self.eps = reward, mode, eps
+        self.name = reward.name
+        self.count = 0 if mode != "fixed" else 1
+        self.mean = 0.0 if mean is None else float(mean)
+        self._m2 = 0.0 if std is None else float(std) ** 2
+
+    @property
+    def std(self) -> float:
+        return (self._m2 / max(self.count, 1)) ** 0.5 if self.mode != "fixed" else self._m2**0.5
+
+    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        raw = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float64).flatten()
+        if self.mode == "running" or (self.mode == "calibration" and self.count == 0):
+            self._update(raw)
+        return ((raw - self.mean) / max(self.std, self.eps)).float()
+
+    def _update(self, batch: torch.Tensor) -> None:
+        """Chan et al.'s parallel update of count, mean and sum of squared deviations."""
+        n, mean = batch.numel(), float(batch.mean())
+        m2 = float(((batch - mean) ** 2).sum())
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self._m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
 
 
 def score_all(

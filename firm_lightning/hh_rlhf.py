@@ -1,0 +1,96 @@
+"""Prompts from Anthropic's HH-RLHF: the first Human turn of each conversation, by subset.
+
+The dataset's rows are whole conversations (``chosen``/``rejected``) in the format
+``"\\n\\nHuman: ...\\n\\nAssistant: ..."``, stored per subset folder (``helpful-base``,
+``harmless-base``, ...). ``HHRLHFDataModule`` keeps the first Human turn as the prompt, in the
+same format and ending with ``"\\n\\nAssistant:"`` so the policy answers it, and the subset
+name as the grouping column: ``partition: column`` gives one client per subset,
+``partition: dirichlet`` a skewed mix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import datasets
+
+from firm_lightning.datamodule import PromptDataModule
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def first_human_turn(conversation: str) -> str:
+    """``"\\n\\nHuman: <first turn>\\n\\nAssistant:"`` from an HH-RLHF conversation."""
+    start = conversation.find(HUMAN)
+    if start < 0:
+        raise ValueError(f"No '\\n\\nHuman:' turn in conversation {conversation[:80]!r}: is this HH-RLHF data?")
+    start += len(HUMAN)
+    end = conversation.find(ASSISTANT, start)
+    turn = conversation[start:] if end < 0 else conversation[start:end]
+    return f"{HUMAN} {turn.strip()}{ASSISTANT}"
+
+
+class HHRLHFDataModule(PromptDataModule):
+    """``PromptDataModule`` over HH-RLHF subsets (hub name, or a local copy with the same folders)."""
+
+    def __init__(
+        self,
+        path: str = "Anthropic/hh-rlhf",
+        subsets: list[str] = ["helpful-base", "harmless-base"],  # noqa: B006 (read-only)
+        split: str = "train",
+        conversation_column: str = "chosen",
+        eval_size: Union[int, float] = 256,
+        num_clients: int = 4,
+        partition: Literal["iid", "dirichlet", "column"] = "dirichlet",
+        dirichlet_alpha: float = 1.0,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        max_prompts: Optional[int] = 20_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            path=path, split=split, prompt_column="prompt", group_column="subset", eval_size=eval_size,
+            num_clients=num_clients, partition=partition, dirichlet_alpha=dirichlet_alpha,
+            batch_size=batch_size, eval_batch_size=eval_batch_size, max_prompts=max_prompts, seed=seed,
+        )
+        self.save_hyperparameters()
+        self.subsets = list(subsets)
+        self.conversation_column = conversation_column
+
+    def _raw_rows(self) -> datasets.Dataset:
+        parts = [self._subset_rows(name) for name in self.subsets]
+        return datasets.concatenate_datasets(parts)
+
+    def _subset_rows(self, name: str) -> datasets.Dataset:
+        rows = self._read_subset(name)
+        if self.conversation_column not in rows.column_names:
+            raise ValueError(
+                f"HH-RLHF subset {name!r} has no column {self.conversation_column!r} "
+                f"(columns: {rows.column_names}); set conversation_column to one of them."
+            )
+        return rows.map(
+            lambda row: {"prompt": first_human_turn(row[self.conversation_column]), "subset": name},
+            remove_columns=rows.column_names,
+        )
+
+    def _read_subset(self, name: str) -> datasets.Dataset:
+        local = Path(self.path).expanduser()
+        if local.is_dir():
+            files = sorted((local / name).glob(f"{self.split}.json*"))
+            if not files:
+                available = sorted(p.name for p in local.iterdir() if p.is_dir())
+                raise ValueError(
+                    f"No {self.split}.jsonl[.gz] for HH-RLHF subset {name!r} under {local} "
+                    f"(subset folders there: {available}); fix `subsets` or `split`."
+                )
+            return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+        try:
+            return datasets.load_dataset(self.path, data_dir=name, split=self.split)
+        except Exception as error:
+            raise FileNotFoundError(
+                f"Could not load HH-RLHF subset {name!r} from {self.path!r}: {type(error).__name__}: {error}. "
+                "Check the subset name (helpful-base, harmless-base, helpful-online, helpful-rejection-sampled, "
+                f"red-team-attempts). If this machine is offline, pre-download with "
+                f"`huggingface-cli download --repo-type dataset {self.path} --local-dir DIR` and pass path: DIR."
+            ) from error
