@@ -136,7 +136,7 @@ def test_the_real_config_runs_offline_with_every_name_replaced_by_a_local_path(t
     main([
         "fit", "--config", str(local_config), f"--federation.output_dir={out}",
         # CPU-sized: the config's GPU sizes stay as they are, only these shrink
-        "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=1",
+        "--trainer.accelerator=cpu", "--trainer.max_steps=1",  # precision stays bf16-mixed (CPU autocast)
         "--federation.num_rounds=1", "--federation.num_clients=2", "--model.sampling.max_new_tokens=8",
         "--model.lora.target_modules=[c_attn]" if arch == "gpt2" else "--model.lora.target_modules=[q_proj, v_proj]",
         "--data.init_args.eval_size=4", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=4",
