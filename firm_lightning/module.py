@@ -17,7 +17,6 @@ gradient of one loss.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,6 +93,8 @@ class FIRMClientModule(L.LightningModule):
         )
         if sampling.num_generations < 2:
             raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
+        if loss.ppo_epochs < 1:
+            raise ValueError(f"loss.ppo_epochs must be >= 1 (optimiser steps per batch of rollouts); got {loss.ppo_epochs}.")
 
     # ---- adapter exchange (what the orchestrator sends and receives) ----
 

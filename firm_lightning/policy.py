@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor

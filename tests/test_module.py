@@ -310,3 +310,13 @@ def test_llama_policy_fits():
     after = module.adapter_state()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
+
+
+@pytest.mark.parametrize("field, value, match", [("num_generations", 1, "num_generations"), ("ppo_epochs", 0, "ppo_epochs")])
+def test_bad_sampling_or_loss_settings_are_refused(field, value, match):
+    from firm_lightning.module import PolicyGradientSettings, SamplingSettings
+
+    kwargs = {"sampling": SamplingSettings(num_generations=value)} if field == "num_generations" else {
+        "loss": PolicyGradientSettings(ppo_epochs=value)}
+    with pytest.raises(ValueError, match=match):
+        make_module(**kwargs)
