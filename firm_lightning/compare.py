@@ -8,7 +8,6 @@ algorithm × α × seed × round), a ``summary.md`` table and comparison plots.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import statistics
@@ -18,9 +17,8 @@ from typing import Callable, Optional
 from firm_lightning.algorithms import FIRM, FMGDA, Algorithm, Linear, LocalMGDA
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
-from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
+from firm_lightning.orchestrator import FederationConfig, run_federation
 from firm_lightning.report import write_csv
-from firm_lightning.trainer_factory import TrainerFactory
 
 
 class CompareSettings:
@@ -50,7 +48,7 @@ def run_comparison(
 ) -> list[dict]:
     """Run every (α, seed, algorithm) federation; return all round rows, labelled."""
     out = Path(federation.output_dir)
-    initial, configured = module.adapter_state(), module.weighting
+    initial = module.adapter_state()
     alphas = settings.dirichlet_alphas or [datamodule.hparams["dirichlet_alpha"]]
     rows = []
     for alpha in alphas:
@@ -59,17 +57,12 @@ def run_comparison(
             for algorithm in settings.algorithms:
                 label = f"{algorithm.name} α={alpha:g} seed={seed}"
                 run_dir = out / "runs" / f"alpha{alpha:g}_seed{seed}" / algorithm.name
-                module.load_adapter_state(initial)
-                module.weighting = configured
-                config = dataclasses.replace(federation, seed=seed, output_dir=str(run_dir))
-                orchestrator = FederatedOrchestrator(
-                    module, data, config, TrainerFactory(trainer_config, run_dir), algorithm,
-                    echo=lambda m, label=label: echo(f"[{label}] {m}"),
+                state = run_federation(
+                    module, data, federation, trainer_config, algorithm, initial, run_dir,
+                    echo=lambda m, label=label: echo(f"[{label}] {m}"), seed=seed,
                 )
-                state = orchestrator.run()
                 rows += [{"algorithm": algorithm.name, "alpha": alpha, "seed": seed, **r} for r in state.history]
                 write_csv(out / "metrics.csv", rows)
-    module.weighting = configured
     return rows
 
 

@@ -10,12 +10,14 @@ All that changes from round to round lives in one ``FederationState``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -86,9 +88,6 @@ class FederatedOrchestrator:
         self.config = config
         self.trainers = trainer_factory
         self.algorithm = algorithm or Algorithm()
-        weighting = self.algorithm.weighting(len(module.objective_names))
-        if weighting is not None:
-            module.weighting = weighting
         self.procedure = self.algorithm.procedure()
         self.aggregator = self.algorithm.aggregator(config.server_lr)
         self.writer = writer or RunWriter(
@@ -101,13 +100,24 @@ class FederatedOrchestrator:
 
     def run(self) -> FederationState:
         start = time.perf_counter()
-        with quiet_lightning(self.config.quiet):
+        with quiet_lightning(self.config.quiet), self._algorithm_weighting():
             self.datamodule.setup("fit")
             state = self.initial_state()
             for round_idx in range(state.round + 1, self.config.num_rounds + 1):
                 state = self.run_round(state, round_idx)
         self.writer.finish(state, time.perf_counter() - start, self.config)
         return state
+
+    @contextmanager
+    def _algorithm_weighting(self):
+        """The algorithm's in-client weighting for this run; the module's own one afterwards."""
+        configured = self.module.weighting
+        weighting = self.algorithm.weighting(len(self.module.objective_names))
+        self.module.weighting = weighting if weighting is not None else configured
+        try:
+            yield
+        finally:
+            self.module.weighting = configured
 
     def initial_state(self) -> FederationState:
         adapter = self.module.adapter_state()
@@ -200,6 +210,28 @@ class FederatedOrchestrator:
         if result.server_lambdas is not None:
             metrics.update({f"server_lambda/{n}": lam for n, lam in zip(names, result.server_lambdas)})
         return metrics
+
+
+def run_federation(
+    module: FIRMClientModule,
+    datamodule: PromptDataModule,
+    federation: FederationConfig,
+    trainer_config: dict,
+    algorithm: Algorithm,
+    start_adapter: dict[str, torch.Tensor],
+    run_dir: Path,
+    echo: Callable[[str], None] = print,
+    **changes,
+) -> FederationState:
+    """One federation of ``algorithm`` from ``start_adapter`` in its own ``run_dir``.
+
+    What sweeps and comparisons repeat: every run starts from the same adapter, with the
+    federation settings but ``changes`` (e.g. ``seed``).
+    """
+    module.load_adapter_state(start_adapter)
+    config = dataclasses.replace(federation, output_dir=str(run_dir), **changes)
+    factory = TrainerFactory(trainer_config, run_dir)
+    return FederatedOrchestrator(module, datamodule, config, factory, algorithm, echo=echo).run()
 
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:

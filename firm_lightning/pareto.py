@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -20,8 +19,7 @@ import numpy as np
 from firm_lightning.algorithms import FIRM, Algorithm, Linear
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
-from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
-from firm_lightning.trainer_factory import TrainerFactory
+from firm_lightning.orchestrator import FederationConfig, run_federation
 from firm_lightning.weighting import validate_preference
 
 
@@ -98,7 +96,7 @@ def run_sweep(
     out = Path(federation.output_dir)
     names = module.objective_names
     preferences = [validate_preference(p, len(names)).tolist() for p in settings.preferences]
-    initial, configured = module.adapter_state(), module.weighting
+    initial = module.adapter_state()
     rows, total = [], len(preferences) * len(settings.algorithms)
     for template in settings.algorithms:
         for p in preferences:
@@ -110,18 +108,14 @@ def run_sweep(
             final = _finished(run_dir)
             if final is None:
                 echo(f"[{label}] training ...")
-                module.load_adapter_state(initial)
-                module.weighting = configured
-                config = dataclasses.replace(federation, output_dir=str(run_dir))
-                FederatedOrchestrator(
-                    module, datamodule, config, TrainerFactory(trainer_config, run_dir), algorithm,
+                run_federation(
+                    module, datamodule, federation, trainer_config, algorithm, initial, run_dir,
                     echo=lambda m, label=label: echo(f"[{label}] {m}"),
-                ).run()
+                )
                 final = _finished(run_dir)
             else:
                 echo(f"[{label}] already finished in {run_dir}, skipped")
             rows.append({"algorithm": template.name, "preference": p, **final})
-    module.weighting = configured
     return rows
 
 

@@ -135,3 +135,11 @@ def test_compare_cli_writes_every_output_with_one_row_per_algorithm(tmp_path, ca
     summary = (tmp_path / "summary.md").read_text().splitlines()
     assert len(summary) == 2 + len(names) and all(any(n in line for line in summary) for n in names)
     assert "| fmgda" in capsys.readouterr().out
+
+
+def test_a_run_applies_the_algorithms_weighting_and_restores_the_modules_own(tmp_path):
+    module = make_module()
+    configured = module.weighting
+    state, _ = _run(tmp_path, Linear(preference=[0.9, 0.1]), module=module)
+    assert all(r["lambda/a_to_m"] == pytest.approx(0.9) for r in state.client_history)
+    assert module.weighting is configured
