@@ -1,17 +1,34 @@
-"""Sampling responses and scoring their tokens under left padding.
+"""Sampling responses and scoring their tokens, as a real checkpoint sees them.
 
-Prompts are left padded so every response starts at the same column. Position ids are
-given explicitly (``cumsum(mask) - 1``): GPT-2 otherwise counts pad tokens as positions
-and its training log-probs differ from the ones it sampled with.
+- Prompts: the tokenizer's chat template when it has one (configurable), otherwise the
+  raw text behind the special tokens the tokenizer puts first (Llama's BOS); never the ones
+  it appends (ByT5's EOS). Left padded so every response starts at the same column.
+- Sampling: exactly the configured settings. ``generate`` fills every unset field from the
+  checkpoint's ``generation_config`` (Qwen2.5-Instruct ships ``repetition_penalty``,
+  ``top_k``, ``top_p``), so that config is swapped for a blank one while sampling; every EOS
+  id that the tokenizer, the model config or the generation config declares ends a response.
+- Decoding: exactly the tokens generated before the EOS (ids after it are never decoded: in
+  byte-level BPE vocabularies id 0 is ``"!"``).
+- Log-probs: those of the sampled distribution (temperature, top-k, top-p), for the response
+  positions only (``logits_to_keep``), log-softmax in fp32 chunks that are recomputed in the
+  backward pass instead of stored. Position ids are explicit (``cumsum(mask) - 1``): GPT-2
+  otherwise counts pad tokens as positions.
 """
 
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+# fp32 elements per log-softmax chunk (64 MB): bounds the working memory whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -19,12 +36,15 @@ class Rollout:
     """``G`` sampled responses for each of ``B`` prompts, flattened prompt-major (``B*G`` rows)."""
 
     prompts: list[str]  # one per row (each prompt repeated G times)
-    responses: list[str]
+    responses: list[str]  # decoded from the tokens before the first EOS
     sequences: torch.Tensor  # (N, P + T) prompt then response token ids
     attention_mask: torch.Tensor  # (N, P + T), 0 on left padding and after the response's EOS
     response_mask: torch.Tensor  # (N, T), 1 on response tokens up to and including EOS
     prompt_length: int  # P
     group_size: int  # G
+    temperature: float = 1.0  # the sampling distribution, for token_logprobs
+    top_k: int = 0
+    top_p: float = 1.0
 
     @property
     def num_prompts(self) -> int:
@@ -36,30 +56,118 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# ---------------------------------------------------------------------------- prompts
+
+
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: Optional[bool]) -> bool:
+    """``None``: use the tokenizer's chat template when it has one."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has_template:
+        raise ValueError(
+            f"chat_template=True but the tokenizer {type(tokenizer).__name__} "
+            f"({getattr(tokenizer, 'name_or_path', '')!r}) has no chat template; set chat_template to null or false."
+        )
+    return has_template if chat_template is None else chat_template
+
+
+def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids the tokenizer puts before a text (BOS for Llama-family; none for GPT-2, Qwen)."""
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
 def encode_prompts(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int, device: torch.device
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_length: int,
+    device: torch.device,
+    chat_template: Optional[bool] = None,
+    system_prompt: Optional[str] = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded prompt ids, truncated from the left so the end of the prompt is kept."""
-    tokenizer.truncation_side = "left"
-    batch = tokenizer(
-        prompts,
-        return_tensors="pt",
-        padding=True,
-        padding_side="left",
-        truncation=True,
-        max_length=max_length,
-        add_special_tokens=False,
-    )
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    """Left-padded prompt ids. A prompt longer than ``max_length`` tokens keeps its end; the
+    chat template's tokens or the leading BOS come on top of ``max_length``."""
+    content = [ids[-max_length:] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    if uses_chat_template(tokenizer, chat_template):
+        texts = [_chat(tokenizer, tokenizer.decode(ids), system_prompt) for ids in content]
+        rows = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
+    else:
+        prefix = leading_special_tokens(tokenizer)
+        rows = [prefix + ids for ids in content]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """1 up to and including the first EOS of each row, 0 after it."""
-    if eos_token_id is None:
+def _chat(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: Optional[str]) -> str:
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _hf_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (it owns ``generation_config``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every EOS id declared by the tokenizer, the model config or the checkpoint's generation config."""
+    hf = _hf_model(model)
+    sources = (tokenizer.eos_token_id, getattr(hf.config, "eos_token_id", None),
+               getattr(getattr(hf, "generation_config", None), "eos_token_id", None))
+    ids: list[int] = []
+    for source in sources:
+        for i in [source] if isinstance(source, int) else list(source or []):
+            if int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def response_mask(response_ids: torch.Tensor, eos_token_ids: int | list[int] | None) -> torch.Tensor:
+    """1 up to and including the first EOS (any of the ids) of each row, 0 after it."""
+    if eos_token_ids is None or eos_token_ids == []:
         return torch.ones_like(response_ids)
-    is_eos = (response_ids == eos_token_id).long()
+    eos = torch.as_tensor(eos_token_ids, device=response_ids.device).flatten()
+    is_eos = torch.isin(response_ids, eos).long()
     after_eos = is_eos.cumsum(-1) - is_eos  # >0 strictly after the first EOS
     return (after_eos == 0).long()
+
+
+@contextmanager
+def checkpoint_generation_settings_ignored(model: torch.nn.Module):
+    """Swap the checkpoint's ``generation_config`` for a blank one while sampling.
+
+    ``generate`` fills every field the caller leaves unset from it, even when a fresh
+    ``GenerationConfig`` is passed; a blank one leaves only transformers' global defaults.
+    """
+    hf = _hf_model(model)
+    saved = hf.generation_config
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
+def sampling_config(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, pad_token_id: int, eos_token_ids: list[int]
+) -> GenerationConfig:
+    """Pure ancestral sampling with the given temperature/top-k/top-p; every other processor off."""
+    return GenerationConfig(
+        do_sample=True, num_beams=1, temperature=temperature, top_k=top_k, top_p=top_p,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
+        pad_token_id=pad_token_id, eos_token_id=eos_token_ids, use_cache=True,
+    )
 
 
 @torch.no_grad()
@@ -73,47 +181,105 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    chat_template: Optional[bool] = None,
+    system_prompt: Optional[str] = None,
 ) -> Rollout:
     """Sample ``group_size`` responses per prompt from ``model`` (in eval mode, no grad)."""
     device = next(model.parameters()).device
     repeated = [p for p in prompts for _ in range(group_size)]
-    encoded = encode_prompts(tokenizer, repeated, max_prompt_length, device)
+    encoded = encode_prompts(tokenizer, repeated, max_prompt_length, device, chat_template, system_prompt)
+    eos = eos_token_ids(model, tokenizer)
+    config = sampling_config(max_new_tokens, temperature, top_k, top_p, tokenizer.pad_token_id, eos)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        **encoded,
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model.train(was_training)
+    try:
+        with checkpoint_generation_settings_ignored(model):
+            out = model.generate(**encoded, generation_config=config)
+    finally:
+        model.train(was_training)
     prompt_length = encoded["input_ids"].shape[1]
     response_ids = out[:, prompt_length:]
-    mask = response_mask(response_ids, tokenizer.eos_token_id)
-    responses = tokenizer.batch_decode(response_ids * mask, skip_special_tokens=True)
+    mask = response_mask(response_ids, eos)
     return Rollout(
         prompts=repeated,
-        responses=responses,
+        responses=decode_responses(tokenizer, response_ids, mask, eos),
         sequences=out,
         attention_mask=torch.cat([encoded["attention_mask"], mask], dim=1),
         response_mask=mask,
         prompt_length=prompt_length,
         group_size=group_size,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
     )
 
 
+def decode_responses(
+    tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor, mask: torch.Tensor, eos: list[int]
+) -> list[str]:
+    """The text of exactly the tokens generated before each row's EOS."""
+    ends_with_eos = torch.isin(response_ids, torch.as_tensor(eos, device=response_ids.device)) & mask.bool()
+    lengths = (mask.sum(1) - ends_with_eos.sum(1)).tolist()
+    rows = [ids[:n].tolist() for ids, n in zip(response_ids, lengths)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------- log-probs
+
+
 def token_logprobs(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
-    """Log-probabilities of the response tokens, shape (N, T); one forward pass."""
-    logits = model(
+    """Log-probabilities of the response tokens under the rollout's sampling distribution, (N, T), fp32.
+
+    One forward pass; logits only for the response positions. A token outside this model's
+    top-k/top-p set (possible for the reference model, or after a PPO epoch) falls back to
+    its temperature-only log-prob, so the result is always finite.
+    """
+    P = rollout.prompt_length
+    T = rollout.sequences.shape[1] - P
+    kwargs = dict(
         input_ids=rollout.sequences,
         attention_mask=rollout.attention_mask,
         position_ids=position_ids(rollout.attention_mask),
-    ).logits
-    # logits at column j predict token j + 1: keep the columns that predict response tokens.
-    logits = logits[:, rollout.prompt_length - 1 : -1].float()
-    targets = rollout.sequences[:, rollout.prompt_length :]
-    return -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    )
+    if "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters:
+        logits = model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
+    else:
+        logits = model(**kwargs).logits[:, P - 1 : -1]
+    # logits at column j predict token j + 1: these columns predict the response tokens.
+    return response_logprobs(logits, rollout.sequences[:, P:], rollout.temperature, rollout.top_k, rollout.top_p)
+
+
+def response_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """``log softmax(warp(logits))[target]`` in fp32, chunk by chunk over (row, tokens).
+
+    Under autograd each chunk is checkpointed: only the logits (model dtype) are kept for the
+    backward pass, never an fp32 copy of them or of the log-softmax.
+    """
+    N, T, V = logits.shape
+    step = max(1, CHUNK_ELEMENTS // V)
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    rows = []
+    for i in range(N):
+        pieces = []
+        for start in range(0, T, step):
+            args = (logits[i, start : start + step], targets[i, start : start + step], temperature, top_k, top_p)
+            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
+        rows.append(torch.cat(pieces) if pieces else logits.new_zeros(0, dtype=torch.float32))
+    return torch.stack(rows)
+
+
+def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    """As ``generate`` samples: fp32 logits / temperature, then top-k, then top-p."""
+    scores = logits.float() / temperature
+    token = scores.gather(-1, targets[:, None])[:, 0]
+    full = token - torch.logsumexp(scores, dim=-1)
+    if not top_k and top_p >= 1.0:
+        return full
+    if top_k:
+        scores = TopKLogitsWarper(top_k=top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p=top_p)(None, scores)
+    kept = torch.isfinite(scores.gather(-1, targets[:, None])[:, 0])
+    return torch.where(kept, token - torch.logsumexp(scores, dim=-1), full)

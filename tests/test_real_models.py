@@ -1,0 +1,176 @@
+"""The library as a real LLM sees it: byte-level BPE (id 0 is ``"!"``), BOS, two EOS ids, a
+chat template, and a checkpoint whose ``generation_config`` carries its own sampling settings.
+
+Fixtures: ``tests/real_like.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from firm_lightning.policy import LoRASettings, PretrainedPolicy, add_lora
+from firm_lightning.sequences import (
+    checkpoint_generation_settings_ignored,
+    encode_prompts,
+    eos_token_ids,
+    response_logprobs,
+    sample,
+    sampling_config,
+    token_logprobs,
+)
+from firm_lightning.tokenizer import char_tokenizer
+from real_like import CHECKPOINT_GENERATION, END_OF_TEXT, IM_END, bpe_tokenizer, eos_ids, save_real_like, tiny_chat_model
+
+PROMPTS = ["Hi", "What is a good substitute for butter in omelettes?", "Why?", "Tell me a joke."]
+LORA = LoRASettings(target_modules=["q_proj", "v_proj"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    """The checkpoint with its generation settings, under a LoRA adapter (as the module holds it).
+
+    ``<|endoftext|>`` gets ``<|im_end|>``'s embedding so that both EOS ids end responses often.
+    """
+    model = tiny_chat_model(tokenizer)
+    im_end, end_of_text = eos_ids(tokenizer)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[end_of_text] = model.model.embed_tokens.weight[im_end]
+    return add_lora(model, LORA).eval()
+
+
+def _first_eos(ids: list[int], eos: set[int]) -> int | None:
+    return next((j for j, t in enumerate(ids) if t in eos), None)
+
+
+def test_the_fixture_is_real_like(tokenizer):
+    assert tokenizer.decode([0]) == "!", "id 0 must be an ordinary byte token, as in GPT-2 and Qwen"
+    model = tiny_chat_model(tokenizer)
+    # Three different EOS declarations, as Qwen2.5-Instruct ships them.
+    assert tokenizer.eos_token == IM_END and model.config.eos_token_id == tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    assert sorted(eos_token_ids(model, tokenizer)) == sorted(eos_ids(tokenizer))
+    assert model.generation_config.repetition_penalty == 1.3 and model.generation_config.no_repeat_ngram_size == 1
+
+
+def test_decoded_response_is_exactly_the_generated_tokens_before_eos(tokenizer, policy):
+    eos = set(eos_ids(tokenizer))
+    ended_by = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        rollout = sample(policy, tokenizer, PROMPTS, 4, 24)
+        P = rollout.prompt_length
+        for row, text in enumerate(rollout.responses):
+            generated = rollout.sequences[row, P:].tolist()
+            end = _first_eos(generated, eos)
+            assert text == tokenizer.decode(generated[:end], skip_special_tokens=True)
+            expected_mask = [1] * len(generated) if end is None else [1] * (end + 1) + [0] * (len(generated) - end - 1)
+            assert rollout.response_mask[row].tolist() == expected_mask, "every EOS id must end the response"
+            if end is not None and end < len(generated) - 1:
+                ended_by.add(generated[end])
+                # The defect this guards against: zeroed ids after EOS decode as "!!!".
+                zeroed = (rollout.sequences[row, P:] * rollout.response_mask[row]).tolist()
+                assert tokenizer.decode(zeroed, skip_special_tokens=True).endswith("!" * (len(generated) - end - 1))
+                assert not text.endswith("!!")
+        if ended_by == eos:
+            break
+    assert ended_by == eos, f"draws should end early with both EOS ids; saw {ended_by}"
+
+
+def _repeat_free_rows(rollout) -> float:
+    rows = [ids[m.bool()].tolist() for ids, m in zip(rollout.sequences[:, rollout.prompt_length :], rollout.response_mask)]
+    return sum(len(set(r)) == len(r) for r in rows) / len(rows)
+
+
+def test_sampling_ignores_the_checkpoints_generation_settings(tokenizer, policy):
+    plain = add_lora(tiny_chat_model(tokenizer), LORA).eval()
+    plain.load_state_dict(policy.state_dict())
+    plain.get_base_model().generation_config = GenerationConfig()  # a checkpoint with no settings
+    for seed in range(3):
+        torch.manual_seed(seed)
+        got = sample(policy, tokenizer, PROMPTS, 4, 16)
+        torch.manual_seed(seed)
+        expected = sample(plain, tokenizer, PROMPTS, 4, 16)
+        assert torch.equal(got.sequences, expected.sequences), "the checkpoint's generation_config leaked into sampling"
+    # The checkpoint's own settings are untouched, and they would have changed the samples.
+    assert policy.get_base_model().generation_config.no_repeat_ngram_size == 1
+    torch.manual_seed(0)
+    leaked = policy.generate(**encode_prompts(tokenizer, PROMPTS * 4, 64, torch.device("cpu")), max_new_tokens=16)
+    assert not torch.equal(leaked, got.sequences)
+
+
+def test_a_policy_loaded_by_path_samples_from_the_config_not_the_checkpoint(tmp_path, tokenizer):
+    paths = save_real_like(tmp_path)
+    model, loaded_tokenizer = PretrainedPolicy(str(paths["policy"])).build()
+    assert model.generation_config.top_k == CHECKPOINT_GENERATION["top_k"]
+    torch.manual_seed(0)
+    rollout = sample(model, loaded_tokenizer, PROMPTS, 8, 16)
+    # no_repeat_ngram_size=1 from the checkpoint would make every row repeat-free.
+    assert _repeat_free_rows(rollout) < 0.9
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9), (1.3, 0, 0.8)])
+def test_sampling_logprobs_equal_token_logprobs(tokenizer, policy, temperature, top_k, top_p):
+    torch.manual_seed(3)
+    rollout = sample(policy, tokenizer, PROMPTS, 2, 16, temperature=temperature, top_k=top_k, top_p=top_p)
+    repeated = [p for p in PROMPTS for _ in range(2)]
+    encoded = encode_prompts(tokenizer, repeated, 256, torch.device("cpu"))
+    config = sampling_config(16, temperature, top_k, top_p, tokenizer.pad_token_id, eos_token_ids(policy, tokenizer))
+    torch.manual_seed(3)
+    with torch.no_grad(), checkpoint_generation_settings_ignored(policy):
+        out = policy.generate(**encoded, generation_config=config, output_scores=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, rollout.sequences)
+    targets = out.sequences[:, rollout.prompt_length :]
+    sampled = F.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, targets[..., None])[..., 0]
+    with torch.no_grad():
+        got = token_logprobs(policy, rollout)
+    mask = rollout.response_mask.bool()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[mask], sampled[mask], rtol=0, atol=1e-4)
+
+
+def test_prompts_get_the_chat_template_or_bos_and_never_an_eos(tokenizer):
+    device = torch.device("cpu")
+    chat = encode_prompts(tokenizer, ["Hi", "Why is the sky blue?"], 64, device)  # default: the template
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], add_generation_prompt=True)
+    expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
+    assert chat["input_ids"][1].tolist() == list(expected)
+    assert chat["attention_mask"][0].tolist()[0] == 0, "left padding"
+    raw = encode_prompts(tokenizer, ["Hi", "Why is the sky blue?"], 4, device, chat_template=False)
+    ids = raw["input_ids"][1].tolist()
+    assert ids[0] == tokenizer.bos_token_id, "add_special_tokens=False must not drop a Llama-style BOS"
+    assert ids[1:] == tokenizer("Why is the sky blue?", add_special_tokens=False)["input_ids"][-4:], "keeps the end"
+    assert not set(eos_ids(tokenizer)) & set(raw["input_ids"].flatten().tolist()) - {tokenizer.pad_token_id}
+    with pytest.raises(ValueError, match="has no chat template; set chat_template to null or false"):
+        encode_prompts(char_tokenizer(), ["Hi"], 8, device, chat_template=True)
+
+
+def test_logits_only_for_response_positions_and_exact_chunked_logprobs(tokenizer, policy, monkeypatch):
+    torch.manual_seed(0)
+    rollout = sample(policy, tokenizer, PROMPTS, 2, 12, temperature=0.9, top_k=50)
+    shapes = []
+    hook = policy.get_base_model().lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+    with torch.no_grad():
+        token_logprobs(policy, rollout)
+    hook.remove()
+    T = rollout.sequences.shape[1] - rollout.prompt_length
+    assert shapes == [(len(rollout.responses), T + 1, len(tokenizer))], "logits for prompt positions were computed"
+
+    # Checkpointed fp32 chunks give the values and gradients of the plain formula.
+    monkeypatch.setattr("firm_lightning.sequences.CHUNK_ELEMENTS", 3 * len(tokenizer))  # 3 tokens per chunk
+    logits = torch.randn(3, 8, len(tokenizer), dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, len(tokenizer), (3, 8))
+    weights = torch.randn(3, 8)
+    got = response_logprobs(logits, targets)
+    (got * weights).sum().backward()
+    grad, logits.grad = logits.grad.clone(), None
+    reference = -F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(got, reference)
+    torch.testing.assert_close(grad, logits.grad)
