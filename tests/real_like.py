@@ -36,10 +36,11 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# What a checkpoint's generation_config may carry (Qwen2.5-Instruct ships the first four and
-# two EOS ids); none of it must leak into RL sampling.
+# What a checkpoint's generation_config may carry (Qwen2.5-Instruct ships temperature, top_k,
+# top_p, repetition_penalty and two EOS ids); none of it may leak into RL sampling.
 CHECKPOINT_GENERATION = dict(
-    do_sample=True, temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.3, no_repeat_ngram_size=1, min_p=0.05
+    do_sample=True, temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.3, no_repeat_ngram_size=1,
+    suppress_tokens=list(range(0, 400, 3)),  # a field RL sampling does not set explicitly (Whisper ships one)
 )
 
 
