@@ -45,6 +45,8 @@ class SamplingSettings:
     top_p: float = 1.0
     eval_num_generations: int = 2
     eval_seed: int = 1234  # fixed, so evaluations are comparable across rounds and algorithms
+    chat_template: Optional[bool] = None  # wrap prompts in the tokenizer's chat template; None: when it has one
+    system_prompt: Optional[str] = None  # a system message, with the chat template
 
 
 @dataclass
@@ -118,6 +120,16 @@ class FIRMClientModule(L.LightningModule):
     def on_train_start(self) -> None:
         for metric in self.client_metrics.values():
             metric.reset()
+        self._place_objectives()
+
+    def on_validation_start(self) -> None:
+        self._place_objectives()
+
+    def _place_objectives(self) -> None:
+        """Model-based rewards on the policy's device (they are not submodules: Lightning does not move them)."""
+        for objective in self.objectives:
+            if callable(getattr(objective, "to", None)):
+                objective.to(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         rollout = self.rollout(batch["prompt"], self.sampling.num_generations)
@@ -191,7 +203,7 @@ class FIRMClientModule(L.LightningModule):
         s = self.sampling
         return sample(
             self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
-            s.max_prompt_length, s.temperature, s.top_k, s.top_p,
+            s.max_prompt_length, s.temperature, s.top_k, s.top_p, s.chat_template, s.system_prompt,
         )
 
     # ---- client metrics (read by the orchestrator after a fit) ----

@@ -25,6 +25,10 @@ class RewardFunction(abc.ABC):
     @abc.abstractmethod
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor: ...
 
+    def to(self, device: torch.device | str) -> "RewardFunction":
+        """Called with the policy's device before training and evaluation; model-based rewards move there."""
+        return self
+
 
 class CharsetReward(RewardFunction):
     """Fraction of the response's characters that belong to ``charset`` (0 for an empty response).
@@ -51,7 +55,12 @@ class HFRewardModel(RewardFunction):
     """A Hugging Face sequence-classification reward model with one output (hub name or path).
 
     Loaded lazily on first use, frozen, in eval mode, scored without grad in batches with its
-    own tokenizer on ``template.format(prompt=..., response=...)``.
+    own tokenizer, on its own input format: ``template.format(prompt=..., response=...)``
+    (the Ray2333 GPT-2 reward models expect ``"\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"``),
+    or with ``chat_template: true`` its tokenizer's chat template over a user/assistant pair.
+    An input longer than ``max_length`` tokens loses the start of its prompt, never its
+    response (the response is cut at the end only if it alone is too long). ``device``
+    defaults to the policy's device.
     """
 
     def __init__(
@@ -59,20 +68,35 @@ class HFRewardModel(RewardFunction):
         name: str,
         name_or_path: str,
         template: str = "{prompt}{response}",
+        chat_template: bool = False,
         batch_size: int = 16,
         max_length: int = 512,
         device: Optional[str] = None,
         torch_dtype: Optional[str] = None,
     ) -> None:
+        if template.count("{response}") != 1:
+            raise ValueError(
+                f"Reward model {name!r}: template {template!r} must contain {{response}} exactly once "
+                "(and may contain {prompt}), e.g. '\\n\\nHuman: {prompt}\\n\\nAssistant: {response}'."
+            )
         self.name = name
         self.name_or_path = name_or_path
         self.template = template
+        self.chat_template = chat_template
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
         self.torch_dtype = torch_dtype
+        self._placement: Optional[torch.device] = None  # the policy's device, when device is None
         self._model = None
         self._tokenizer = None
+
+    def to(self, device: torch.device | str) -> "HFRewardModel":
+        """Follow the policy to ``device`` (unless a ``device`` was configured)."""
+        self._placement = torch.device(device)
+        if self._model is not None and self.device is None:
+            self._model.to(self._placement)
+        return self
 
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -92,10 +116,20 @@ class HFRewardModel(RewardFunction):
                 f"Reward model {self.name!r} ({self.name_or_path}) has {model.config.num_labels} outputs; "
                 "a reward model must output one score per sequence (num_labels=1)."
             )
+        if not tokenizer.is_fast:
+            raise ValueError(
+                f"Reward model {self.name!r}: its tokenizer {type(tokenizer).__name__} is not a fast tokenizer; "
+                "truncation that keeps the response needs character offsets (install `tokenizers` / use_fast)."
+            )
+        if self.chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"Reward model {self.name!r}: chat_template=true but {self.name_or_path!r} has no chat template; "
+                "set chat_template: false and give its input format as template."
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
-        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = self.device or self._placement or "cpu"
         self._model = model.to(device).eval().requires_grad_(False)
         self._tokenizer = tokenizer
 
@@ -103,15 +137,60 @@ class HFRewardModel(RewardFunction):
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         if self._model is None:
             self._load()
-        texts = [self.template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
-        scores = [self._score(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        pairs = list(zip(prompts, responses))
+        scores = [self._score(pairs[i : i + self.batch_size]) for i in range(0, len(pairs), self.batch_size)]
         return torch.cat(scores).float().cpu()
 
-    def _score(self, texts: list[str]) -> torch.Tensor:
+    def render(self, prompt: str, response: str) -> tuple[str, tuple[int, int]]:
+        """The reward model's input text and the character span of the prompt in it."""
+        if self.chat_template:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            text = self._tokenizer.apply_chat_template(messages, tokenize=False)
+            start = text.find(prompt)
+            return text, (start, start + len(prompt))
+        if "{prompt}" not in self.template:
+            return self.template.format(response=response), (0, 0)
+        start = len(self.template.split("{prompt}")[0].format(response=response))
+        return self.template.format(prompt=prompt, response=response), (start, start + len(prompt))
+
+    def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        """Right-padded input ids of at most ``max_length`` tokens: the prompt loses its start first."""
+        rendered = [self.render(p, r) for p, r in zip(prompts, responses)]
         batch = self._tokenizer(
-            texts, return_tensors="pt", padding=True, padding_side="right", truncation=True, max_length=self.max_length
-        ).to(self._model.device)
-        return self._model(**batch).logits[:, 0]
+            [text for text, _ in rendered], add_special_tokens=True, truncation=False,
+            return_offsets_mapping=True, return_special_tokens_mask=True,
+        )
+        rows = [
+            _keep_response(ids, offsets, special, span, self.max_length)
+            for ids, offsets, special, (_, span) in zip(
+                batch["input_ids"], batch["offset_mapping"], batch["special_tokens_mask"], rendered
+            )
+        ]
+        width, pad = max(len(r) for r in rows), self._tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        }
+
+    def _score(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
+        batch = self.encode([p for p, _ in pairs], [r for _, r in pairs])
+        return self._model(**{k: v.to(self._model.device) for k, v in batch.items()}).logits[:, 0]
+
+
+def _keep_response(ids: list[int], offsets, special: list[int], prompt_span: tuple[int, int], max_length: int) -> list[int]:
+    """Drop the prompt's first tokens until ``max_length`` fits; if that is not enough, cut the
+    end of the text (trailing special tokens, such as a classifier's EOS, kept)."""
+    excess = len(ids) - max_length
+    if excess <= 0:
+        return list(ids)
+    start, end = prompt_span
+    prompt = [i for i, (a, b) in enumerate(offsets) if not special[i] and start <= a and b <= end and b > a]
+    dropped = set(prompt[:excess])
+    kept = [t for i, t in enumerate(ids) if i not in dropped]
+    if len(kept) > max_length:
+        trail = next((n for n in range(len(special)) if not special[len(special) - 1 - n]), 0)
+        kept = kept[: max_length - trail] + (kept[len(kept) - trail :] if trail else [])
+    return kept
 
 
 class NormalizedReward(RewardFunction):
@@ -139,6 +218,11 @@ class NormalizedReward(RewardFunction):
         self.count = 0 if mode != "fixed" else 1
         self.mean = 0.0 if mean is None else float(mean)
         self._m2 = 0.0 if std is None else float(std) ** 2
+
+    def to(self, device: torch.device | str) -> "NormalizedReward":
+        if callable(getattr(self.reward, "to", None)):
+            self.reward.to(device)
+        return self
 
     @property
     def std(self) -> float:

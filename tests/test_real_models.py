@@ -174,3 +174,78 @@ def test_logits_only_for_response_positions_and_exact_chunked_logprobs(tokenizer
     (reference * weights).sum().backward()
     torch.testing.assert_close(got, reference)
     torch.testing.assert_close(grad, logits.grad)
+
+
+# --------------------------------------------------------------------------- reward models
+
+RAY2333 = "\n\nHuman: {prompt}\n\nAssistant: {response}"
+
+
+def _reward_inputs(reward, prompts, responses) -> list[list[int]]:
+    """The token ids the reward model's forward pass receives (padding removed)."""
+    seen = []
+    reward([prompts[0]], [responses[0]])  # loads the model
+    hook = reward._model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.extend(
+            ids[mask.bool()].tolist() for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"])
+        ),
+        with_kwargs=True,
+    )
+    scores = reward(prompts, responses)
+    hook.remove()
+    assert scores.shape == (len(prompts),) and torch.isfinite(scores).all()
+    return seen
+
+
+def test_reward_model_reads_its_own_template_and_truncation_keeps_the_response(tmp_path, tokenizer):
+    from firm_lightning.rewards import HFRewardModel
+
+    paths = save_real_like(tmp_path)
+    prompts = ["How do I boil an egg?", ("Tell me about rivers. " * 30).strip()]
+    responses = ["Put it in boiling water for nine minutes.", "Rivers flow to the sea."]
+    reward = HFRewardModel("helpful", str(paths["reward"]), template=RAY2333, max_length=64)
+    short, long = _reward_inputs(reward, prompts, responses)
+    assert short[0] == tokenizer.bos_token_id, "the BOS the reward tokenizer adds is kept"
+    assert tokenizer.decode(short[1:]) == RAY2333.format(prompt=prompts[0], response=responses[0])
+    assert len(long) == 64 and long[0] == tokenizer.bos_token_id
+    text = tokenizer.decode(long[1:])
+    assert text.endswith("rivers.\n\nAssistant: Rivers flow to the sea."), text
+    assert not text.startswith("\n\nHuman: Tell"), "the start of the prompt should have been dropped"
+    assert text.startswith("\n\nHuman:"), "the template's head is not part of the prompt"
+    # A response longer than max_length alone keeps its beginning.
+    reward_small = HFRewardModel("h", str(paths["reward"]), template=RAY2333, max_length=24)
+    (only,) = _reward_inputs(reward_small, ["Hi"], ["one two three four five six seven eight nine ten"])[-1:]
+    assert len(only) == 24 and "\n\nAssistant: one two" in tokenizer.decode(only), tokenizer.decode(only)
+    with pytest.raises(ValueError, match=r"must contain \{response\} exactly once"):
+        HFRewardModel("bad", str(paths["reward"]), template="{prompt}")
+
+
+def test_reward_model_with_chat_template_and_bos(tmp_path, tokenizer):
+    from firm_lightning.rewards import HFRewardModel
+
+    paths = save_real_like(tmp_path)
+    reward = HFRewardModel("helpful", str(paths["reward"]), chat_template=True, max_length=30)
+    (ids,) = _reward_inputs(reward, ["Tell me about rivers. " * 10], ["Rivers flow."])[-1:]
+    assert len(ids) == 30 and ids[0] == tokenizer.bos_token_id, "the BOS the tokenizer adds is kept"
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\nRivers flow.<|im_end|>\n")
+    assert "<|im_start|>user\n" in tokenizer.decode(ids), "the template around the prompt is kept"
+
+
+def test_reward_models_follow_the_policy_device_not_cuda(tmp_path, monkeypatch):
+    """``device`` unset: the policy's device, even where CUDA exists (cuda:0 was the old default)."""
+    from firm_lightning.rewards import HFRewardModel, NormalizedReward
+
+    paths = save_real_like(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # would send it to cuda:0
+    reward = HFRewardModel("helpful", str(paths["reward"]), template=RAY2333)
+    wrapped = NormalizedReward(reward)
+    wrapped.to(torch.device("cpu"))
+    wrapped(["Hi"] * 2, ["Hello.", "Hey."])
+    assert reward._model.device == torch.device("cpu")
+    # After loading, moving the policy moves the reward model (here to "meta", a device every machine has).
+    wrapped.to("meta")
+    assert reward._model.device == torch.device("meta")
+    pinned = HFRewardModel("h", str(paths["reward"]), device="cpu")
+    pinned.to("meta")
+    pinned(["Hi"], ["Hello."])
+    assert pinned._model.device == torch.device("cpu"), "a configured device wins"
