@@ -166,23 +166,44 @@ class FIRMClientModule(L.LightningModule):
         return pg + self.loss_settings.kl_coef * kl, kl
 
     def weighted_step(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-objective gradients → Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step."""
+        """Per-objective gradients → Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step.
+
+        Precision: the backward passes, the Gram matrix, λ, ``d`` and its clipping run with
+        autocast off, in fp32, whatever the Trainer's precision (in bf16 the Gram matrix of
+        nearly aligned gradients, hence λ, is noise). Under ``16-mixed`` the losses are scaled
+        by the ``GradScaler``'s factor (no fp16 underflow in the backward passes) and
+        ``d × scale`` is written, which Lightning's precision plugin unscales before the step;
+        a non-finite gradient makes the scaler skip the step and lower its scale.
+        """
         params = self.trainable_parameters()
-        grads = torch.stack([self._flat_grad(loss, params) for loss in losses])  # (S, P)
-        gram = grads @ grads.T
-        lambdas = self.weighting(gram.detach()).to(grads.dtype)
-        direction = lambdas @ grads
+        scaler = self._grad_scaler()
+        if scaler is not None:
+            losses = scaler.scale(losses)  # the official way in: also starts the scaler's state
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        offset = 0
-        for p in params:
-            p.grad = direction[offset : offset + p.numel()].view_as(p).to(p.dtype)
-            offset += p.numel()
-        norm = direction.norm()
-        if self.loss_settings.max_grad_norm is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.loss_settings.max_grad_norm)
+        with torch.autocast(self.device.type, enabled=False):
+            grads = torch.stack([self._flat_grad(loss, params) for loss in losses]).float() / scale  # (S, P)
+            if not torch.isfinite(grads).all():  # fp16 overflow: the scaler sees it and skips this step
+                _write_grad(params, grads.sum(0))
+                optimizer.step()
+                nan = torch.full((len(losses),), float("nan"), device=grads.device)
+                return nan, torch.tensor(float("nan"), device=grads.device)
+            gram = grads @ grads.T
+            lambdas = self.weighting(gram.detach()).to(grads)
+            direction = lambdas @ grads
+            norm = direction.norm()
+            if self.loss_settings.max_grad_norm is not None:  # as clip_grad_norm_, on the unscaled d
+                direction = direction * (self.loss_settings.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            _write_grad(params, direction * scale)
         optimizer.step()
         return lambdas.detach(), norm.detach()
+
+    def _grad_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """The fp16 ``GradScaler`` of a ``16-mixed`` Trainer; None otherwise."""
+        plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
+        scaler = getattr(plugin, "scaler", None)
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     @staticmethod
     def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -222,6 +243,13 @@ class FIRMClientModule(L.LightningModule):
     def client_summary(self) -> dict[str, float]:
         """Means over this fit's local steps of every recorded quantity."""
         return {name: float(self.client_metrics[_metric_key(name)].compute()) for name in self._summary_names()}
+
+
+def _write_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        offset += p.numel()
 
 
 def _lora_state(policy) -> dict[str, torch.Tensor]:

@@ -249,3 +249,108 @@ def test_reward_models_follow_the_policy_device_not_cuda(tmp_path, monkeypatch):
     pinned.to("meta")
     pinned(["Hi"], ["Hello."])
     assert pinned._model.device == torch.device("cpu"), "a configured device wins"
+
+
+# --------------------------------------------------------------------------- precision
+
+
+class _StubOptimizer:
+    def __init__(self, params):
+        self.params, self.grads = params, None
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self, closure=None):
+        self.grads = torch.cat([p.grad.detach().flatten().clone() for p in self.params])
+
+
+def _nearly_aligned_losses(module, rollout):
+    """Two objectives whose gradients are ``g ± ε h`` (``h ⟂ g``) with slightly different norms:
+    nearly aligned (cosine ≈ 0.99), with an interior min-norm point."""
+    logprobs = token_logprobs(module.policy, rollout)
+    per_sequence = (logprobs * rollout.response_mask).sum(1)
+    generator = torch.Generator().manual_seed(0)
+    a, c = torch.randn(2, *per_sequence.shape, generator=generator)
+    params = module.trainable_parameters()
+
+    def grad(coefficients):  # the gradient is linear in the per-sequence coefficients
+        grads = torch.autograd.grad(-(coefficients * per_sequence).mean(), params, retain_graph=True)
+        return torch.cat([g.flatten() for g in grads]).double()
+
+    g, h = grad(a), grad(c)
+    c = c - (g @ h / (g @ g)).float() * a  # h ⟂ g
+    return torch.stack([-((a + 0.05 * c) * per_sequence).mean(), -((1.003 * a - 0.05 * c) * per_sequence).mean()])
+
+
+def test_lambda_inside_bf16_autocast_equals_lambda_in_fp32(monkeypatch):
+    from conftest import make_module
+    from firm_lightning.module import PolicyGradientSettings
+    from firm_lightning.weighting import RegularizedMinNorm
+
+    torch.manual_seed(0)
+    module = make_module(weighting=RegularizedMinNorm(beta=0.0), loss=PolicyGradientSettings(max_grad_norm=None))
+    module.load_adapter_state({k: torch.randn_like(v) * 0.1 for k, v in module.adapter_state().items()})
+    stub = _StubOptimizer(module.trainable_parameters())
+    monkeypatch.setattr(module, "optimizers", lambda *args, **kwargs: stub)
+    rollout = module.rollout(PROMPTS, 4)
+
+    lambdas_fp32, _ = module.weighted_step(_nearly_aligned_losses(module, rollout))
+    d_fp32 = stub.grads
+    losses = _nearly_aligned_losses(module, rollout)  # the same fp32 graph: only the step's precision differs
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what bf16-mixed puts around training_step
+        lambdas_bf16, _ = module.weighted_step(losses)
+    print(f"λ fp32 {lambdas_fp32.tolist()}, inside bf16 autocast {lambdas_bf16.tolist()}")
+    assert 0.02 < lambdas_fp32[0] < 0.98, "the min-norm point should be interior for this check"
+    assert lambdas_bf16.dtype == torch.float32 and stub.grads.dtype == torch.float32
+    torch.testing.assert_close(lambdas_bf16, lambdas_fp32, rtol=0, atol=1e-5)
+    torch.testing.assert_close(stub.grads, d_fp32, rtol=1e-5, atol=1e-9)
+
+
+class _GradAtStep:
+    """Records the trainable gradients the optimiser steps on (after any unscaling)."""
+
+    def __init__(self):
+        from lightning.pytorch.callbacks import Callback
+
+        outer = self
+
+        class _Callback(Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                outer.grads.append(torch.cat([p.grad.flatten().clone() for p in pl_module.trainable_parameters()]))
+
+        self.grads, self.callback = [], _Callback()
+
+
+def _one_step(precision_plugin=None):
+    import lightning as L
+    from conftest import make_module
+    from firm_lightning.datamodule import collate_prompts
+
+    torch.manual_seed(0)
+    module = make_module()
+    module.load_adapter_state({k: torch.randn_like(v) * 0.1 for k, v in module.adapter_state().items()})
+    torch.manual_seed(1)
+    rollout = module.rollout(PROMPTS, 2)  # one fixed rollout: fp16 sampling would draw other tokens
+    module.rollout = lambda prompts, group_size: rollout
+    recorder = _GradAtStep()
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[recorder.callback], plugins=[precision_plugin] if precision_plugin else None,
+    )
+    loader = torch.utils.data.DataLoader([{"prompt": p} for p in PROMPTS], batch_size=4, collate_fn=collate_prompts)
+    trainer.fit(module, train_dataloaders=loader)
+    return recorder.grads[0], trainer
+
+
+def test_16_mixed_steps_on_the_unscaled_direction():
+    """Under fp16 AMP the GradScaler unscales ``.grad`` before the step: what it unscales must be d × scale."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    reference, _ = _one_step()
+    fp16, trainer = _one_step(MixedPrecision("16-mixed", "cpu"))
+    assert trainer.precision_plugin.scaler.get_scale() == 65536.0, "no overflow: the scale stays"
+    ratio = (fp16.norm() / reference.norm()).item()
+    relative = ((fp16 - reference).norm() / reference.norm()).item()
+    print(f"‖d 16-mixed‖ / ‖d 32-true‖ = {ratio:.4f}, relative difference {relative:.2e}")
+    assert relative < 0.02, f"16-mixed stepped on a different direction (ratio of norms {ratio:.3g})"
