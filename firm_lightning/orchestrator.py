@@ -100,7 +100,7 @@ class FederatedOrchestrator:
 
     def run(self) -> FederationState:
         start = time.perf_counter()
-        with quiet_lightning(self.config.quiet), self._algorithm_weighting():
+        with quiet_lightning(self.config.quiet), self._algorithm_weighting(), stays_on_device(self.module):
             self.datamodule.setup("fit")
             state = self.initial_state()
             for round_idx in range(state.round + 1, self.config.num_rounds + 1):
@@ -232,6 +232,21 @@ def run_federation(
     config = dataclasses.replace(federation, output_dir=str(run_dir), **changes)
     factory = TrainerFactory(trainer_config, run_dir)
     return FederatedOrchestrator(module, datamodule, config, factory, algorithm, echo=echo).run()
+
+
+@contextmanager
+def stays_on_device(module: torch.nn.Module):
+    """Keep the module (base model included) on the accelerator between the per-client fits.
+
+    Lightning's strategy teardown calls ``module.cpu()`` after every ``fit`` and ``validate``:
+    with one Trainer per client per round that would copy the base model host↔device
+    (clients + 1) times per round. The next Trainer puts it on its own device anyway.
+    """
+    module.cpu = lambda: module  # the instance attribute shadows nn.Module.cpu for the run
+    try:
+        yield
+    finally:
+        del module.cpu
 
 
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:

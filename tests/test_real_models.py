@@ -354,3 +354,34 @@ def test_16_mixed_steps_on_the_unscaled_direction():
     relative = ((fp16 - reference).norm() / reference.norm()).item()
     print(f"‖d 16-mixed‖ / ‖d 32-true‖ = {ratio:.4f}, relative difference {relative:.2e}")
     assert relative < 0.02, f"16-mixed stepped on a different direction (ratio of norms {ratio:.3g})"
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_the_base_model_is_not_sent_back_to_the_cpu_after_each_fit(tmp_path, monkeypatch):
+    """Counted on CPU (the same calls copy the base model host↔device on a GPU)."""
+    from conftest import make_datamodule, make_module
+    from firm_lightning.module import FIRMClientModule
+    from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
+    from firm_lightning.trainer_factory import TrainerFactory
+
+    moves = []
+    original = FIRMClientModule.cpu
+    monkeypatch.setattr(FIRMClientModule, "cpu", lambda self: moves.append(1) or original(self))
+
+    def federation(folder):
+        config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(folder), save_adapters=False)
+        factory = TrainerFactory({"max_steps": 1, "accelerator": "cpu", "logger": False}, folder)
+        return FederatedOrchestrator(make_module(), make_datamodule(2), config, factory, echo=lambda _: None)
+
+    orchestrator = federation(tmp_path / "run")
+    orchestrator.run()
+    assert moves == [], f"module.cpu() ran {len(moves)} times during a 2-client round (expected 0)"
+    # Control: a bare Trainer.fit does move it (the teardown the orchestrator neutralises).
+    import lightning as L
+    L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False).fit(
+        orchestrator.module, orchestrator.datamodule.client_dataloader(0, round_idx=1)
+    )
+    assert len(moves) == 1
+    assert "cpu" not in vars(orchestrator.module), "the run restores the module's own cpu()"
