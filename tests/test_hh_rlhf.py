@@ -15,6 +15,7 @@ from firm_lightning.hh_rlhf import HHRLHFDataModule, first_human_turn
 from firm_lightning.policy import TinyPolicy
 from firm_lightning.rewards import CharsetReward, NormalizedReward
 from firm_lightning.tokenizer import char_tokenizer
+from real_like import save_real_like
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,11 +105,13 @@ def test_a_constant_reward_gives_zero_advantages_not_nan():
 
 def _save_tiny_models(root: Path) -> dict[str, Path]:
     paths = {}
-    for arch in ("gpt2", "llama"):
+    for arch in ("gpt2",):
         model, tokenizer = TinyPolicy(arch).build()
         model.save_pretrained(root / f"policy_{arch}")
         tokenizer.save_pretrained(root / f"policy_{arch}")
         paths[arch] = root / f"policy_{arch}"
+    # The Qwen config's policy: Qwen2-shaped, byte-level BPE with a chat template, its own generation_config.
+    paths["qwen"] = save_real_like(root / "real_like")["policy"]
     for i, name in enumerate(("helpful", "harmless")):
         torch.manual_seed(i)
         rm = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=99, num_labels=1, pad_token_id=0))
@@ -118,7 +121,7 @@ def _save_tiny_models(root: Path) -> dict[str, Path]:
     return paths
 
 
-@pytest.mark.parametrize("config, arch", [("hh_rlhf_gpt2.yaml", "gpt2"), ("hh_rlhf_qwen.yaml", "llama")])
+@pytest.mark.parametrize("config, arch", [("hh_rlhf_gpt2.yaml", "gpt2"), ("hh_rlhf_qwen.yaml", "qwen")])
 def test_the_real_config_runs_offline_with_every_name_replaced_by_a_local_path(tmp_path, hh_folder, config, arch):
     from firm_lightning.cli import main
 
