@@ -90,9 +90,11 @@ def encode_prompts(
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt ids. A prompt longer than ``max_length`` tokens keeps its end; the
     chat template's tokens or the leading BOS come on top of ``max_length``."""
-    content = [ids[-max_length:] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    content = [ids[-max_length:] for ids in encoded]
     if uses_chat_template(tokenizer, chat_template):
-        texts = [_chat(tokenizer, tokenizer.decode(ids), system_prompt) for ids in content]
+        kept = [p if len(ids) <= max_length else tokenizer.decode(ids[-max_length:]) for p, ids in zip(prompts, encoded)]
+        texts = [_chat(tokenizer, text, system_prompt) for text in kept]
         rows = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
     else:
         prefix = leading_special_tokens(tokenizer)

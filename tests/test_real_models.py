@@ -142,6 +142,10 @@ def test_prompts_get_the_chat_template_or_bos_and_never_an_eos(tokenizer):
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     assert chat["input_ids"][1].tolist() == list(expected)
     assert chat["attention_mask"][0].tolist()[0] == 0, "left padding"
+    truncated = encode_prompts(tokenizer, ["Why is the sky blue?"], 4, device)["input_ids"][0]
+    tail = tokenizer.decode(tokenizer("Why is the sky blue?", add_special_tokens=False)["input_ids"][-4:])
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": tail}], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(truncated) == rendered, "a long prompt keeps its end inside an intact template"
     raw = encode_prompts(tokenizer, ["Hi", "Why is the sky blue?"], 4, device, chat_template=False)
     ids = raw["input_ids"][1].tolist()
     assert ids[0] == tokenizer.bos_token_id, "add_special_tokens=False must not drop a Llama-style BOS"
