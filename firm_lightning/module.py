@@ -184,7 +184,14 @@ class FIRMClientModule(L.LightningModule):
         optimizer.zero_grad()
         with torch.autocast(self.device.type, enabled=False):
             grads = torch.stack([self._flat_grad(loss, params) for loss in losses]).float() / scale  # (S, P)
-            if not torch.isfinite(grads).all():  # fp16 overflow: the scaler sees it and skips this step
+            finite = torch.isfinite(grads).all(dim=1)
+            if scaler is None and not finite.all():
+                bad = [n for n, ok in zip(self.objective_names, finite.tolist()) if not ok]
+                raise FloatingPointError(
+                    f"Non-finite gradient of objective(s) {bad}: the step is refused so the adapter stays finite. "
+                    "Check the rewards' scale (NormalizedReward), lower the learning rate, or use 32-true precision."
+                )
+            if not finite.all():  # fp16 overflow: the scaler sees it, skips this step and lowers its scale
                 _write_grad(params, grads.sum(0))
                 optimizer.step()
                 nan = torch.full((len(losses),), float("nan"), device=grads.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
 from firm_lightning.policy import LoRASettings, PretrainedPolicy, add_lora
 from firm_lightning.sequences import (
@@ -309,6 +309,19 @@ def test_lambda_inside_bf16_autocast_equals_lambda_in_fp32(monkeypatch):
     assert lambdas_bf16.dtype == torch.float32 and stub.grads.dtype == torch.float32
     torch.testing.assert_close(lambdas_bf16, lambdas_fp32, rtol=0, atol=1e-5)
     torch.testing.assert_close(stub.grads, d_fp32, rtol=1e-5, atol=1e-9)
+
+
+def test_a_non_finite_gradient_outside_fp16_is_refused_naming_the_objective(monkeypatch):
+    from conftest import make_module
+
+    module = make_module()
+    monkeypatch.setattr(module, "optimizers", lambda *args, **kwargs: _StubOptimizer(module.trainable_parameters()))
+    rollout = module.rollout(PROMPTS, 2)
+    finite = token_logprobs(module.policy, rollout).mean()
+    second = token_logprobs(module.policy, rollout).mean()  # its own graph: the inf stays in it
+    infinite_slope = torch.sqrt(second - second.detach())  # value 0, derivative inf
+    with pytest.raises(FloatingPointError, match=r"objective\(s\) \['n_to_z'\].*adapter stays finite"):
+        module.weighted_step([finite, infinite_slope])
 
 
 class _GradAtStep:
