@@ -9,9 +9,10 @@ per objective and uploads one adapter per objective.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import lightning as L
 import torch
@@ -29,6 +30,17 @@ class ClientUpdate:
     adapters: list[dict[str, torch.Tensor]]  # one adapter (FIRM), or one per objective (FMGDA)
     num_examples: int
     metrics: dict[str, float]
+
+    def cast(self, dtype: Optional[torch.dtype]) -> "ClientUpdate":
+        """The upload with its floating-point tensors in ``dtype`` (e.g. bf16: half the bytes).
+
+        The server casts back to the global adapter's dtype when it aggregates; ``None`` keeps
+        the tensors as trained.
+        """
+        if dtype is None:
+            return self
+        adapters = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in a.items()} for a in self.adapters]
+        return dataclasses.replace(self, adapters=adapters)
 
 
 def train_client(

@@ -17,6 +17,7 @@ gradient of one loss.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -132,8 +133,19 @@ class FIRMClientModule(L.LightningModule):
                 objective.to(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        rollout = self.rollout(batch["prompt"], self.sampling.num_generations)
-        rewards = score_all(self.objectives, rollout.prompts, rollout.responses).to(self.device)
+        with self._profile("sampling"):
+            rollout = self.rollout(batch["prompt"], self.sampling.num_generations)
+        with self._profile("scoring"):
+            rewards = score_all(self.objectives, rollout.prompts, rollout.responses).to(self.device)
+        with self._profile("update"):
+            lambdas, norm, kl = self.update(rollout, rewards)
+        self._record(rewards.mean(dim=1), lambdas, kl, norm, rollout)
+
+    def update(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 3-9 on scored rollouts: advantages, log-probs, per-objective losses, weighted step(s).
+
+        Returns the last epoch's ``λ``, ``‖d‖`` and KL.
+        """
         advantages = leave_one_out_advantages(rewards, rollout.group_size, self.loss_settings.whiten_advantages)
         with torch.no_grad(), self.policy.disable_adapter():
             reference = token_logprobs(self.policy, rollout)
@@ -143,7 +155,12 @@ class FIRMClientModule(L.LightningModule):
             old = logprobs.detach() if old is None else old
             losses, kl = self.objective_losses(logprobs, old, reference, advantages, rollout.response_mask)
             lambdas, norm = self.weighted_step(losses)
-        self._record(rewards.mean(dim=1), lambdas, kl.detach(), norm, rollout)
+        return lambdas, norm, kl.detach()
+
+    def _profile(self, phase: str):
+        """A section of Lightning's profiler (``--trainer.profiler simple`` shows the split)."""
+        trainer = self._trainer
+        return trainer.profiler.profile(f"[FIRM] {phase}") if trainer is not None else nullcontext()
 
     def objective_losses(
         self,

@@ -18,7 +18,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class FederationConfig:
     seed: int = 0
     output_dir: str = "runs/firm"
     save_adapters: bool = True  # the global adapter after every round (False: only the final one)
+    upload_dtype: Optional[Literal["bfloat16", "float16"]] = None  # 16-bit uploads: half the uplink bytes
     quiet: bool = True  # hide Lightning's per-trainer start-up messages
 
     def __post_init__(self) -> None:
@@ -166,7 +167,7 @@ class FederatedOrchestrator:
         # result does not depend on which clients ran before it, so a resumed run or a client
         # on another machine reproduces it.
         torch.manual_seed(client_seed(self.config.seed, round_idx, client_id))
-        return self.procedure.run(
+        update = self.procedure.run(
             self.module,
             global_adapter,
             dataloader=lambda: self.datamodule.client_dataloader(client_id, round_idx=round_idx),
@@ -174,6 +175,8 @@ class FederatedOrchestrator:
             client_id=client_id,
             num_examples=self.datamodule.num_examples(client_id),
         )
+        upload_dtype = getattr(torch, self.config.upload_dtype) if self.config.upload_dtype else None
+        return update.cast(upload_dtype)
 
     def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean reward per objective of ``adapter`` on the held-out prompts (fixed sampling seed)."""

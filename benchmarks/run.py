@@ -1,0 +1,431 @@
+"""Performance benchmark: where a FIRM round spends its time, against its floor and its peers.
+
+    python benchmarks/run.py              # tiny and mid-size models, 7 interleaved repetitions
+    python benchmarks/run.py --quick      # about a minute: fewer repetitions, smaller sweeps
+    python benchmarks/run.py --smoke      # the smallest mode (the test suite runs it)
+    python benchmarks/run.py --json out.json
+
+Every speed number is a ratio or a rate measured inside this one run; variants are interleaved
+(S = 1, 2, 3 in turn within each repetition) and ratios are taken per repetition, then
+reported as min / median / max. Sections:
+
+1. Local step cost: FIRM's sampling, scoring and update with S = 1, 2, 3 objectives on the
+   same rollouts, and the floor: one forward plus S backward passes of the bare LoRA model
+   (plain torch, none of this project's code).
+2. Orchestration overhead: a round's wall time (evaluation excluded) against the clients' time
+   inside ``training_step``: Trainer construction, adapter swaps, aggregation and logging.
+3. Memory against clients: peak RSS of a whole federation with 2, 8 and 32 clients (one
+   process each).
+4. Communication: bytes up and down per client per round for FIRM and FMGDA at S = 2 and 3,
+   and the 16-bit upload (``federation.upload_dtype``) with its effect on the eval reward.
+5. The peer: TRL's GRPO trainer (one objective) on the same model, prompts, B, G and
+   response length, in tokens per second, beside FIRM with S = 1 and S = 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from firm_lightning.algorithms import FIRM, FMGDA  # noqa: E402
+from firm_lightning.datamodule import PromptDataModule  # noqa: E402
+from firm_lightning.federation_metrics import payload_bytes  # noqa: E402
+from firm_lightning.module import FIRMClientModule, PolicyGradientSettings, SamplingSettings  # noqa: E402
+from firm_lightning.orchestrator import FederationConfig, run_federation  # noqa: E402
+from firm_lightning.policy import LoRASettings, TinyPolicy  # noqa: E402
+from firm_lightning.rewards import CharsetReward, score_all  # noqa: E402
+from firm_lightning.sequences import position_ids  # noqa: E402
+
+MODELS = {
+    "tiny": dict(num_layers=2, hidden_size=64, num_heads=4),
+    "mid": dict(num_layers=4, hidden_size=256, num_heads=4),
+}
+# No LoRA on lm_head: TRL computes log-probs from lm_head.weight directly and refuses it, and
+# the comparison needs the same trainable parameters on both sides.
+LORA = LoRASettings(target_modules=["c_attn", "c_proj", "c_fc"])
+OBJECTIVES = (("a_to_m", "abcdefghijklm"), ("n_to_z", "nopqrstuvwxyz"), ("vowels", "aeiou"))
+BATCH, GROUP = 8, 4  # B prompts per step, G responses per prompt
+
+MODES = {
+    #        reps, models,           new tokens, clients for RSS, fed rounds, TRL steps, 16-bit rounds
+    "smoke": dict(reps=2, models=["tiny"], tokens=16, rss_clients=[2, 8, 32], rounds=1, trl_steps=2, cast_rounds=1),
+    "quick": dict(reps=3, models=["tiny", "mid"], tokens=16, rss_clients=[2, 8, 32], rounds=2, trl_steps=3, cast_rounds=2),
+    "full": dict(reps=7, models=["tiny", "mid"], tokens=32, rss_clients=[2, 8, 32], rounds=3, trl_steps=6, cast_rounds=4),
+}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def objectives(num: int) -> list[CharsetReward]:
+    return [CharsetReward(name, chars) for name, chars in OBJECTIVES[:num]]
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def timed(fn) -> tuple[float, object]:
+    tic = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - tic, out
+
+
+def prompts(n: int) -> list[str]:
+    data = PromptDataModule(num_clients=1, batch_size=n, eval_size=8, seed=0)
+    data.setup("fit")
+    return data.client_prompts(0)[:n]
+
+
+def build_module(model: str, num_objectives: int, max_new_tokens: int) -> FIRMClientModule:
+    torch.manual_seed(0)  # the same LoRA initialisation for every S
+    module = FIRMClientModule(
+        objectives(num_objectives), policy=TinyPolicy(**MODELS[model], seed=0), lora=LORA,
+        sampling=SamplingSettings(num_generations=GROUP, max_new_tokens=max_new_tokens),
+        loss=PolicyGradientSettings(kl_coef=0.05), learning_rate=1e-3,
+    )
+    optimizer = module.configure_optimizers()
+    params = module.trainable_parameters()
+    # Outside a Trainer: the optimiser and clipping Lightning would otherwise provide.
+    module.optimizers = lambda: optimizer
+    module.clip_gradients = lambda opt, gradient_clip_val=None, **_: torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+    return module
+
+
+def floor_update(module: FIRMClientModule, rollout, num_objectives: int, coefficients: torch.Tensor) -> None:
+    """One forward and S backward passes of the bare LoRA model: no project code in the loop."""
+    model, params = module.policy, module.trainable_parameters()
+    logits = model(
+        input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+        position_ids=position_ids(rollout.attention_mask),
+    ).logits[:, rollout.prompt_length - 1 : -1]
+    targets = rollout.sequences[:, rollout.prompt_length :]
+    logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    losses = (logprobs[None] * coefficients[:num_objectives]).sum(dim=(1, 2))
+    for loss in losses:
+        torch.autograd.grad(loss, params, retain_graph=True)
+
+
+# --------------------------------------------------------------------------- 1. local step
+
+
+def local_step_section(model: str, mode: dict) -> dict:
+    modules = {s: build_module(model, s, mode["tokens"]) for s in (1, 2, 3)}
+    initial = modules[1].adapter_state()
+    batch = prompts(BATCH)
+    torch.manual_seed(0)
+    fixed = modules[1].rollout(batch, GROUP)  # the same rollouts for every variant
+    coefficients = torch.randn(3, *fixed.response_mask.shape) * fixed.response_mask
+    times: dict[str, list[float]] = {}
+    for _ in range(mode["reps"]):
+        for s, module in modules.items():
+            module.load_adapter_state(initial)
+            torch.manual_seed(1)
+            t_sample, rollout = timed(lambda: module.rollout(batch, GROUP))
+            t_score, _ = timed(lambda: score_all(module.objectives, rollout.prompts, rollout.responses))
+            rewards = score_all(module.objectives, fixed.prompts, fixed.responses)
+            t_update, _ = timed(lambda: module.update(fixed, rewards))
+            t_floor, _ = timed(lambda: floor_update(module, fixed, s, coefficients))
+            for key, value in (("sampling", t_sample), ("scoring", t_score), ("update", t_update), ("floor", t_floor)):
+                times.setdefault(f"{key}_s{s}", []).append(value)
+            times.setdefault(f"step_s{s}", []).append(t_sample + t_score + t_update)
+    ratio = lambda key, s: [a / b for a, b in zip(times[f"{key}_s{s}"], times[f"{key}_s1"])]  # noqa: E731
+    tokens = int(fixed.response_mask.sum())
+    result = {
+        "model": model,
+        "response_tokens_per_step": tokens,
+        "sequence_shape": list(fixed.sequences.shape),
+        "seconds": {k: stats(v) for k, v in times.items()},
+        "update_ratio_s2": stats(ratio("update", 2)),
+        "update_ratio_s3": stats(ratio("update", 3)),
+        "update_floor_ratio_s2": stats(ratio("floor", 2)),
+        "update_floor_ratio_s3": stats(ratio("floor", 3)),
+        "step_ratio_s2": stats(ratio("step", 2)),
+        "step_ratio_s3": stats(ratio("step", 3)),
+        "update_over_floor_s2": stats([u / f for u, f in zip(times["update_s2"], times["floor_s2"])]),
+        "sampling_share_s2": stats([a / b for a, b in zip(times["sampling_s2"], times["step_s2"])]),
+    }
+    for s in (1, 2):
+        result[f"firm_s{s}_tokens_per_s"] = tokens / statistics.median(times[f"step_s{s}"])
+    return result
+
+
+# --------------------------------------------------------------------------- 2. orchestration
+
+
+class _StepClock:
+    """Sums the wall time spent inside training_step across every (deep-copied) instance."""
+
+    total = 0.0
+
+    def __init__(self) -> None:
+        import lightning as L
+
+        class Clock(L.Callback):
+            def on_train_batch_start(self, *args):
+                self._tic = time.perf_counter()
+
+            def on_train_batch_end(self, *args):
+                _StepClock.total += time.perf_counter() - self._tic
+
+        self.callback = Clock()
+
+
+def tiny_federation(out: Path, num_clients: int, rounds: int, steps: int, algorithm=None, num_objectives: int = 2,
+                    callbacks=(), **federation) -> tuple:
+    torch.manual_seed(0)
+    module = FIRMClientModule(
+        objectives(num_objectives), policy=TinyPolicy(), lora=LORA,
+        sampling=SamplingSettings(num_generations=GROUP, max_new_tokens=16, eval_num_generations=2),
+        learning_rate=1e-2,
+    )
+    data = PromptDataModule(num_clients=num_clients, batch_size=BATCH, eval_size=32, partition="iid", seed=0)
+    config = FederationConfig(num_rounds=rounds, num_clients=num_clients, min_clients=1, output_dir=str(out),
+                              save_adapters=False, **federation)
+    trainer = {"max_steps": steps, "accelerator": "cpu", "logger": True, "callbacks": list(callbacks)}
+    with contextlib.redirect_stdout(io.StringIO()):
+        state = run_federation(module, data, config, trainer, algorithm or FIRM(beta=1.0), module.adapter_state(), out)
+    return module, state
+
+
+def orchestration_section(mode: dict) -> dict:
+    from firm_lightning import orchestrator
+
+    clock = _StepClock()
+    eval_time = [0.0]
+    original = orchestrator.FederatedOrchestrator.evaluate
+
+    def timed_evaluate(self, adapter):
+        tic = time.perf_counter()
+        try:
+            return original(self, adapter)
+        finally:
+            eval_time[0] += time.perf_counter() - tic
+
+    orchestrator.FederatedOrchestrator.evaluate = timed_evaluate
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            _StepClock.total = 0.0
+            _, state = tiny_federation(Path(out), 4, mode["rounds"], 4, callbacks=[clock.callback])
+    finally:
+        orchestrator.FederatedOrchestrator.evaluate = original
+    rounds = state.history[1:]
+    round_wall = sum(r["time/round_s"] for r in rounds)
+    initial_eval = eval_time[0] / (len(rounds) + 1)  # the initial evaluation is outside the rounds
+    eval_in_rounds = eval_time[0] - initial_eval
+    training = round_wall - eval_in_rounds
+    return {
+        "rounds": len(rounds),
+        "round_wall_s": round_wall,
+        "training_step_s": _StepClock.total,
+        "evaluation_s": eval_in_rounds,
+        "orchestration_overhead": (training - _StepClock.total) / training,
+        "evaluation_share_of_round": eval_in_rounds / round_wall,
+    }
+
+
+# --------------------------------------------------------------------------- 3. memory
+
+
+def rss_child(num_clients: int, rounds: int) -> dict:
+    """Runs in its own process: peak RSS after setup and after the whole federation."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as out:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        tiny_federation(Path(out), num_clients, rounds, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"clients": num_clients, "peak_rss_mb": peak / 1024, "rss_before_mb": start / 1024}
+
+
+def memory_section(mode: dict) -> dict:
+    results = {}
+    for n in mode["rss_clients"]:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--_rss_child", str(n), "--_rounds", "2"],
+            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        results[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    low, high = min(results), max(results)
+    return {
+        "peak_rss_mb": {str(n): r["peak_rss_mb"] for n, r in results.items()},
+        f"rss_ratio_{high}_vs_{low}": results[high]["peak_rss_mb"] / results[low]["peak_rss_mb"],
+        "rss_growth_mb_per_client": (results[high]["peak_rss_mb"] - results[low]["peak_rss_mb"]) / (high - low),
+    }
+
+
+# --------------------------------------------------------------------------- 4. communication
+
+
+def communication_section(mode: dict) -> dict:
+    result = {}
+    with tempfile.TemporaryDirectory() as out:
+        for name, algorithm in (("firm", FIRM(beta=1.0)), ("fmgda", FMGDA())):
+            for s in (2, 3):
+                module, state = tiny_federation(Path(out) / f"{name}{s}", 2, 1, 1, algorithm, num_objectives=s)
+                row = state.history[-1]
+                result[f"uplink_bytes_{name}_s{s}"] = row["comm/bytes_up_per_client"]
+                result[f"downlink_bytes_{name}_s{s}"] = row["comm/bytes_down"] / row["clients"]
+        result["adapter_bytes"] = payload_bytes(module.adapter_state())
+        rewards = {}
+        for dtype in (None, "bfloat16", "float16"):
+            _, state = tiny_federation(Path(out) / f"cast_{dtype}", 2, mode["cast_rounds"], 2, upload_dtype=dtype)
+            key = dtype or "float32"
+            result[f"uplink_bytes_firm_s2_{key}"] = state.history[-1]["comm/bytes_up_per_client"]
+            rewards[key] = {k.removeprefix("eval/reward/"): v for k, v in state.history[-1].items() if k.startswith("eval/reward/")}
+        result["eval_reward_by_upload_dtype"] = rewards
+    return result
+
+
+# --------------------------------------------------------------------------- 5. TRL GRPO
+
+
+def trl_section(model: str, mode: dict) -> dict:
+    try:
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        return {"skipped": "trl is not installed: pip install -e '.[bench]'"}
+    base, tokenizer = TinyPolicy(**MODELS[model], seed=0).build()
+    reward = objectives(1)[0]
+
+    def reward_fn(prompts, completions, **_):
+        return reward(list(prompts), list(completions)).tolist()
+
+    reward_fn.__name__ = reward.name
+    batch = prompts(BATCH)
+    steps = mode["trl_steps"] + 1  # the first step warms up and is discarded
+    dataset = Dataset.from_dict({"prompt": (batch * (steps + 1))[: BATCH * (steps + 1)]})
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=BATCH * GROUP, num_generations=GROUP,
+            max_completion_length=mode["tokens"], temperature=1.0, beta=0.05, learning_rate=1e-3,
+            max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False, fp16=False,
+            save_strategy="no", disable_tqdm=True, seed=0, shuffle_dataset=False,
+        )
+        lora = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, target_modules=list(LORA.target_modules), fan_in_fan_out=True,
+                          task_type="CAUSAL_LM")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            trainer = GRPOTrainer(model=base, reward_funcs=[reward_fn], args=args, train_dataset=dataset,
+                                  processing_class=tokenizer, peft_config=lora)
+            rollout_times, step_times, tokens = [], [], []
+            generate = trainer._generate_and_score_completions
+            step = trainer.training_step
+
+            def timed_generate(inputs):
+                tic = time.perf_counter()
+                out = generate(inputs)
+                rollout_times.append(time.perf_counter() - tic)
+                tokens.append(int(out["completion_mask"].sum()))
+                return out
+
+            def timed_step(*a, **k):
+                tic = time.perf_counter()
+                out = step(*a, **k)
+                step_times.append(time.perf_counter() - tic)
+                return out
+
+            trainer._generate_and_score_completions = timed_generate
+            trainer.training_step = timed_step
+            trainer.train()
+    step_times, rollout_times, tokens = step_times[1:], rollout_times[1:], tokens[1:]
+    return {
+        "model": model,
+        "steps_timed": len(step_times),
+        "trl_grpo_tokens_per_s": sum(tokens) / sum(step_times),
+        "trl_grpo_rollout_share": sum(rollout_times) / sum(step_times),
+        "trl_grpo_step_s": stats(step_times),
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+
+def summary(result: dict) -> dict:
+    """The flat keys the issue names, from the tiny model's sections (mid-size beside them)."""
+    tiny = result["local_step"]["tiny"]
+    flat = {k: tiny[k]["median"] for k in ("update_ratio_s2", "update_ratio_s3", "update_floor_ratio_s2", "step_ratio_s2")}
+    flat["orchestration_overhead"] = result["orchestration"]["orchestration_overhead"]
+    flat["rss_ratio_32_vs_2"] = result["memory"].get("rss_ratio_32_vs_2")
+    comm = result["communication"]
+    flat.update({k: comm[k] for k in ("adapter_bytes", "uplink_bytes_firm_s2", "uplink_bytes_fmgda_s2")})
+    flat["trl_grpo_tokens_per_s"] = result["trl"].get("trl_grpo_tokens_per_s")
+    flat["firm_s2_tokens_per_s"] = tiny["firm_s2_tokens_per_s"]
+    flat["firm_s1_tokens_per_s"] = tiny["firm_s1_tokens_per_s"]
+    return flat
+
+
+def print_table(result: dict) -> None:
+    print(f"{'measure':<34}{'model':>6}{'min':>10}{'median':>10}{'max':>10}")
+    for model, section in result["local_step"].items():
+        for key in ("update_ratio_s2", "update_floor_ratio_s2", "update_ratio_s3", "update_floor_ratio_s3",
+                    "step_ratio_s2", "step_ratio_s3", "update_over_floor_s2", "sampling_share_s2"):
+            s = section[key]
+            print(f"{key:<34}{model:>6}{s['min']:>10.3f}{s['median']:>10.3f}{s['max']:>10.3f}")
+    flat = result["summary"]
+    for key in ("orchestration_overhead", "rss_ratio_32_vs_2", "adapter_bytes", "uplink_bytes_firm_s2",
+                "uplink_bytes_fmgda_s2", "trl_grpo_tokens_per_s", "firm_s1_tokens_per_s", "firm_s2_tokens_per_s"):
+        value = flat[key]
+        print(f"{key:<34}{'tiny':>6}{'':>10}{value if value is None else round(value, 4):>10}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="about a minute: fewer repetitions")
+    parser.add_argument("--smoke", action="store_true", help="the smallest mode: tiny model, 2 repetitions")
+    parser.add_argument("--json", help="also write the JSON result to this path")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: immune to a busy machine)")
+    parser.add_argument("--_rss_child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--_rounds", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    if args._rss_child:
+        print(json.dumps(rss_child(args._rss_child, args._rounds)))
+        return {}
+    torch.set_num_threads(args.threads)
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = MODES[mode_name]
+    tic = time.perf_counter()
+    result = {"mode": mode_name, "threads": args.threads, "torch": torch.__version__}
+    sections = {
+        "local_step": lambda: {m: local_step_section(m, mode) for m in mode["models"]},
+        "orchestration": lambda: orchestration_section(mode),
+        "memory": lambda: memory_section(mode),
+        "communication": lambda: communication_section(mode),
+        "trl": lambda: trl_section("tiny", mode),
+    }
+    result["section_wall_s"] = {}
+    for name, run in sections.items():
+        result["section_wall_s"][name], result[name] = timed(run)
+    result["summary"] = summary(result)
+    result["wall_s"] = time.perf_counter() - tic
+    print_table(result)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
