@@ -65,10 +65,9 @@ OBJECTIVES = (("a_to_m", "abcdefghijklm"), ("n_to_z", "nopqrstuvwxyz"), ("vowels
 BATCH, GROUP = 8, 4  # B prompts per step, G responses per prompt
 
 MODES = {
-    #        reps, models,           new tokens, clients for RSS, fed rounds, TRL steps, 16-bit rounds
-    "smoke": dict(reps=2, models=["tiny"], tokens=16, rss_clients=[2, 8, 32], rounds=1, trl_steps=2, cast_rounds=1),
-    "quick": dict(reps=3, models=["tiny", "mid"], tokens=16, rss_clients=[2, 8, 32], rounds=2, trl_steps=3, cast_rounds=2),
-    "full": dict(reps=7, models=["tiny", "mid"], tokens=32, rss_clients=[2, 8, 32], rounds=3, trl_steps=6, cast_rounds=4),
+        "smoke": dict(reps=2, models=["tiny"], tokens=16, rss_clients=[2, 8, 32], rounds=1, clients=2, trl_steps=2, cast_rounds=1),
+    "quick": dict(reps=3, models=["tiny", "mid"], tokens=16, rss_clients=[2, 8, 32], rounds=2, clients=4, trl_steps=3, cast_rounds=2),
+    "full": dict(reps=7, models=["tiny", "mid"], tokens=32, rss_clients=[2, 8, 32], rounds=3, clients=4, trl_steps=6, cast_rounds=4),
 }
 
 
@@ -95,12 +94,12 @@ def prompts(n: int) -> list[str]:
     return data.client_prompts(0)[:n]
 
 
-def build_module(model: str, num_objectives: int, max_new_tokens: int) -> FIRMClientModule:
+def build_module(model: str, num_objectives: int, max_new_tokens: int, gram_from: str = "parameters") -> FIRMClientModule:
     torch.manual_seed(0)  # the same LoRA initialisation for every S
     module = FIRMClientModule(
         objectives(num_objectives), policy=TinyPolicy(**MODELS[model], seed=0), lora=LORA,
         sampling=SamplingSettings(num_generations=GROUP, max_new_tokens=max_new_tokens),
-        loss=PolicyGradientSettings(kl_coef=0.05), learning_rate=1e-3,
+        loss=PolicyGradientSettings(kl_coef=0.05, gram_from=gram_from), learning_rate=1e-3,
     )
     optimizer = module.configure_optimizers()
     params = module.trainable_parameters()
@@ -162,10 +161,38 @@ def local_step_section(model: str, mode: dict) -> dict:
         "step_ratio_s3": stats(ratio("step", 3)),
         "update_over_floor_s2": stats([u / f for u, f in zip(times["update_s2"], times["floor_s2"])]),
         "sampling_share_s2": stats([a / b for a, b in zip(times["sampling_s2"], times["step_s2"])]),
+        "cheap_weighting": cheap_weighting(model, mode, modules[2], initial, fixed),
     }
     for s in (1, 2):
         result[f"firm_s{s}_tokens_per_s"] = tokens / statistics.median(times[f"step_s{s}"])
     return result
+
+
+def cheap_weighting(model: str, mode: dict, exact: FIRMClientModule, initial: dict, fixed) -> dict:
+    """``gram_from`` hidden / logits against the exact λ: update time and λ distance, S = 2.
+
+    The distance is measured on fresh rollouts (one per repetition) from the same adapter, as
+    ``|λ_cheap − λ_exact|`` on the first objective's weight (S = 2: the whole difference).
+    """
+    variants = {"parameters": exact, **{g: build_module(model, 2, mode["tokens"], g) for g in ("hidden", "logits")}}
+    times: dict[str, list[float]] = {}
+    lambdas: dict[str, list[float]] = {}
+    batch = prompts(BATCH)
+    for rep in range(mode["reps"]):
+        torch.manual_seed(100 + rep)
+        rollout = exact.rollout(batch, GROUP) if rep else fixed
+        for name, module in variants.items():
+            module.load_adapter_state(initial)
+            rewards = score_all(module.objectives, rollout.prompts, rollout.responses)
+            t, (lam, _, _) = timed(lambda: module.update(rollout, rewards))
+            times.setdefault(name, []).append(t)
+            lambdas.setdefault(name, []).append(float(lam[0]))
+    out = {}
+    for name in ("hidden", "logits"):
+        out[f"update_time_vs_exact_{name}"] = stats([a / b for a, b in zip(times[name], times["parameters"])])
+        out[f"lambda_abs_error_{name}"] = stats([abs(a - b) for a, b in zip(lambdas[name], lambdas["parameters"])])
+    out["lambda_exact"] = stats(lambdas["parameters"])
+    return out
 
 
 # --------------------------------------------------------------------------- 2. orchestration
@@ -224,7 +251,7 @@ def orchestration_section(mode: dict) -> dict:
     try:
         with tempfile.TemporaryDirectory() as out:
             _StepClock.total = 0.0
-            _, state = tiny_federation(Path(out), 4, mode["rounds"], 4, callbacks=[clock.callback])
+            _, state = tiny_federation(Path(out), mode["clients"], mode["rounds"], 4, callbacks=[clock.callback])
     finally:
         orchestrator.FederatedOrchestrator.evaluate = original
     rounds = state.history[1:]

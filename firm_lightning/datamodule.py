@@ -236,14 +236,16 @@ class PromptDataModule(L.LightningDataModule):
                              f"fewer clients, a smaller eval_size or more data")
 
     def _columns(self, ds: datasets.Dataset) -> tuple[list[str], Optional[list[str]]]:
-        prompts = ds[self.prompt_column]
+        # Plain lists: datasets 4 returns a lazy Column whose per-row indexing reads Arrow each
+        # time (0.13 s per client dataloader on 480 prompts).
+        prompts = list(ds[self.prompt_column])
         bad = [p for p in prompts if not isinstance(p, str)]
         if bad:
             raise ValueError(f"prompt_column={self.prompt_column!r} must hold strings, "
                              f"found {type(bad[0]).__name__} {bad[0]!r}; clean the data first")
         if self.group_column is None:
             return prompts, None
-        return prompts, [str(g) for g in ds[self.group_column]]  # batches carry str groups
+        return prompts, [str(g) for g in list(ds[self.group_column])]  # batches carry str groups
 
     # ------------------------------------------------------------------ partitioning
     def _make_partitioner(self) -> Partitioner:

@@ -17,9 +17,9 @@ gradient of one loss.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
 import torch
@@ -59,6 +59,14 @@ class PolicyGradientSettings:
     ppo_epochs: int = 1  # optimiser steps per batch of rollouts; >1 uses the clipped ratio
     clip_range: float = 0.2
     max_grad_norm: Optional[float] = 1.0  # clip ‖d‖; None to disable
+    # Which gradients the Gram matrix is built from. "parameters" (exact): the S per-objective
+    # gradients over the adapter weights, S full backward passes. "hidden" / "logits" (cheap,
+    # MGDA-UB style): gradients with respect to the final hidden states / the logits of the
+    # sequences, each a short backward through the head only, then ONE full backward for
+    # d = ∇ Σ λ_s L_s. The cheap λ equals the exact one when the per-token loss weights of the
+    # objectives are proportional and is an approximation otherwise (benchmarks/run.py measures
+    # how far it is).
+    gram_from: Literal["parameters", "hidden", "logits"] = "parameters"
 
 
 class FIRMClientModule(L.LightningModule):
@@ -151,11 +159,30 @@ class FIRMClientModule(L.LightningModule):
             reference = token_logprobs(self.policy, rollout)
         old = None
         for _ in range(self.loss_settings.ppo_epochs):
-            logprobs = token_logprobs(self.policy, rollout)
+            with self._representation() as representation:
+                logprobs = token_logprobs(self.policy, rollout)
             old = logprobs.detach() if old is None else old
             losses, kl = self.objective_losses(logprobs, old, reference, advantages, rollout.response_mask)
-            lambdas, norm = self.weighted_step(losses)
+            lambdas, norm = self.weighted_step(losses, representation.get("tensor"))
         return lambdas, norm, kl.detach()
+
+    @contextmanager
+    def _representation(self):
+        """Capture the head's input (final hidden states) or output (logits) for ``gram_from``."""
+        captured: dict[str, torch.Tensor] = {}
+        mode = self.loss_settings.gram_from
+        if mode == "parameters":
+            yield captured
+            return
+
+        def hook(module, inputs, output):
+            captured["tensor"] = inputs[0] if mode == "hidden" else output
+
+        handle = self.policy.get_output_embeddings().register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
 
     def _profile(self, phase: str):
         """A section of Lightning's profiler (``--trainer.profiler simple`` shows the split)."""
@@ -182,8 +209,14 @@ class FIRMClientModule(L.LightningModule):
         kl = _sequence_mean(kl_tokens, mask).mean()
         return pg + self.loss_settings.kl_coef * kl, kl
 
-    def weighted_step(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-objective gradients → Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step.
+    def weighted_step(
+        self, losses: torch.Tensor, representation: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step.
+
+        Without ``representation``: the Gram matrix of the exact per-objective gradients over the
+        adapter weights (S backward passes). With it (``loss.gram_from``): the Gram matrix of the
+        gradients with respect to that tensor (cheap), then one backward pass of ``Σ λ_s L_s``.
 
         Precision: the backward passes, the Gram matrix, λ, ``d`` and its clipping run with
         autocast off, in fp32, whatever the Trainer's precision (in bf16 the Gram matrix of
@@ -200,7 +233,12 @@ class FIRMClientModule(L.LightningModule):
         optimizer = self.optimizers()
         optimizer.zero_grad()
         with torch.autocast(self.device.type, enabled=False):
-            grads = torch.stack([self._flat_grad(loss, params) for loss in losses]).float() / scale  # (S, P)
+            if representation is None:
+                grads = torch.stack([self._flat_grad(loss, params) for loss in losses]).float() / scale  # (S, P)
+            else:
+                grads = torch.stack(
+                    [torch.autograd.grad(loss, representation, retain_graph=True)[0].flatten() for loss in losses]
+                ).float() / scale  # (S, R): gradients with respect to the representation
             finite = torch.isfinite(grads).all(dim=1)
             if scaler is None and not finite.all():
                 bad = [n for n, ok in zip(self.objective_names, finite.tolist()) if not ok]
@@ -209,13 +247,16 @@ class FIRMClientModule(L.LightningModule):
                     "Check the rewards' scale (NormalizedReward), lower the learning rate, or use 32-true precision."
                 )
             if not finite.all():  # fp16 overflow: the scaler sees it, skips this step and lowers its scale
-                _write_grad(params, grads.sum(0))
+                _write_grad(params, torch.full((sum(p.numel() for p in params),), float("nan"), device=grads.device))
                 optimizer.step()
                 nan = torch.full((len(losses),), float("nan"), device=grads.device)
                 return nan, torch.tensor(float("nan"), device=grads.device)
             gram = grads @ grads.T
             lambdas = self.weighting(gram.detach()).to(grads)
-            direction = lambdas @ grads
+            if representation is None:
+                direction = lambdas @ grads
+            else:
+                direction = self._flat_grad((lambdas * losses).sum(), params, retain_graph=False).float() / scale
             norm = direction.norm()
             if self.loss_settings.max_grad_norm is not None:  # as clip_grad_norm_, on the unscaled d
                 direction = direction * (self.loss_settings.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -230,8 +271,8 @@ class FIRMClientModule(L.LightningModule):
         return scaler if scaler is not None and scaler.is_enabled() else None
 
     @staticmethod
-    def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter], retain_graph: bool = True) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
         return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import copy
 import inspect
+from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.trainer.connectors import callback_connector
 from lightning.pytorch.loggers import CSVLogger
 
 # Per-client fits neither validate nor checkpoint: the orchestrator evaluates and saves the
@@ -52,14 +55,16 @@ class TrainerFactory:
             callbacks=[_fresh(c) for c in _as_list(self.callbacks)],
             logger=self._fresh_loggers(log_dir, f"client_{client_id:03d}", f"round_{round_idx:03d}{tag}"),
         )
-        return L.Trainer(**kwargs)
+        with _entry_points_scanned_once():
+            return L.Trainer(**kwargs)
 
     def eval_trainer(self) -> L.Trainer:
         kwargs = {k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS}
-        return L.Trainer(
-            **kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, default_root_dir=str(self.output_dir),
-        )
+        with _entry_points_scanned_once():
+            return L.Trainer(
+                **kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, default_root_dir=str(self.output_dir),
+            )
 
     def _fresh_loggers(self, save_dir: Path, name: str, version: str):
         if self.logger is False:
@@ -67,6 +72,43 @@ class TrainerFactory:
         if self.logger is True or self.logger is None:  # None: the Trainer's default logger
             return CSVLogger(save_dir=str(save_dir), name=name, version=version)
         return [_fresh(spec, save_dir=str(save_dir), name=name, version=version) for spec in _as_list(self.logger)]
+
+
+_EXTERNAL_CALLBACKS_GROUP = "lightning.pytorch.callbacks_factory"
+_external_factories: list | None = None
+
+
+@contextmanager
+def _entry_points_scanned_once():
+    """Build a Trainer with Lightning's external-callback factories looked up once per process.
+
+    ``Trainer.__init__`` asks ``importlib.metadata.entry_points`` for them, which rescans every
+    installed distribution (about 55 ms here): with one Trainer per client per round that was
+    the largest orchestration cost on small models. The factories are still called for every
+    Trainer, so each one gets fresh callbacks, exactly as Lightning would build them.
+    """
+    global _external_factories
+    original = getattr(callback_connector, "_load_external_callbacks", None)
+    if original is None:  # another Lightning version: leave it alone
+        yield
+        return
+    if _external_factories is None:
+        _external_factories = list(entry_points(group=_EXTERNAL_CALLBACKS_GROUP))
+
+    def load(group: str) -> list:
+        if group != _EXTERNAL_CALLBACKS_GROUP:
+            return original(group)
+        callbacks = []
+        for factory in _external_factories:
+            made = factory.load()()
+            callbacks.extend(made if isinstance(made, list) else [made] if made else [])
+        return callbacks
+
+    callback_connector._load_external_callbacks = load
+    try:
+        yield
+    finally:
+        callback_connector._load_external_callbacks = original
 
 
 _DEVICE_KEYS = ("accelerator", "devices", "precision", "strategy", "num_nodes", "limit_val_batches")

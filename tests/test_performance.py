@@ -1,0 +1,128 @@
+"""The cheap (representation) weighting mode, the 16-bit upload and the benchmark script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_datamodule
+from firm_lightning.aggregation import FedAvg
+from firm_lightning.client import ClientUpdate
+from firm_lightning.federation_metrics import payload_bytes
+from firm_lightning.module import PolicyGradientSettings
+from firm_lightning.orchestrator import FederationConfig, run_federation
+from firm_lightning.algorithms import FIRM
+from firm_lightning.rewards import CharsetReward, RewardFunction, score_all
+from firm_lightning.weighting import RegularizedMinNorm
+from test_module import PROMPTS, make_module, randomize_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Scaled(RewardFunction):
+    """``factor`` × another reward: its policy gradient is parallel to the other's."""
+
+    def __init__(self, reward: RewardFunction, factor: float, name: str) -> None:
+        self.reward, self.factor, self.name = reward, factor, name
+
+    def __call__(self, prompts, responses):
+        return self.factor * self.reward(prompts, responses)
+
+
+class _Optimizer:
+    def zero_grad(self):
+        pass
+
+    def step(self):
+        pass
+
+
+def _lambdas(gram_from: str, beta: float, objectives) -> torch.Tensor:
+    torch.manual_seed(0)
+    loss = PolicyGradientSettings(kl_coef=0.0, whiten_advantages=False, max_grad_norm=None, gram_from=gram_from)
+    module = make_module(objectives, weighting=RegularizedMinNorm(beta=beta), loss=loss)
+    randomize_adapter(module)
+    module.optimizers = lambda: _Optimizer()
+    torch.manual_seed(1)
+    rollout = module.rollout(PROMPTS[:4], 4)
+    rewards = score_all(module.objectives, rollout.prompts, rollout.responses)
+    lambdas, _, _ = module.update(rollout, rewards)
+    return lambdas.double()
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("gram_from", ["hidden", "logits"])
+def test_cheap_lambda_equals_exact_lambda_for_parallel_objectives(gram_from, beta):
+    # r2 = 1.5·r1 without whitening or KL: every per-token loss weight of objective 2 is 1.5× that of
+    # objective 1, so the gradients are parallel in parameter space and in any representation,
+    # both Gram matrices are ‖g1‖²·[[1, 1.5], [1.5, 2.25]] up to scale, and λ must coincide.
+    base = CharsetReward("a_to_m", "abcdefghijklm")
+    objectives = [base, Scaled(base, 1.5, "a_to_m_x1.5")]
+    exact, cheap = _lambdas("parameters", beta, objectives), _lambdas(gram_from, beta, objectives)
+    assert torch.allclose(cheap, exact, atol=1e-5), (cheap, exact)
+    if beta > 0:
+        assert 0.0 < exact[1] < exact[0] < 1.0  # an interior point, not a trivial vertex
+
+
+def test_cheap_lambda_is_a_different_problem_for_conflicting_objectives():
+    objectives = [CharsetReward("a_to_m", "abcdefghijklm"), CharsetReward("n_to_z", "nopqrstuvwxyz")]
+    exact, cheap = _lambdas("parameters", 0.0, objectives), _lambdas("logits", 0.0, objectives)
+    assert abs(float(exact.sum()) - 1) < 1e-6 and abs(float(cheap.sum()) - 1) < 1e-6
+    assert not torch.allclose(exact, cheap, atol=1e-4)  # otherwise the exactness test above proves nothing
+
+
+def test_16bit_upload_round_trips_within_tolerance_and_halves_bytes():
+    torch.manual_seed(0)
+    global_state = {"a": torch.randn(8, 4), "b": torch.randn(4, 8)}
+    trained = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
+    full = ClientUpdate(0, [trained], 10, {})
+    for dtype, tolerance in ((torch.bfloat16, 2**-8), (torch.float16, 2**-11)):
+        sent = full.cast(dtype)
+        assert all(t.dtype == dtype for t in sent.adapters[0].values())
+        assert payload_bytes(sent.adapters[0]) * 2 == payload_bytes(trained)
+        merged = FedAvg(1.0).aggregate(global_state, [sent]).adapter
+        for k, v in merged.items():
+            assert v.dtype == torch.float32
+            assert torch.allclose(v, trained[k], rtol=tolerance, atol=tolerance * trained[k].abs().max())
+    assert full.cast(None) is full
+
+
+def test_federation_upload_dtype_halves_counted_uplink(tmp_path):
+    bytes_up = {}
+    for dtype in (None, "bfloat16"):
+        torch.manual_seed(0)
+        module = make_module()
+        config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path / str(dtype)),
+                                  save_adapters=False, upload_dtype=dtype)
+        state = run_federation(module, make_datamodule(2), config, {"max_steps": 1, "accelerator": "cpu", "logger": False},
+                               FIRM(beta=1.0), module.adapter_state(), tmp_path / str(dtype), echo=lambda m: None)
+        bytes_up[dtype] = state.history[-1]["comm/bytes_up_per_client"]
+        assert all(v.dtype == torch.float32 for v in state.global_adapter.values())
+    assert bytes_up["bfloat16"] * 2 == bytes_up[None] == payload_bytes(module.adapter_state())
+
+
+KEYS = ("update_ratio_s2", "update_ratio_s3", "update_floor_ratio_s2", "step_ratio_s2", "orchestration_overhead",
+        "rss_ratio_32_vs_2", "adapter_bytes", "uplink_bytes_firm_s2", "uplink_bytes_fmgda_s2",
+        "trl_grpo_tokens_per_s", "firm_s2_tokens_per_s")
+
+
+def test_benchmark_smoke_mode_emits_every_key_with_sane_values(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--json", str(out)],
+                   check=True, capture_output=True, text=True, cwd=ROOT)
+    flat = json.loads(out.read_text())["summary"]
+    missing = [k for k in KEYS if flat.get(k) is None]
+    assert not missing, missing
+    # More objectives cost more update time, never less than one backward's worth... but not S×.
+    assert 1.0 < flat["update_ratio_s2"] < 2.5 and flat["update_ratio_s2"] < flat["update_ratio_s3"] < 4.0
+    assert 1.0 < flat["update_floor_ratio_s2"] < 2.5
+    assert 1.0 < flat["step_ratio_s2"] < 2.0
+    assert 0.0 <= flat["orchestration_overhead"] < 0.5
+    assert 0.8 < flat["rss_ratio_32_vs_2"] < 1.5
+    assert flat["uplink_bytes_firm_s2"] == flat["adapter_bytes"] and flat["uplink_bytes_fmgda_s2"] == 2 * flat["adapter_bytes"]
+    assert flat["trl_grpo_tokens_per_s"] > 0 and flat["firm_s2_tokens_per_s"] > 0
