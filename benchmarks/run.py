@@ -286,7 +286,7 @@ def memory_section(mode: dict) -> dict:
     results = {}
     for n in mode["rss_clients"]:
         proc = subprocess.run(
-            [sys.executable, __file__, "--_rss_child", str(n), "--_rounds", "2"],
+            [sys.executable, __file__, "--_rss_child", str(n), "--_rounds", str(mode["rounds"])],
             capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
         results[n] = json.loads(proc.stdout.strip().splitlines()[-1])
