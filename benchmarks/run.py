@@ -161,20 +161,22 @@ def local_step_section(model: str, mode: dict) -> dict:
         "step_ratio_s3": stats(ratio("step", 3)),
         "update_over_floor_s2": stats([u / f for u, f in zip(times["update_s2"], times["floor_s2"])]),
         "sampling_share_s2": stats([a / b for a, b in zip(times["sampling_s2"], times["step_s2"])]),
-        "cheap_weighting": cheap_weighting(model, mode, modules[2], initial, fixed),
+        "cheap_weighting": cheap_weighting(model, mode, modules, initial, fixed),
     }
     for s in (1, 2):
         result[f"firm_s{s}_tokens_per_s"] = tokens / statistics.median(times[f"step_s{s}"])
     return result
 
 
-def cheap_weighting(model: str, mode: dict, exact: FIRMClientModule, initial: dict, fixed) -> dict:
+def cheap_weighting(model: str, mode: dict, modules: dict, initial: dict, fixed) -> dict:
     """``gram_from`` hidden / logits against the exact λ: update time and λ distance, S = 2.
 
     The distance is measured on fresh rollouts (one per repetition) from the same adapter, as
     ``|λ_cheap − λ_exact|`` on the first objective's weight (S = 2: the whole difference).
     """
-    variants = {"parameters": exact, **{g: build_module(model, 2, mode["tokens"], g) for g in ("hidden", "logits")}}
+    exact = modules[2]
+    variants = {"single": modules[1], "parameters": exact,
+                **{g: build_module(model, 2, mode["tokens"], g) for g in ("hidden", "logits")}}
     times: dict[str, list[float]] = {}
     lambdas: dict[str, list[float]] = {}
     batch = prompts(BATCH)
@@ -186,10 +188,12 @@ def cheap_weighting(model: str, mode: dict, exact: FIRMClientModule, initial: di
             rewards = score_all(module.objectives, rollout.prompts, rollout.responses)
             t, (lam, _, _) = timed(lambda: module.update(rollout, rewards))
             times.setdefault(name, []).append(t)
-            lambdas.setdefault(name, []).append(float(lam[0]))
+            if name != "single":
+                lambdas.setdefault(name, []).append(float(lam[0]))
     out = {}
     for name in ("hidden", "logits"):
         out[f"update_time_vs_exact_{name}"] = stats([a / b for a, b in zip(times[name], times["parameters"])])
+        out[f"update_ratio_s2_{name}"] = stats([a / b for a, b in zip(times[name], times["single"])])
         out[f"lambda_abs_error_{name}"] = stats([abs(a - b) for a, b in zip(lambdas[name], lambdas["parameters"])])
     out["lambda_exact"] = stats(lambdas["parameters"])
     return out
