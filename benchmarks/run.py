@@ -276,14 +276,24 @@ def orchestration_section(mode: dict) -> dict:
 # --------------------------------------------------------------------------- 3. memory
 
 
+def _proc_status_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc (ru_maxrss would include the parent's peak:
+    Linux carries it over fork + exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def rss_child(num_clients: int, rounds: int) -> dict:
-    """Runs in its own process: peak RSS after setup and after the whole federation."""
+    """Runs in its own process: resident memory after set-up, at the end and at its peak."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        tiny_federation(Path(out), num_clients, rounds, 1)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"clients": num_clients, "peak_rss_mb": peak / 1024, "rss_before_mb": start / 1024}
+        tiny_federation(Path(out) / "warm", 2, 1, 1)  # imports, lazy initialisation, first fits
+        before = _proc_status_mb("VmRSS")
+        tiny_federation(Path(out) / "run", num_clients, rounds, 1)
+        after = _proc_status_mb("VmRSS")
+    return {"clients": num_clients, "peak_rss_mb": _proc_status_mb("VmHWM"), "rss_before_mb": before, "rss_after_mb": after}
 
 
 def memory_section(mode: dict) -> dict:
@@ -297,6 +307,7 @@ def memory_section(mode: dict) -> dict:
     low, high = min(results), max(results)
     return {
         "peak_rss_mb": {str(n): r["peak_rss_mb"] for n, r in results.items()},
+        "rss_growth_during_run_mb": {str(n): r["rss_after_mb"] - r["rss_before_mb"] for n, r in results.items()},
         f"rss_ratio_{high}_vs_{low}": results[high]["peak_rss_mb"] / results[low]["peak_rss_mb"],
         "rss_growth_mb_per_client": (results[high]["peak_rss_mb"] - results[low]["peak_rss_mb"]) / (high - low),
     }
