@@ -102,10 +102,7 @@ def build_module(model: str, num_objectives: int, max_new_tokens: int, gram_from
         loss=PolicyGradientSettings(kl_coef=0.05, gram_from=gram_from), learning_rate=1e-3,
     )
     optimizer = module.configure_optimizers()
-    params = module.trainable_parameters()
-    # Outside a Trainer: the optimiser and clipping Lightning would otherwise provide.
-    module.optimizers = lambda: optimizer
-    module.clip_gradients = lambda opt, gradient_clip_val=None, **_: torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+    module.optimizers = lambda: optimizer  # outside a Trainer: the optimiser Lightning would hand over
     return module
 
 
@@ -435,6 +432,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="about a minute: fewer repetitions")
     parser.add_argument("--smoke", action="store_true", help="the smallest mode: tiny model, 2 repetitions")
     parser.add_argument("--json", help="also write the JSON result to this path")
+    parser.add_argument("--sections", nargs="+", help="run only these sections (local_step, orchestration, memory, "
+                        "communication, trl); the flat summary then needs all of them")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: immune to a busy machine)")
     parser.add_argument("--_rss_child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_rounds", type=int, default=2, help=argparse.SUPPRESS)
@@ -458,10 +457,12 @@ def main(argv=None) -> dict:
     }
     result["section_wall_s"] = {}
     for name, run in sections.items():
-        result["section_wall_s"][name], result[name] = timed(run)
-    result["summary"] = summary(result)
-    result["wall_s"] = time.perf_counter() - tic
-    print_table(result)
+        if not args.sections or name in args.sections:
+            result["section_wall_s"][name], result[name] = timed(run)
+    if not args.sections:
+        result["wall_s"] = time.perf_counter() - tic
+    if "summary" in result:
+        print_table(result)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

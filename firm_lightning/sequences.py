@@ -254,22 +254,25 @@ def token_logprobs(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
 def response_logprobs(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 ) -> torch.Tensor:
-    """``log softmax(warp(logits))[target]`` in fp32, chunk by chunk over (row, tokens).
+    """``log softmax(warp(logits))[target]`` in fp32, chunk by chunk over the token positions.
 
-    Under autograd each chunk is checkpointed: only the logits (model dtype) are kept for the
-    backward pass, never an fp32 copy of them or of the log-softmax.
+    Past ``CHUNK_ELEMENTS`` logits, each chunk is checkpointed under autograd: only the logits
+    (model dtype) are kept for the backward pass, never an fp32 copy of them or of the
+    log-softmax. Below it one pass is cheaper: the S backward passes would each recompute
+    every chunk.
     """
     N, T, V = logits.shape
-    step = max(1, CHUNK_ELEMENTS // V)
+    flat_logits, flat_targets = logits.reshape(N * T, V), targets.reshape(N * T)
+    args = (temperature, top_k, top_p)
+    if N * T * V <= CHUNK_ELEMENTS:  # small enough for one pass: no chunking or recomputation overhead
+        return _chunk_logprobs(flat_logits, flat_targets, *args).view(N, T)
+    step = max(1, CHUNK_ELEMENTS // V)  # token positions per chunk
     grad = torch.is_grad_enabled() and logits.requires_grad
-    rows = []
-    for i in range(N):
-        pieces = []
-        for start in range(0, T, step):
-            args = (logits[i, start : start + step], targets[i, start : start + step], temperature, top_k, top_p)
-            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if grad else _chunk_logprobs(*args))
-        rows.append(torch.cat(pieces) if pieces else logits.new_zeros(0, dtype=torch.float32))
-    return torch.stack(rows)
+    pieces = []
+    for start in range(0, N * T, step):
+        chunk = (flat_logits[start : start + step], flat_targets[start : start + step], *args)
+        pieces.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False) if grad else _chunk_logprobs(*chunk))
+    return torch.cat(pieces).view(N, T)
 
 
 def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_k: int, top_p: float):
