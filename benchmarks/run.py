@@ -460,6 +460,8 @@ def main(argv=None) -> dict:
         if not args.sections or name in args.sections:
             result["section_wall_s"][name], result[name] = timed(run)
     if not args.sections:
+        result["summary"] = summary(result)
+    if not args.sections:
         result["wall_s"] = time.perf_counter() - tic
     if "summary" in result:
         print_table(result)
