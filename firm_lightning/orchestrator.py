@@ -27,6 +27,7 @@ from firm_lightning.algorithms import Algorithm
 from firm_lightning.client import ClientUpdate
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.federation_metrics import lambda_dispersion, payload_bytes, update_dispersion
+from firm_lightning.memory import release_client_memory, steady_memory
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.report import RunWriter
 from firm_lightning.trainer_factory import TrainerFactory
@@ -101,7 +102,12 @@ class FederatedOrchestrator:
 
     def run(self) -> FederationState:
         start = time.perf_counter()
-        with quiet_lightning(self.config.quiet), self._algorithm_weighting(), stays_on_device(self.module):
+        with (
+            quiet_lightning(self.config.quiet),
+            self._algorithm_weighting(),
+            stays_on_device(self.module),
+            steady_memory(),
+        ):
             self.datamodule.setup("fit")
             state = self.initial_state()
             for round_idx in range(state.round + 1, self.config.num_rounds + 1):
@@ -175,6 +181,7 @@ class FederatedOrchestrator:
             client_id=client_id,
             num_examples=self.datamodule.num_examples(client_id),
         )
+        release_client_memory()
         upload_dtype = getattr(torch, self.config.upload_dtype) if self.config.upload_dtype else None
         return update.cast(upload_dtype)
 

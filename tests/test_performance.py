@@ -126,3 +126,23 @@ def test_benchmark_smoke_mode_emits_every_key_with_sane_values(tmp_path):
     assert 0.8 < flat["rss_ratio_32_vs_2"] < 1.5
     assert flat["uplink_bytes_firm_s2"] == flat["adapter_bytes"] and flat["uplink_bytes_fmgda_s2"] == 2 * flat["adapter_bytes"]
     assert flat["trl_grpo_tokens_per_s"] > 0 and flat["firm_s2_tokens_per_s"] > 0
+
+
+def test_client_garbage_is_freed_inside_steady_memory_and_gc_is_unfrozen_after():
+    import gc
+    import weakref
+
+    from firm_lightning.memory import release_client_memory, steady_memory
+
+    class Node:
+        pass
+
+    with steady_memory():
+        assert gc.get_freeze_count() > 0
+        node = Node()
+        node.self = node  # a reference cycle, like a finished Trainer's
+        alive = weakref.ref(node)
+        del node
+        release_client_memory()
+        assert alive() is None
+    assert gc.get_freeze_count() == 0
