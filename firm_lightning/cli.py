@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from firm_lightning.compare import CompareSettings, markdown_table, plot_comparison, run_comparison, summarize
 from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.pareto import ParetoSettings, front_report, run_sweep, write_outputs
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, quiet_lightning
@@ -51,6 +52,7 @@ class FIRMCLI(LightningCLI):
     EXTRA_SUBCOMMANDS = {
         "compare": (CompareSettings, "compare", "Run several algorithms with identical seeds, data and budget."),
         "pareto": (ParetoSettings, "pareto", "Sweep preferences for FIRM and linear scalarisation; draw the fronts."),
+        "flower": (FlowerSettings, "flower", "Run the federation on Flower: simulation engine or SuperLink + SuperNodes."),
     }
 
     def _add_subcommands(self, parser, **kwargs) -> None:
@@ -150,6 +152,14 @@ class FIRMCLI(LightningCLI):
                   + ", ".join(f"p={e['preference']} → {[round(x, 3) for x in e['rewards']]}" for e in entry["non_dominated"]))
         print(f"outputs in {out}/ (pareto.csv, pareto.png, hypervolume.json, runs/)")
         self.report = report
+
+    def run_flower(self) -> None:
+        from firm_lightning.flower.launch import launch  # imports flwr only for this command
+
+        out = self._prepare_output_dir()
+        settings = self._section("flower")
+        print(f"FIRM federation on Flower ({settings.engine}, algorithm {settings.algorithm.name}); writing to {out}/", flush=True)
+        self.processes = launch(out / "config.yaml", settings, self.datamodule, _echo)
 
     def run_validate(self) -> None:
         ckpt_path = self._get(self.config, "ckpt_path")

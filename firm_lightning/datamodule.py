@@ -133,6 +133,14 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
+def client_prompt_loader(prompts: list[str], groups: Optional[list[str]], batch_size: int,
+                         seed: int, client_id: int, round_idx: int) -> DataLoader:
+    """A client's prompts shuffled in an order fixed by (seed, client, round): the same batches
+    whether the prompts come from the whole data set or from the client's own file."""
+    return DataLoader(_Prompts(prompts, groups), batch_size=batch_size, shuffle=True,
+                      generator=_generator(seed, client_id, round_idx), collate_fn=collate_prompts)
+
+
 # --------------------------------------------------------------------------- module
 class PromptDataModule(L.LightningDataModule):
     """Prompts split into a held-out eval set and ``num_clients`` training partitions.
@@ -340,10 +348,8 @@ class PromptDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def client_dataloader(self, client_id: int, round_idx: int = 0) -> DataLoader:
         """Client ``client_id``'s prompts, shuffled in an order fixed by (seed, client, round)."""
-        rows = _Prompts(self.client_prompts(client_id), self._client_groups(client_id))
-        return DataLoader(rows, batch_size=self.batch_size, shuffle=True,
-                          generator=_generator(self.seed, client_id, round_idx),
-                          collate_fn=collate_prompts)
+        return client_prompt_loader(self.client_prompts(client_id), self._client_groups(client_id),
+                                    self.batch_size, self.seed, client_id, round_idx)
 
     def train_dataloader(self) -> DataLoader:
         """All training prompts (centralised training); -1 keeps it apart from client ids."""
