@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from flwr.app import Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -20,3 +22,31 @@ def wire_bytes(message: Message) -> int:
 
 def record_bytes(message: Message) -> int:
     return sum(record.count_bytes() for record in message.content.values())
+
+
+class MeasuredGrid:
+    """A Flower ``Grid`` that counts ``wire_bytes`` of every message it carries, per round and
+    node: training messages, and every extra message a protocol such as SecAgg+ exchanges.
+
+    ``round`` is advanced by whoever drives the rounds (the server's ``evaluate_fn``).
+    """
+
+    def __init__(self, grid) -> None:
+        self._grid = grid
+        self.round = 0
+        self.down: dict[tuple[int, int], int] = defaultdict(int)  # (round, node) -> bytes sent to it
+        self.up: dict[tuple[int, int], int] = defaultdict(int)  # (round, node) -> bytes it sent
+        self.messages_up: dict[tuple[int, int], int] = defaultdict(int)
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for m in messages:  # counted after sending: the grid fills in their metadata
+            self.down[(self.round, m.metadata.dst_node_id)] += wire_bytes(m)
+        for r in replies:
+            self.up[(self.round, r.metadata.src_node_id)] += wire_bytes(r)
+            self.messages_up[(self.round, r.metadata.src_node_id)] += 1
+        return replies

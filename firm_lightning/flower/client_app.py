@@ -18,9 +18,11 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from firm_lightning.client import ClientUpdate
 from firm_lightning.flower.components import CONFIG_KEY, Components, load_components
 from firm_lightning.flower.partition import ClientData, client_data
 from firm_lightning.flower.privacy import client_privacy_mod
+from firm_lightning.flower.secure_aggregation import from_legacy_fit, is_legacy_fit, to_legacy_fit_reply
 from firm_lightning.flower.records import ARRAYS, CLIENT_ID, CONFIG, METRICS, NUM_EXAMPLES, record_adapter, update_content
 from firm_lightning.orchestrator import client_seed, quiet_lightning
 from firm_lightning.trainer_factory import TrainerFactory
@@ -35,7 +37,12 @@ def client_app(config_text: Optional[str] = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         comps = _components(config_text, context)
         data = client_data(comps.datamodule, context.node_config)
-        return Message(train_client(comps, data, msg.content, context.node_config), reply_to=msg)
+        if is_legacy_fit(msg.content):  # SecAgg+ speaks Flower's legacy fit layout
+            content = from_legacy_fit(msg.content, list(comps.module.adapter_state()))
+            update = train_client(comps, data, content, context.node_config)
+            return Message(to_legacy_fit_reply(update), reply_to=msg)
+        update = train_client(comps, data, msg.content, context.node_config)
+        return Message(update_content(update), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -46,7 +53,7 @@ def client_app(config_text: Optional[str] = None) -> ClientApp:
     return app
 
 
-def train_client(comps: Components, data: ClientData, content: RecordDict, node_config: dict) -> RecordDict:
+def train_client(comps: Components, data: ClientData, content: RecordDict, node_config: dict) -> ClientUpdate:
     round_idx = int(content[CONFIG]["server-round"])
     global_adapter = record_adapter(content[ARRAYS])
     output_dir = Path(str(node_config.get(OUTPUT_DIR, comps.federation.output_dir)))
@@ -61,7 +68,7 @@ def train_client(comps: Components, data: ClientData, content: RecordDict, node_
             client_id=data.client_id,
             num_examples=data.num_examples,
         )
-    return update_content(update)
+    return update
 
 
 def _components(config_text: Optional[str], context: Context) -> Components:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,6 +33,9 @@ def flower_env(flwr_home: Optional[Path] = None) -> dict[str, str]:
         # Flower starts its helpers (flower-superexec, flwr-serverapp, ...) by name.
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
     )
+    # Children import the same firm_lightning as this process (a checkout, not another install).
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
@@ -45,10 +49,17 @@ class ProcessGroup:
         self.processes: dict[int, psutil.Process] = {}
 
     def __enter__(self) -> "ProcessGroup":
+        # SIGTERM (e.g. a job scheduler) unwinds like Ctrl-C, so the processes are stopped too.
+        in_main = threading.current_thread() is threading.main_thread()
+        self._previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
 
     def start(self, command: Sequence[str], env: dict, log: Optional[Path] = None, cwd: Optional[Path] = None) -> subprocess.Popen:
         out = open(log, "w") if log is not None else None
@@ -104,6 +115,10 @@ class ProcessGroup:
                     self._add(child.pid)
             except psutil.Error:
                 pass
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _alive(processes) -> list[psutil.Process]:

@@ -23,7 +23,7 @@ def simulate(config_text: str) -> bool:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        finished.append(run_server(grid, load_components(config_text)))
+        finished.append(run_server(grid, load_components(config_text), context))
 
     settings = comps.settings
     run_simulation(

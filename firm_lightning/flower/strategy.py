@@ -3,8 +3,8 @@
 ``configure_train`` sends the global adapter to the clients the in-process orchestrator would
 sample in this round (seeded by (seed, round)); ``aggregate_train`` turns the replies back into
 ``ClientUpdate``s, in client order, and calls the algorithm's aggregator (``FedAvg`` with the
-server learning rate, or FMGDA's ``MinNormOverObjectives``). What it aggregated, with the
-bytes Flower counted per message, is kept per round for the server's records. Flower's
+server learning rate, or FMGDA's ``MinNormOverObjectives``). What it aggregated is kept per
+round for the server's records. Flower's
 strategy wrappers (differential privacy) wrap it like any other strategy.
 """
 
@@ -21,19 +21,17 @@ from flwr.supercore import log
 
 from firm_lightning.aggregation import AggregationResult, Aggregator
 from firm_lightning.client import ClientUpdate
-from firm_lightning.flower.accounting import record_bytes, wire_bytes
 from firm_lightning.flower.records import ARRAYS, CONFIG, adapter_record, content_update, record_adapter
 
 
 @dataclass
 class RoundUpdates:
-    """One round as the server saw it: the uploads, the aggregation and Flower's byte counts."""
+    """One round as the server saw it: the global adapter sent, the uploads, the aggregation."""
 
     global_adapter: dict
     updates: list[ClientUpdate] = field(default_factory=list)
     result: Optional[AggregationResult] = None
-    bytes_down: dict[int, tuple[int, int]] = field(default_factory=dict)  # client -> (wire, records)
-    bytes_up: dict[int, tuple[int, int]] = field(default_factory=dict)
+    uploads_visible: bool = True  # False under SecAgg+: the server saw only the clients' mean
 
 
 class FIRMStrategy(Strategy):
@@ -42,10 +40,12 @@ class FIRMStrategy(Strategy):
         aggregator: Aggregator,
         sample_clients: Callable[[int], list[int]],
         client_nodes: dict[int, int],
+        num_examples: dict[int, int],
     ) -> None:
         self.aggregator = aggregator
         self.sample_clients = sample_clients
         self.client_nodes = client_nodes  # client id -> Flower node id
+        self.num_examples = num_examples  # client id -> prompts it holds
         self.rounds: dict[int, RoundUpdates] = {}
 
     def summary(self) -> None:
@@ -56,9 +56,9 @@ class FIRMStrategy(Strategy):
         record = self.rounds[server_round] = RoundUpdates(global_adapter=record_adapter(arrays))
         messages = []
         for client in self.sample_clients(server_round):
-            message = Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=self.client_nodes[client], message_type=MessageType.TRAIN)
-            record.bytes_down[client] = (wire_bytes(message), record_bytes(message))
-            messages.append(message)
+            messages.append(Message(
+                RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=self.client_nodes[client], message_type=MessageType.TRAIN
+            ))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -67,10 +67,7 @@ class FIRMStrategy(Strategy):
         if errors:
             raise RuntimeError(f"Round {server_round}: {len(errors)} client(s) failed: " + "; ".join(errors))
         record = self.rounds[server_round]
-        for message in replies:
-            update = content_update(message.content)
-            record.bytes_up[update.client_id] = (wire_bytes(message), record_bytes(message))
-            record.updates.append(update)
+        record.updates = [content_update(message.content) for message in replies]
         # Sorted by client id: the in-process orchestrator's order, so float sums agree exactly.
         record.updates.sort(key=lambda u: u.client_id)
         record.result = self.aggregator.aggregate(record.global_adapter, record.updates)

@@ -1,0 +1,190 @@
+"""The federation on Flower: simulation engine, a local SuperLink + SuperNodes deployment,
+byte counts from Flower's own message sizes, and no process left behind.
+
+Each test runs the real command (``python -m firm_lightning flower``) in a subprocess and
+records, while it runs, every process descended from it (Ray's, Flower's), by PID.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from firm_lightning.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The tiny config, shortened: 2 clients, 2 rounds, 1 local step, short samples.
+SHORT = """
+federation: {num_rounds: 2, num_clients: 2, min_clients: 2, quiet: true}
+trainer: {max_steps: 1}
+data: {max_prompts: 64, eval_size: 4, batch_size: 4, eval_batch_size: 4}
+model:
+  sampling: {num_generations: 2, max_new_tokens: 6, eval_num_generations: 1}
+"""
+
+
+def _config(tmp_path: Path) -> list[str]:
+    short = tmp_path / "short.yaml"
+    short.write_text(SHORT)
+    return ["--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(short)]
+
+
+class Run:
+    """The command in a subprocess; every descendant PID is recorded while it runs."""
+
+    def __init__(self, args: list[str], interrupt_when=None, timeout_s: float = 400) -> None:
+        log = tempfile.TemporaryFile("w+")  # a file, not a pipe: Flower and Ray log a lot
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "firm_lightning", *args], cwd=ROOT, stdout=log,
+            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self.seen: dict[int, psutil.Process] = {}
+        self.commands: dict[int, str] = {}  # read when first seen: a finished process has none
+        self.interrupted = False
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._record()
+            if interrupt_when and not self.interrupted and interrupt_when(self.names()):
+                self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+                self.interrupted = True
+            time.sleep(0.5)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        log.seek(0)
+        self.output = log.read()
+        log.close()
+
+    def _record(self) -> None:
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return
+        for child in children:
+            if child.pid not in self.seen:
+                self.seen[child.pid] = child
+                try:
+                    self.commands[child.pid] = " ".join(child.cmdline()) or child.name()
+                except psutil.Error:
+                    self.commands[child.pid] = ""
+
+    def names(self) -> str:
+        return "\n".join(self.commands.values())
+
+    def survivors(self) -> list[str]:
+        alive = []
+        for p in self.seen.values():
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{p.pid} {' '.join(p.cmdline())[:100]}")
+            except psutil.Error:
+                pass
+        return alive
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _in_process(tmp_path: Path, out: Path, *extra: str) -> None:
+    torch.set_num_threads(1)  # as Ray runs each simulated client (one CPU each)
+    cli_main(["fit", *_config(tmp_path), "--federation.output_dir", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("flower_sim")
+    run = Run(["flower", *_config(tmp), "--federation.output_dir", str(tmp / "flower")])
+    return tmp, run
+
+
+def test_simulation_matches_in_process_orchestrator(simulation):
+    tmp, run = simulation
+    assert run.proc.returncode == 0, run.output[-3000:]
+    assert "raylet" in run.names(), "the run did not go through Ray"
+    assert run.survivors() == [], f"processes left behind: {run.survivors()}"
+    _in_process(tmp, tmp / "in_process")
+    # Same seeds, same client sampling, each client fit seeded by client_seed(seed, round,
+    # client), one thread per client, aggregation in client order: the global adapters agree.
+    for r in (1, 2):
+        flower = load_file(str(tmp / "flower" / "adapters" / f"round_{r:03d}.safetensors"))
+        local = load_file(str(tmp / "in_process" / "adapters" / f"round_{r:03d}.safetensors"))
+        assert flower.keys() == local.keys()
+        for k in local:
+            torch.testing.assert_close(flower[k], local[k], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(load_file(str(tmp / "flower" / "adapters" / "round_000.safetensors"))[k], flower[k])
+    flower_rows, local_rows = _rows(tmp / "flower" / "metrics.csv"), _rows(tmp / "in_process" / "metrics.csv")
+    assert len(flower_rows) == len(local_rows) == 3
+    for a, b in zip(flower_rows, local_rows):
+        for key in ("eval/reward/a_to_m", "eval/reward/n_to_z", "lambda/a_to_m", "comm/bytes_up"):
+            if a["round"] != "0" or key.startswith("eval/"):  # round 0 has no training metrics
+                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), key
+
+
+def test_flower_counts_the_adapter_plus_framing(simulation):
+    tmp, run = simulation
+    rows = _rows(tmp / "flower" / "client_metrics.csv")
+    assert len(rows) == 4  # 2 clients × 2 rounds
+    for row in rows:
+        payload, wire = int(row["comm/bytes_up"]), int(row["flower/bytes_up"])
+        down = int(row["flower/bytes_down"])
+        # Flower sends the same float32 tensors plus its framing (npy headers, keys, metadata).
+        assert payload < wire < 1.2 * payload, (payload, wire)
+        assert payload < down < 1.2 * payload, (payload, down)
+
+
+def test_fmgda_on_flower_uploads_s_times_firm(simulation):
+    tmp, firm = simulation
+    out = tmp / "fmgda"
+    run = Run(["flower", *_config(tmp), "--federation.output_dir", str(out), "--federation.num_rounds", "1",
+               "--flower.algorithm", "firm_lightning.algorithms.FMGDA"])
+    assert run.proc.returncode == 0, run.output[-3000:]
+    assert run.survivors() == []
+    fmgda_row = _rows(out / "client_metrics.csv")[0]
+    firm_row = _rows(tmp / "flower" / "client_metrics.csv")[0]
+    assert int(fmgda_row["comm/bytes_up"]) == 2 * int(firm_row["comm/bytes_up"])  # S = 2 adapters
+    ratio = int(fmgda_row["flower/bytes_up"]) / int(firm_row["flower/bytes_up"])
+    assert 1.95 < ratio <= 2.0, ratio  # S× the arrays; the message envelope is paid once
+    assert "server_lambda/a_to_m" in _rows(out / "metrics.csv")[1]  # the server's min-norm ran
+
+
+def test_ctrl_c_stops_every_flower_and_ray_process(tmp_path):
+    def ray_is_up(names: str) -> bool:
+        return "raylet" in names and "ClientAppActor" in names
+
+    run = Run(["flower", *_config(tmp_path), "--federation.output_dir", str(tmp_path / "out")], interrupt_when=ray_is_up)
+    assert run.interrupted, run.output[-3000:]
+    assert run.proc.returncode != 0
+    assert run.survivors() == [], f"processes left behind after Ctrl-C: {run.survivors()}"
+
+
+def test_local_deployment_superlink_and_two_supernodes(tmp_path, capsys):
+    out = tmp_path / "deployment"
+    run = Run(["flower", *_config(tmp_path), "--federation.output_dir", str(out), "--flower.engine", "local-deployment"])
+    assert run.proc.returncode == 0, run.output[-3000:]
+    names = run.names()
+    assert names.count("flower-supernode") >= 2 and "flower-superlink" in names and "flwr-clientapp" in names
+    assert run.survivors() == [], f"processes left behind: {run.survivors()}"
+    # Each SuperNode held only its own client's prompts.
+    node_prompts = [(out / "flower" / f"node_{c}" / "prompts.jsonl").read_text().splitlines() for c in (0, 1)]
+    assert node_prompts[0] and node_prompts[1] and not set(node_prompts[0]) & set(node_prompts[1])
+    rows = _rows(out / "metrics.csv")
+    assert [r["round"] for r in rows] == ["0", "1", "2"]
+    adapter = out / "adapters" / "round_002.safetensors"
+    cli_main(["validate", *_config(tmp_path), "--ckpt_path", str(adapter), "--federation.output_dir", str(tmp_path / "v")])
+    printed = capsys.readouterr().out
+    assert f"adapter: {adapter}" in printed and "eval/reward/a_to_m" in printed
+    assert float(printed.split("eval/reward/a_to_m")[1].split()[0]) == pytest.approx(float(rows[-1]["eval/reward/a_to_m"]))
