@@ -16,7 +16,7 @@ import yaml
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.flower.components import CONFIG_KEY
 from firm_lightning.flower.partition import PARTITION_ID, PROMPTS_FILE, write_partition
-from firm_lightning.flower.processes import ProcessGroup, flower_env, wait_for_port
+from firm_lightning.flower.processes import ProcessGroup, flower_env, free_port, wait_for_port
 from firm_lightning.flower.settings import FlowerSettings
 
 LOCAL_CONNECTION = "firm-local"
@@ -54,7 +54,7 @@ def _local_deployment(group: ProcessGroup, work: Path, text: str, settings: Flow
                       datamodule: PromptDataModule, echo) -> None:
     home = work / "home"
     home.mkdir(exist_ok=True)
-    port = settings.port
+    port = settings.port or free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{LOCAL_CONNECTION}"\n\n[superlink.{LOCAL_CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -69,7 +69,7 @@ def _local_deployment(group: ProcessGroup, work: Path, text: str, settings: Flow
         prompts = write_partition(datamodule, client, node / "prompts.jsonl")  # all this node holds
         node_config = f'{PARTITION_ID}={client} {PROMPTS_FILE}="{prompts}" output-dir="{node}"'
         group.start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--host", "127.0.0.1",
-                     "--port", str(port + 1 + client), "--node-config", node_config], env, work / f"node_{client}.log", cwd=node)
+                     "--port", str(free_port()), "--node-config", node_config], env, work / f"node_{client}.log", cwd=node)
     echo(f"Flower local deployment: SuperLink 127.0.0.1:{port}, {datamodule.num_clients} SuperNodes; logs in {work}/")
     _flwr_run(group, write_app(work / "app", text), LOCAL_CONNECTION, env)
 

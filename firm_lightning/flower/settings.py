@@ -21,7 +21,7 @@ class FlowerSettings:
     - ``privacy``: ``DifferentialPrivacy(...)`` or ``SecureAggregation(...)``, or none.
     - ``client_cpus``/``client_gpus``: Ray resources per simulated client.
     - ``superlink``: a SuperLink connection in ``$FLWR_HOME/config.toml`` (engine ``deployment``).
-    - ``port``: first local port of ``local-deployment`` (SuperLink; SuperNodes use the next ones).
+    - ``port``: the SuperLink's port in ``local-deployment`` (default: a free one).
     - ``timeout_s``: how long the server waits for a round's replies.
     """
 
@@ -33,7 +33,7 @@ class FlowerSettings:
         client_cpus: float = 1.0,
         client_gpus: float = 0.0,
         superlink: Optional[str] = None,
-        port: int = 19093,
+        port: Optional[int] = None,
         timeout_s: float = 3600.0,
     ) -> None:
         if engine not in ENGINES:
