@@ -196,3 +196,39 @@ def test_local_deployment_runs_fmgda_with_s_times_the_upload(simulation, capsys)
     printed = capsys.readouterr().out
     assert f"adapter: {adapter}" in printed and "eval/reward/a_to_m" in printed
     assert float(printed.split("eval/reward/a_to_m")[1].split()[0]) == pytest.approx(float(rows[-1]["eval/reward/a_to_m"]), abs=1e-4)
+
+
+@pytest.mark.parametrize("num_objectives", [1, 2])  # FedAvg (FIRM), MinNormOverObjectives (FMGDA)
+def test_secure_aggregation_needs_only_the_weighted_mean(num_objectives):
+    """SecAgg+ hands the server only Σ n_i θ_i / Σ n_i (float64, as Flower dequantises it); the
+    aggregators are linear in the uploads, so the new global adapter is the one they compute from
+    the single uploads."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from firm_lightning.aggregation import FedAvg, MinNormOverObjectives
+    from firm_lightning.client import ClientUpdate
+    from firm_lightning.flower.secure_aggregation import SecAggStrategy
+    from firm_lightning.flower.strategy import FIRMStrategy, RoundUpdates
+
+    gen = torch.Generator().manual_seed(0)
+    initial = {"a": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen)}
+    counts = [5, 10, 20]
+    uploads = [[{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in initial.items()}
+                for _ in range(num_objectives)] for _ in counts]
+    aggregator = FedAvg(0.5) if num_objectives == 1 else MinNormOverObjectives(0.5)
+    expected = aggregator.aggregate(initial, [ClientUpdate(i, u, n, {}) for i, (u, n) in enumerate(zip(uploads, counts))]).adapter
+
+    mean = [sum(n * u[s][k].double().numpy() for u, n in zip(uploads, counts)) / sum(counts)
+            for s in range(num_objectives) for k in initial]
+    results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean), n, {"client-id": i, "train/kl": 0.1}))
+               for i, n in enumerate(counts)]
+    strategy = FIRMStrategy(aggregator, lambda r: [0, 1, 2], {0: 10, 1: 11, 2: 12}, dict(enumerate(counts)))
+    strategy.rounds[1] = RoundUpdates(global_adapter=initial, uploads_visible=False)
+    parameters, _ = SecAggStrategy(strategy, initial, evaluate_fn=None, timeout_s=1).aggregate_fit(1, results, [])
+
+    new = dict(zip(initial, (torch.from_numpy(a) for a in parameters_to_ndarrays(parameters))))
+    for k in initial:
+        assert new[k].dtype == torch.float32
+        torch.testing.assert_close(new[k], expected[k], rtol=1e-5, atol=1e-6)
+    record = strategy.rounds[1]
+    assert [u.client_id for u in record.updates] == [0, 1, 2] and record.updates[2].metrics == {"train/kl": 0.1}

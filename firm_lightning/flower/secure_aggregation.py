@@ -75,7 +75,12 @@ class SecAggStrategy(LegacyStrategy):
     def _adapters(self, parameters) -> list[dict[str, torch.Tensor]]:
         arrays = parameters_to_ndarrays(parameters)
         k = len(self.keys)
-        return [{key: torch.from_numpy(a.copy()) for key, a in zip(self.keys, arrays[s:s + k])} for s in range(0, len(arrays), k)]
+        # SecAgg+ dequantises to float64: back to the adapter's own dtypes.
+        dtypes = [t.dtype for t in self.initial.values()]
+        return [
+            {key: torch.from_numpy(a).to(dtype) for key, a, dtype in zip(self.keys, arrays[s:s + k], dtypes)}
+            for s in range(0, len(arrays), k)
+        ]
 
 
 def is_legacy_fit(content: RecordDict) -> bool:
