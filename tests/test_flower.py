@@ -232,3 +232,27 @@ def test_secure_aggregation_needs_only_the_weighted_mean(num_objectives):
         torch.testing.assert_close(new[k], expected[k], rtol=1e-5, atol=1e-6)
     record = strategy.rounds[1]
     assert [u.client_id for u in record.updates] == [0, 1, 2] and record.updates[2].metrics == {"train/kl": 0.1}
+
+
+def test_an_error_stops_the_whole_process_tree_even_across_sessions(tmp_path):
+    """What ``launch`` relies on when a run fails: leaving the ``ProcessGroup`` stops every
+    descendant, also one that opened a session of its own (as Flower's SuperExec does)."""
+    from firm_lightning.flower.processes import ProcessGroup, flower_env
+
+    script = tmp_path / "tree.py"
+    script.write_text(
+        "import os, subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        "time.sleep(300)\n"
+    )
+    with pytest.raises(RuntimeError, match="the run failed"):
+        with ProcessGroup(grace_s=5) as group:
+            parent = group.start([sys.executable, str(script)], flower_env())
+            deadline = time.monotonic() + 60
+            while len(psutil.Process(parent.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            raise RuntimeError("the run failed")
+    assert len(group.pids) == 3
+    for pid, process in group.processes.items():
+        assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE, pid

@@ -39,9 +39,9 @@ def client_app(config_text: Optional[str] = None) -> ClientApp:
         data = client_data(comps.datamodule, context.node_config)
         if is_legacy_fit(msg.content):  # SecAgg+ speaks Flower's legacy fit layout
             content = from_legacy_fit(msg.content, list(comps.module.adapter_state()))
-            update = train_client(comps, data, content, context.node_config)
+            update = fit_round(comps, data, content, context.node_config)
             return Message(to_legacy_fit_reply(update), reply_to=msg)
-        update = train_client(comps, data, msg.content, context.node_config)
+        update = fit_round(comps, data, msg.content, context.node_config)
         return Message(update_content(update), reply_to=msg)
 
     @app.query()
@@ -53,7 +53,8 @@ def client_app(config_text: Optional[str] = None) -> ClientApp:
     return app
 
 
-def train_client(comps: Components, data: ClientData, content: RecordDict, node_config: dict) -> ClientUpdate:
+def fit_round(comps: Components, data: ClientData, content: RecordDict, node_config: dict) -> ClientUpdate:
+    """The client procedure on this node's data, seeded by client_seed(seed, round, client) as in-process."""
     round_idx = int(content[CONFIG]["server-round"])
     global_adapter = record_adapter(content[ARRAYS])
     output_dir = Path(str(node_config.get(OUTPUT_DIR, comps.federation.output_dir)))
