@@ -1,11 +1,13 @@
 """Flower against the in-process orchestrator on one config: wall time, bytes, reward; and what
 differential privacy and SecAgg+ cost.
 
-    python benchmarks/flower_costs.py --out runs/flower_costs [--rounds 4] [--runs fit simulation ...]
+    python benchmarks/flower_costs.py --out runs/flower_costs [--rounds 2] [--runs fit simulation ...]
 
 Every run is the real command (``python -m firm_lightning ...``) on ``configs/tiny.yaml`` with
 ``--federation.num_rounds ROUNDS`` and the same seed, so runs differ only by engine or privacy.
-Wall time is the whole command (imports, Ray or SuperLink start-up, teardown). Prints JSON:
+Wall time is the whole command (imports, Ray or SuperLink start-up, teardown); every process
+uses one intra-op thread (``OMP_NUM_THREADS=1``, as Ray gives each simulated client one CPU), so
+the engines are compared at equal parallelism per client. Prints JSON:
 per run, wall seconds, final eval rewards, mean per-client bytes per round (adapter payload and
 Flower messages) and messages per client per round; ratios against ``fit`` and ``simulation``.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,9 +30,9 @@ RUNS = {
     "fit": ["fit"],
     "simulation": ["flower"],
     "local_deployment": ["flower", "--flower.engine", "local-deployment"],
-    "dp_z0.01_c2": ["flower", *DP, "--flower.privacy.noise_multiplier", "0.01", "--flower.privacy.clipping_norm", "2.0"],
-    "dp_z0.1_c2": ["flower", *DP, "--flower.privacy.noise_multiplier", "0.1", "--flower.privacy.clipping_norm", "2.0"],
     "secagg_plus": ["flower", "--flower.privacy", "firm_lightning.flower.privacy.SecureAggregation"],
+    "dp_z0.1_c2": ["flower", *DP, "--flower.privacy.noise_multiplier", "0.1", "--flower.privacy.clipping_norm", "2.0"],
+    "dp_z0.01_c2": ["flower", *DP, "--flower.privacy.noise_multiplier", "0.01", "--flower.privacy.clipping_norm", "2.0"],
 }
 
 
@@ -39,7 +42,8 @@ def run(name: str, args: list[str], out: Path, rounds: int) -> dict:
                "--federation.num_rounds", str(rounds), "--federation.output_dir", str(run_dir)]
     tic = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
-        code = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        code = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - tic
     if code != 0:
         return {"error": f"exit code {code}; see {out / f'{name}.log'}", "wall_s": wall}
@@ -64,7 +68,7 @@ def run(name: str, args: list[str], out: Path, rounds: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "flower_costs")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
