@@ -184,6 +184,8 @@ def test_local_deployment_runs_fmgda_with_s_times_the_upload(simulation, capsys)
     # Each SuperNode held only its own client's prompts.
     node_prompts = [(out / "flower" / f"node_{c}" / "prompts.jsonl").read_text().splitlines() for c in (0, 1)]
     assert node_prompts[0] and node_prompts[1] and not set(node_prompts[0]) & set(node_prompts[1])
+    for row in _rows(out / "client_metrics.csv"):  # and trained on exactly those
+        assert int(row["num_examples"]) == len(node_prompts[int(row["client"])])
     rows = _rows(out / "metrics.csv")
     assert [r["round"] for r in rows] == ["0", "1", "2"]
     assert rows[2]["server_lambda/a_to_m"] != ""  # the server's min-norm over the S deltas ran
