@@ -24,7 +24,7 @@ from firm_lightning.flower.partition import ClientData, client_data
 from firm_lightning.flower.privacy import client_privacy_mod
 from firm_lightning.flower.secure_aggregation import from_legacy_fit, is_legacy_fit, to_legacy_fit_reply
 from firm_lightning.flower.records import ARRAYS, CLIENT_ID, CONFIG, METRICS, NUM_EXAMPLES, record_adapter, update_content
-from firm_lightning.orchestrator import client_seed, quiet_lightning
+from firm_lightning.orchestrator import client_seed, quiet_lightning, stays_on_device
 from firm_lightning.trainer_factory import TrainerFactory
 
 OUTPUT_DIR = "output-dir"  # node-config key: where this node writes its Lightning logs
@@ -60,7 +60,7 @@ def fit_round(comps: Components, data: ClientData, content: RecordDict, node_con
     output_dir = Path(str(node_config.get(OUTPUT_DIR, comps.federation.output_dir)))
     trainers = TrainerFactory(comps.trainer_config, output_dir)
     torch.manual_seed(client_seed(comps.federation.seed, round_idx, data.client_id))
-    with quiet_lightning(comps.federation.quiet):
+    with quiet_lightning(comps.federation.quiet), stays_on_device(comps.module):
         update = comps.settings.algorithm.procedure().run(
             comps.module,
             global_adapter,
@@ -69,7 +69,13 @@ def fit_round(comps: Components, data: ClientData, content: RecordDict, node_con
             client_id=data.client_id,
             num_examples=data.num_examples,
         )
-    return update
+    return update.cast(_upload_dtype(comps.federation.upload_dtype))
+
+
+def _upload_dtype(name):
+    if name == "bfloat16":  # Flower's ArrayRecord holds numpy arrays, and numpy has no bfloat16
+        raise ValueError("federation.upload_dtype=bfloat16 cannot travel in Flower messages; use float16 on Flower.")
+    return getattr(torch, name) if name else None
 
 
 def _components(config_text: Optional[str], context: Context) -> Components:

@@ -23,7 +23,7 @@ from firm_lightning.flower.components import CONFIG_KEY, Components, load_compon
 from firm_lightning.flower.accounting import MeasuredGrid
 from firm_lightning.flower.records import CLIENT_ID, METRICS, NUM_EXAMPLES, adapter_record, record_adapter
 from firm_lightning.flower.strategy import FIRMStrategy
-from firm_lightning.orchestrator import FederatedOrchestrator, FederationState, quiet_lightning
+from firm_lightning.orchestrator import FederatedOrchestrator, FederationState, quiet_lightning, stays_on_device
 from firm_lightning.trainer_factory import TrainerFactory
 
 
@@ -47,7 +47,7 @@ def run_server(grid: Grid, comps: Components, context: Context, echo: Callable[[
     records = FlowerRounds(comps, grid, echo)
     strategy = FIRMStrategy(settings.algorithm.aggregator(federation.server_lr), records.sample_clients, nodes, num_examples)
     records.strategy = strategy
-    with quiet_lightning(federation.quiet):
+    with quiet_lightning(federation.quiet), stays_on_device(comps.module):
         comps.datamodule.setup("fit")
         settings.privacy.run(
             strategy, grid, context, adapter_record(comps.module.adapter_state()), federation.num_rounds,
