@@ -3,11 +3,16 @@
 ``FedAvg`` averages one adapter per client (FIRM and its single-adapter baselines);
 ``MinNormOverObjectives`` is FMGDA's server: it averages the per-objective deltas over the
 clients, solves min-norm over the ``S`` averaged deltas and steps along their combination.
+``CoordinateMedian`` and ``TrimmedMean`` replace FedAvg's mean by a robust statistic per
+coordinate, so one client sending a huge update cannot drag the global adapter away.
+
+``screen_update`` is the server's check of every upload before any of them is aggregated.
 """
 
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -50,6 +55,59 @@ class FedAvg(Aggregator):
         return AggregationResult(self._step(global_state, delta), states)
 
 
+class CoordinateMedian(Aggregator):
+    """``θ ← θ + η_g · median_i(θ_i − θ)`` per coordinate (mean of the two middle values for an
+    even count). Unweighted: an example count is as easy to fake as an update. Resists any
+    minority (< half) of arbitrary updates, at some cost in efficiency on honest ones."""
+
+    def aggregate(self, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregationResult:
+        states = [_single_adapter(u) for u in _checked(global_state, updates)]
+        delta = {}
+        for k, v in global_state.items():
+            ordered = _stacked_deltas(states, k, v).sort(dim=0).values
+            n = len(states)
+            delta[k] = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+        return AggregationResult(self._step(global_state, delta), states)
+
+
+class TrimmedMean(Aggregator):
+    """Per coordinate, drop the ``⌊trim_fraction · n⌋`` largest and smallest client deltas and
+    average the rest (unweighted). ``trim_fraction = 0`` is the unweighted mean; it resists up to
+    ``⌊trim_fraction · n⌋`` arbitrary updates."""
+
+    def __init__(self, server_lr: float = 1.0, trim_fraction: float = 0.1) -> None:
+        super().__init__(server_lr)
+        if not 0 <= trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5) (the share cut from each end); got {trim_fraction}.")
+        self.trim_fraction = trim_fraction
+
+    def aggregate(self, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregationResult:
+        states = [_single_adapter(u) for u in _checked(global_state, updates)]
+        cut = math.floor(self.trim_fraction * len(states))
+        delta = {}
+        for k, v in global_state.items():
+            ordered = _stacked_deltas(states, k, v).sort(dim=0).values
+            delta[k] = ordered[cut : len(states) - cut].mean(dim=0)
+        return AggregationResult(self._step(global_state, delta), states)
+
+
+ROBUST_RULES = ("fedavg", "median", "trimmed_mean")
+
+
+def with_rule(default: Aggregator, rule: str, server_lr: float, trim_fraction: float = 0.1) -> Aggregator:
+    """``default`` (an algorithm's own aggregator), or the robust ``rule`` in place of its FedAvg."""
+    if rule == "fedavg":
+        return default
+    if rule not in ROBUST_RULES:
+        raise ValueError(f"federation.aggregator={rule!r} is unknown; use one of {ROBUST_RULES}.")
+    if type(default) is not FedAvg:
+        raise ValueError(
+            f"federation.aggregator={rule!r} replaces FedAvg, but this algorithm aggregates with "
+            f"{type(default).__name__}; use a single-adapter algorithm (FIRM, LocalMGDA, Linear) or aggregator 'fedavg'."
+        )
+    return CoordinateMedian(server_lr) if rule == "median" else TrimmedMean(server_lr, trim_fraction)
+
+
 class MinNormOverObjectives(Aggregator):
     """FMGDA's server step: ``Δ_s = Σ_i w_i (θ_{i,s} − θ)``, ``λ`` = min-norm of the ``Δ_s``,
     ``θ ← θ + η_g Σ_s λ_s Δ_s``."""
@@ -90,6 +148,38 @@ def example_weights(num_examples: Sequence[int]) -> list[float]:
     if total <= 0 or any(n < 0 for n in num_examples):
         raise ValueError(f"Client example counts must be >= 0 with a positive total; got {list(num_examples)}.")
     return [n / total for n in num_examples]
+
+
+def screen_update(update: ClientUpdate, global_state: AdapterState, max_update_norm: Optional[float] = None) -> Optional[str]:
+    """Why ``update`` must not be merged (keys, shapes, dtypes, non-finite values, norm), or None.
+
+    The norm bound applies to each uploaded adapter's delta ``‖θ_i − θ‖₂``.
+    """
+    if not update.adapters:
+        return "it uploaded no adapter"
+    for state in update.adapters:
+        missing, extra = sorted(set(global_state) - set(state)), sorted(set(state) - set(global_state))
+        if missing or extra:
+            return f"its keys differ from the global adapter (missing {missing[:2]}, unexpected {extra[:2]})"
+        for name, ref in global_state.items():
+            tensor = state[name]
+            if not isinstance(tensor, torch.Tensor):
+                return f"{name!r} is a {type(tensor).__name__}, not a tensor"
+            if tensor.shape != ref.shape:
+                return f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
+            if tensor.dtype != ref.dtype:
+                return f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}"
+            if not torch.isfinite(tensor).all():
+                return f"{name!r} holds NaN or inf"
+        if max_update_norm is not None:
+            norm = float(torch.cat([(state[k].float() - v.float()).flatten() for k, v in global_state.items()]).norm())
+            if norm > max_update_norm:
+                return f"its update norm {norm:.4g} exceeds federation.max_update_norm={max_update_norm:g}"
+    return None
+
+
+def _stacked_deltas(states: Sequence[AdapterState], key: str, reference: torch.Tensor) -> torch.Tensor:
+    return torch.stack([s[key].float() - reference.float() for s in states])
 
 
 def _flatten(state: AdapterState) -> torch.Tensor:

@@ -5,7 +5,10 @@ Each round: sample clients → for each, a fresh ``Trainer`` fits the one shared
 the base model exists once) → aggregate the uploads → evaluate the new global adapter on the
 held-out prompts with a fixed sampling seed → record metrics and save the adapter.
 
-All that changes from round to round lives in one ``FederationState``.
+All that changes from round to round lives in one ``FederationState``, saved atomically after
+every round (``checkpoint.py``) so that ``resume`` continues from the last finished round.
+A client that raises, or whose upload fails validation, is left out of its round; the round
+goes on if at least ``min_clients`` uploads remain.
 """
 
 from __future__ import annotations
@@ -14,23 +17,29 @@ import dataclasses
 import logging
 import math
 import time
+import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
 
+from firm_lightning import checkpoint
+from firm_lightning.aggregation import screen_update, with_rule
 from firm_lightning.algorithms import Algorithm
 from firm_lightning.client import ClientUpdate
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.federation_metrics import lambda_dispersion, payload_bytes, update_dispersion
 from firm_lightning.memory import release_client_memory, steady_memory
 from firm_lightning.module import FIRMClientModule
+from firm_lightning.privacy import epsilon, private
 from firm_lightning.report import RunWriter
 from firm_lightning.trainer_factory import TrainerFactory
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,6 +56,13 @@ class FederationConfig:
     save_adapters: bool = True  # the global adapter after every round (False: only the final one)
     upload_dtype: Optional[Literal["bfloat16", "float16"]] = None  # 16-bit uploads: half the uplink bytes
     quiet: bool = True  # hide Lightning's per-trainer start-up messages
+    resume: bool = False  # continue from <output_dir>/checkpoint (the last finished round)
+    aggregator: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"  # robust rules replace FedAvg
+    trim_fraction: float = 0.1  # share of clients cut from each end per coordinate (trimmed_mean)
+    max_update_norm: Optional[float] = None  # reject an upload whose ‖θ_i − θ‖ exceeds this
+    dp_clip_norm: Optional[float] = None  # C: clip every client's delta to this norm (enables DP)
+    dp_noise_multiplier: float = 0.0  # σ: Gaussian noise of std σ·C/m on the mean of m clipped deltas
+    dp_delta: float = 1e-5  # δ of the (ε, δ) reported as privacy/epsilon
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1 or self.num_clients < 1:
@@ -57,6 +73,15 @@ class FederationConfig:
             raise ValueError(
                 f"federation.min_clients must be between 1 and num_clients={self.num_clients}; got {self.min_clients}."
             )
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ValueError(f"federation.max_update_norm must be > 0 (or null for no bound); got {self.max_update_norm}.")
+        if not 0 < self.dp_delta < 1:
+            raise ValueError(f"federation.dp_delta must be in (0, 1); got {self.dp_delta}.")
+
+
+# Settings that may change when a run is resumed: they do not affect what a round computes.
+RESUMABLE_SETTINGS = ("num_rounds", "output_dir", "save_adapters", "quiet", "resume")
+_COSMETIC_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir")
 
 
 @dataclass
@@ -67,6 +92,12 @@ class FederationState:
     global_adapter: dict[str, torch.Tensor]
     history: list[dict[str, float]] = field(default_factory=list)  # one row per round
     client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round
+    objective_state: dict[str, dict] = field(default_factory=dict)  # e.g. NormalizedReward statistics
+    rng_state: dict[str, Any] = field(default_factory=dict)  # global RNGs when the round ended
+
+
+class FederationError(RuntimeError):
+    """A round that cannot be completed (too few healthy clients); the state before it is saved."""
 
 
 class FederatedOrchestrator:
@@ -91,12 +122,16 @@ class FederatedOrchestrator:
         self.trainers = trainer_factory
         self.algorithm = algorithm or Algorithm()
         self.procedure = self.algorithm.procedure()
-        self.aggregator = self.algorithm.aggregator(config.server_lr)
+        self.aggregator = private(
+            with_rule(self.algorithm.aggregator(config.server_lr), config.aggregator, config.server_lr, config.trim_fraction),
+            config.dp_clip_norm, config.dp_noise_multiplier, self.clients_per_round,
+        )
         self.writer = writer or RunWriter(
             config.output_dir, module.objective_names, module.policy.peft_config["default"], echo,
             save_every_round=config.save_adapters,
         )
         self.echo = echo
+        self.checkpoint_dir = Path(config.output_dir) / "checkpoint"
 
     # ---- the loop ----
 
@@ -109,7 +144,8 @@ class FederatedOrchestrator:
             steady_memory(),
         ):
             self.datamodule.setup("fit")
-            state = self.initial_state()
+            state = self.resumed_state() if self.config.resume else None
+            state = state or self.initial_state()
             for round_idx in range(state.round + 1, self.config.num_rounds + 1):
                 state = self.run_round(state, round_idx)
         self.writer.finish(state, time.perf_counter() - start, self.config)
@@ -131,6 +167,7 @@ class FederatedOrchestrator:
         row = {"round": 0, **self.evaluate(adapter)}
         state = FederationState(round=0, global_adapter=adapter, history=[row])
         self.writer.record_round(state, row, [])
+        self.save_checkpoint(state)
         self.echo(f"round 0/{self.config.num_rounds} (initial adapter) | {_format_eval(row)}")
         return state
 
@@ -138,22 +175,38 @@ class FederatedOrchestrator:
         tic = time.perf_counter()
         clients = self.sample_clients(round_idx)
         self.echo(f"round {round_idx}/{self.config.num_rounds} | training clients {clients} ...")
-        updates = [self.train_one(state.global_adapter, c, round_idx) for c in clients]
-        result = self.aggregator.aggregate(state.global_adapter, updates)
+        updates, failed = self.train_clients(state.global_adapter, clients, round_idx)
+        updates, rejected = self.screen(updates, state.global_adapter, round_idx)
+        if len(updates) < self.config.min_clients:
+            self.save_checkpoint(state)
+            raise FederationError(
+                f"Round {round_idx}: only {len(updates)} of {len(clients)} clients returned a usable update, "
+                f"fewer than federation.min_clients={self.config.min_clients} ({'; '.join([*failed, *rejected])}). "
+                f"The state after round {state.round} is saved in {self.checkpoint_dir}: fix the cause, then "
+                "continue with `--federation.resume true`."
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(server_seed(self.config.seed, round_idx))  # server-side noise (DP), per round
+            result = self.aggregator.aggregate(state.global_adapter, updates)
         client_rows = [self._client_row(u, round_idx, state.global_adapter) for u in updates]
         row = {
             "round": round_idx,
             **self.evaluate(result.adapter),
             **self._round_metrics(updates, result, state.global_adapter, client_rows),
+            "clients/failed": len(failed),
+            "clients/rejected": len(rejected),
+            **self._privacy_metrics(round_idx),
             "time/round_s": time.perf_counter() - tic,
         }
-        state = FederationState(
+        state = dataclasses.replace(  # replace, not rebuild: keeps every other field of the state
+            state,
             round=round_idx,
             global_adapter=result.adapter,
             history=[*state.history, row],
             client_history=[*state.client_history, *client_rows],
         )
         self.writer.record_round(state, row, client_rows)
+        self.save_checkpoint(state)
         self.echo(
             f"round {round_idx}/{self.config.num_rounds} | {_format_eval(row)} | "
             f"λ-dispersion {row['lambda_dispersion']:.4f} | update dispersion {row['update_dispersion']:.3f} | "
@@ -161,25 +214,120 @@ class FederatedOrchestrator:
         )
         return state
 
-    def sample_clients(self, round_idx: int) -> list[int]:
-        """Seeded by (seed, round): the same clients for the same round on any rerun."""
+    @property
+    def clients_per_round(self) -> int:
         n = self.config.num_clients
-        m = min(n, max(self.config.min_clients, math.ceil(self.config.client_fraction * n)))
+        return min(n, max(self.config.min_clients, math.ceil(self.config.client_fraction * n)))
+
+    def sample_clients(self, round_idx: int) -> list[int]:
+        """Seeded by (seed, round): the same clients for the same round on any rerun or resume
+        (the sampling has no state besides the seed, which the checkpoint's fingerprint pins)."""
         rng = np.random.default_rng([self.config.seed, round_idx])
-        return sorted(int(c) for c in rng.choice(n, size=m, replace=False))
+        return sorted(int(c) for c in rng.choice(self.config.num_clients, size=self.clients_per_round, replace=False))
+
+    # ---- client faults ----
+
+    def train_clients(self, global_adapter: dict, clients: list[int], round_idx: int) -> tuple[list[ClientUpdate], list[str]]:
+        """Every sampled client's update; a client that raises is logged and left out."""
+        updates, failed = [], []
+        for client_id in clients:
+            try:
+                updates.append(self.train_one(global_adapter, client_id, round_idx))
+            except Exception as error:  # one client's fault must not end the federation
+                reason = f"client {client_id} failed: {type(error).__name__}: {error}"
+                failed.append(reason)
+                self.echo(f"round {round_idx} | {reason} (left out of this round)")
+                _log.error("round %d, client %d raised:\n%s", round_idx, client_id,
+                           "".join(traceback.format_exception(error)))
+        return updates, failed
+
+    def screen(self, updates: list[ClientUpdate], global_adapter: dict, round_idx: int) -> tuple[list[ClientUpdate], list[str]]:
+        """Updates fit to merge; the others are logged and dropped (never aggregated)."""
+        accepted, rejected = [], []
+        for update in updates:
+            reason = screen_update(update, global_adapter, self.config.max_update_norm)
+            if reason is None:
+                accepted.append(update)
+            else:
+                rejected.append(f"client {update.client_id} rejected: {reason}")
+                self.echo(f"round {round_idx} | {rejected[-1]} (not merged)")
+                _log.warning("round %d: %s", round_idx, rejected[-1])
+        return accepted, rejected
+
+    # ---- checkpoints and resume ----
+
+    def save_checkpoint(self, state: FederationState) -> None:
+        objective_state = {o.name: o.state_dict() for o in self.module.objectives if callable(getattr(o, "state_dict", None))}
+        state = dataclasses.replace(state, objective_state=objective_state, rng_state=checkpoint.capture_rng())
+        checkpoint.save_state(self.checkpoint_dir, state, {"fingerprint": self.fingerprint()})
+
+    def resumed_state(self) -> Optional[FederationState]:
+        """The state saved by an earlier run in this output_dir, checked against this config; None if none."""
+        if not checkpoint.exists(self.checkpoint_dir):
+            self.echo(f"resume: no checkpoint in {self.checkpoint_dir}; starting from round 0")
+            return None
+        state, extra = checkpoint.load_state(self.checkpoint_dir, FederationState)
+        changed = checkpoint.differences(extra.get("fingerprint", {}), self.fingerprint())
+        if changed:
+            raise checkpoint.CheckpointError(
+                f"Cannot resume from {self.checkpoint_dir}: this config differs from the saved run in "
+                + "; ".join(changed)
+                + ". Resume with the original settings, or start a new run in another federation.output_dir."
+            )
+        if state.round > self.config.num_rounds:
+            raise checkpoint.CheckpointError(
+                f"Cannot resume: {self.checkpoint_dir} holds {state.round} finished rounds but federation.num_rounds="
+                f"{self.config.num_rounds}; ask for at least {state.round} rounds."
+            )
+        for objective in self.module.objectives:
+            if objective.name in state.objective_state:
+                objective.load_state_dict(state.objective_state[objective.name])
+        checkpoint.restore_rng(state.rng_state)
+        self.module.load_adapter_state(state.global_adapter)
+        self.echo(f"resume: round {state.round} of {self.config.num_rounds} finished in {self.checkpoint_dir}; continuing")
+        return state
+
+    def fingerprint(self) -> dict:
+        """What must not change between a run and its resumption, section by section."""
+        module, describe = self.module, checkpoint.describe
+        base = module.policy.get_base_model()
+        peft = module.policy.peft_config["default"]
+        return {
+            "objectives": [describe(o) for o in module.objectives],
+            "model": {
+                "config": {k: describe(v) for k, v in base.config.to_dict().items() if k != "transformers_version"},
+                "weights": _weights_signature(base),
+            },
+            "lora": {
+                "r": peft.r, "alpha": peft.lora_alpha, "target_modules": describe(peft.target_modules),
+                "tensors": {k: describe(v) for k, v in module.adapter_state().items()},
+            },
+            "training": {
+                "weighting": describe(module.weighting), "sampling": describe(module.sampling),
+                "loss": describe(module.loss_settings), "learning_rate": module.learning_rate,
+                "weight_decay": module.weight_decay,
+                "trainer": describe({k: v for k, v in self.trainers.kwargs.items() if k not in _COSMETIC_TRAINER_KEYS}),
+            },
+            "algorithm": describe(self.algorithm),
+            "federation": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in RESUMABLE_SETTINGS},
+            "data": describe(dict(self.datamodule.hparams)),
+        }
 
     def train_one(self, global_adapter: dict, client_id: int, round_idx: int) -> ClientUpdate:
         # Each client fit draws its samples from a seed of its own (seed, round, client): the
         # result does not depend on which clients ran before it, so a resumed run or a client
         # on another machine reproduces it.
         torch.manual_seed(client_seed(self.config.seed, round_idx, client_id))
+        num_examples = self.datamodule.num_examples(client_id)
+        if num_examples == 0:
+            raise ValueError(f"client {client_id} has no prompts (an empty shard); use fewer clients or another partition.")
         update = self.procedure.run(
             self.module,
             global_adapter,
             dataloader=lambda: self.datamodule.client_dataloader(client_id, round_idx=round_idx),
             trainer=lambda tag: self.trainers.client_trainer(client_id, round_idx, tag),
             client_id=client_id,
-            num_examples=self.datamodule.num_examples(client_id),
+            num_examples=num_examples,
         )
         release_client_memory()
         upload_dtype = getattr(torch, self.config.upload_dtype) if self.config.upload_dtype else None
@@ -202,6 +350,15 @@ class FederatedOrchestrator:
             "comm/bytes_up": sum(payload_bytes(a) for a in update.adapters),
             "comm/bytes_down": payload_bytes(global_adapter),
             **update.metrics,
+        }
+
+    def _privacy_metrics(self, round_idx: int) -> dict:
+        if self.config.dp_clip_norm is None:
+            return {}
+        q = self.clients_per_round / self.config.num_clients
+        return {
+            "privacy/epsilon": epsilon(self.config.dp_noise_multiplier, q, round_idx, self.config.dp_delta),
+            "privacy/noise_std": self.aggregator.noise_std,
         }
 
     def _round_metrics(self, updates: list[ClientUpdate], result, global_adapter: dict, client_rows: list[dict]) -> dict:
@@ -259,8 +416,26 @@ def stays_on_device(module: torch.nn.Module):
         del module.cpu
 
 
+def _weights_signature(model: torch.nn.Module) -> str:
+    """A cheap content check of the base weights: a hash of the first values of every tensor."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name:  # the adapter is trained state, not the model
+            continue
+        digest.update(name.encode())
+        digest.update(tensor.detach().flatten()[:16].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def client_seed(seed: int, round_idx: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_idx, client_id]).generate_state(1)[0])
+
+
+def server_seed(seed: int, round_idx: int) -> int:
+    """A stream apart from every client's (another spawn key), for the server's own randomness."""
+    return int(np.random.SeedSequence([seed, round_idx], spawn_key=(1,)).generate_state(1)[0])
 
 
 def _format_eval(row: dict) -> str:

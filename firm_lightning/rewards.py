@@ -234,6 +234,13 @@ class NormalizedReward(RewardFunction):
             self._update(raw)
         return ((raw - self.mean) / max(self.std, self.eps)).float()
 
+    def state_dict(self) -> dict[str, float]:
+        """The statistics gathered so far (what a resumed federation must restore)."""
+        return {"count": self.count, "mean": self.mean, "_m2": self._m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self._m2 = int(state["count"]), float(state["mean"]), float(state["_m2"])
+
     def _update(self, batch: torch.Tensor) -> None:
         """Chan et al.'s parallel update of count, mean and sum of squared deviations."""
         n, mean = batch.numel(), float(batch.mean())

@@ -1,0 +1,250 @@
+"""Atomic, pickle-free checkpoints of a federation's state.
+
+A checkpoint is two files in ``<output_dir>/checkpoint/``:
+
+* ``state_<round>.safetensors`` holds every tensor of the state (global adapter, RNG states,
+  and any dict of tensors a field holds, e.g. per-client optimiser state), flattened to keys
+  such as ``global_adapter/<name>`` or ``client_optim/3/exp_avg/0``;
+* ``state.json`` holds everything else (round index, metric history, reward statistics, the
+  config fingerprint), with each tensor replaced by ``{"__tensor__": key}``, plus the name and
+  SHA-256 of the tensor file it belongs to.
+
+Each file is written to a temporary name, flushed, fsynced and renamed over the old one, and
+the tensor file is written before the JSON that points to it: a crash (or a full disk) at any
+moment leaves the previous checkpoint complete and loadable. Nothing is unpickled on load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Type, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+FORMAT_VERSION = 1
+STATE_JSON = "state.json"
+T = TypeVar("T")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the current run."""
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    """JSON-able form of ``value``; its tensors go into ``tensors`` under keys derived from ``path``."""
+    if isinstance(value, torch.Tensor):
+        tensors[path] = value.detach().to("cpu").contiguous()
+        return {"__tensor__": path}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: encode(v, tensors, f"{path}/{k}") for k, v in value.items()}
+        # Non-string keys (client ids, optimiser parameter ids) keep their type as pairs.
+        return {"__items__": [[k, encode(v, tensors, f"{path}/{k}")] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [encode(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"Cannot checkpoint {path!r} of type {type(value).__name__}: use tensors, numbers, strings, lists or dicts.")
+
+
+def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__items__" in value:
+            return {k: decode(v, tensors) for k, v in value["__items__"]}
+        return {k: decode(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode(v, tensors) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------- files
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on the device while writing {path}; the previous checkpoint is intact. "
+                "Free some space, then continue with `--federation.resume true`.",
+            ) from error
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself must reach the disk; not every platform can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_state(directory: Path, state: Any, extra: dict[str, Any]) -> Path:
+    """Save a dataclass ``state`` (every field) and ``extra`` (JSON-able) atomically into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    fields = {f.name: encode(getattr(state, f.name), tensors, f.name) for f in dataclasses.fields(state)}
+    blob = save_safetensors(tensors) if tensors else save_safetensors({"__empty__": torch.zeros(0)})
+    digest = hashlib.sha256(blob).hexdigest()
+    # Named by content: rewriting a round never overwrites the file the current JSON points to.
+    tensor_file = f"state_{getattr(state, 'round', 0):05d}_{digest[:12]}.safetensors"
+    atomic_write(directory / tensor_file, blob)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "tensor_file": tensor_file,
+        "tensor_sha256": digest,
+        "fields": fields,
+        **extra,
+    }
+    atomic_write(directory / STATE_JSON, json.dumps(meta, indent=1).encode())
+    for old in directory.glob("state_*.safetensors"):  # only now is the previous one obsolete
+        if old.name != tensor_file:
+            old.unlink(missing_ok=True)
+    return directory / STATE_JSON
+
+
+def exists(directory: Path) -> bool:
+    return (directory / STATE_JSON).is_file()
+
+
+def load_state(directory: Path, state_type: Type[T]) -> tuple[T, dict[str, Any]]:
+    """The state saved by :func:`save_state` and its ``extra`` entries; refuses damaged files."""
+    meta_path = directory / STATE_JSON
+    try:
+        meta = json.loads(meta_path.read_text())
+        blob = (directory / meta["tensor_file"]).read_bytes()
+    except (OSError, ValueError, KeyError) as error:
+        raise CheckpointError(f"Cannot read the federation checkpoint in {directory}: {error}.") from error
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path} has format version {meta.get('format_version')}; this version reads {FORMAT_VERSION}.")
+    if hashlib.sha256(blob).hexdigest() != meta["tensor_sha256"]:
+        raise CheckpointError(f"{directory / meta['tensor_file']} does not match its checksum in {meta_path}: the file is damaged.")
+    try:
+        tensors = load_safetensors(blob)
+    except SafetensorError as error:
+        raise CheckpointError(f"{directory / meta['tensor_file']} is not a valid safetensors file ({error}).") from error
+    names = {f.name for f in dataclasses.fields(state_type)}
+    fields = {k: decode(v, tensors) for k, v in meta.pop("fields").items() if k in names}
+    return state_type(**fields), meta
+
+
+# ---------------------------------------------------------------- random number generators
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states (torch CPU and CUDA, numpy, Python) as tensors and numbers."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- config fingerprints
+
+
+def describe(obj: Any, depth: int = 4) -> Any:
+    """A JSON-able description of a setting: its class and public attributes, recursively.
+
+    Attributes an object reports in ``state_dict()`` are state that evolves during training
+    (e.g. ``NormalizedReward``'s running statistics), not configuration, and are left out.
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [describe(v, depth) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted(describe(v, depth) for v in obj)
+    if isinstance(obj, dict):
+        return {str(k): describe(v, depth) for k, v in obj.items()}
+    if isinstance(obj, (torch.dtype, torch.device, Path)):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return {"shape": list(obj.shape), "dtype": str(obj.dtype)}
+    cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if depth <= 0 or not hasattr(obj, "__dict__"):
+        return cls
+    state_dict = getattr(obj, "state_dict", None)
+    evolving = set(state_dict()) if callable(state_dict) and not isinstance(obj, torch.nn.Module) else set()
+    attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k not in evolving and not callable(v)}
+    return {"class": cls, **{k: describe(v, depth - 1) for k, v in attrs.items()}}
+
+
+def differences(saved: Any, current: Any, path: str = "", limit: int = 5) -> list[str]:
+    """Human-readable paths where two descriptions differ: ``"lora.r: was 8, now 16"``."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in list(dict.fromkeys([*saved, *current])):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in saved or key not in current:
+                found.append(f"{sub}: {'absent' if key not in saved else _short(saved[key])} before, "
+                             f"{'absent' if key not in current else _short(current[key])} now")
+            else:
+                found += differences(saved[key], current[key], sub, limit)
+            if len(found) >= limit:
+                break
+        return found[:limit]
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        found = []
+        for i, (a, b) in enumerate(zip(saved, current)):
+            found += differences(a, b, f"{path}[{i}]", limit)
+        return found[:limit]
+    return [] if saved == current else [f"{path}: was {_short(saved)}, now {_short(current)}"]
+
+
+def _short(value: Any, width: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
