@@ -6,16 +6,24 @@ number of local steps K), plus ``federation`` (``FederationConfig``). ``fit`` ru
 federation instead of one ``Trainer.fit``; ``validate`` evaluates a saved global adapter.
 Every option is also a flag (``--federation.num_rounds 3``), and a misspelt one fails with
 jsonargparse's error naming it.
+
+A user error (bad setting, unreadable file, a federation that cannot go on) ends in one line
+on stderr naming the problem, and exit code 1; ``--debug`` or ``FIRM_DEBUG=1`` shows the full
+traceback instead.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from lightning.pytorch import seed_everything
 from lightning.pytorch.cli import LightningCLI
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from firm_lightning.compare import CompareSettings, markdown_table, plot_comparison, run_comparison, summarize
@@ -23,7 +31,7 @@ from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.pareto import ParetoSettings, front_report, run_sweep, write_outputs
 from firm_lightning.module import FIRMClientModule
-from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, quiet_lightning
+from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationError, quiet_lightning
 from firm_lightning.trainer_factory import TrainerFactory
 
 
@@ -98,9 +106,16 @@ class FIRMCLI(LightningCLI):
     def _prepare_output_dir(self) -> Path:
         """Create federation.output_dir and save the resolved config there."""
         out = Path(self._section("federation").output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        config = self.config[self.subcommand]
-        self._parser(self.subcommand).save(config, out / "config.yaml", overwrite=True, skip_check=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            config = self.config[self.subcommand]
+            self._parser(self.subcommand).save(config, out / "config.yaml", overwrite=True, skip_check=True)
+        except OSError as error:
+            raise OSError(
+                error.errno,
+                f"Cannot write to federation.output_dir {str(out)!r} ({error.strerror or error}); "
+                "pass a writable folder with --federation.output_dir.",
+            ) from error
         return out
 
     def run_fit(self) -> None:
@@ -164,7 +179,7 @@ class FIRMCLI(LightningCLI):
     def run_validate(self) -> None:
         ckpt_path = self._get(self.config, "ckpt_path")
         if ckpt_path:
-            self.model.load_adapter_state(load_file(str(_adapter_file(ckpt_path))))
+            self.model.load_adapter_state(load_adapter_file(ckpt_path))
         federation = self._section("federation")
         with quiet_lightning(federation.quiet):
             trainer = TrainerFactory(
@@ -175,6 +190,18 @@ class FIRMCLI(LightningCLI):
         for key, value in results.items():
             print(f"{key:<32}{value:.4f}")
         self.results = results
+
+
+def load_adapter_file(path: str) -> dict:
+    """The tensors of an adapter file, refusing files that are not readable safetensors."""
+    file = _adapter_file(path)
+    try:
+        return load_file(str(file))
+    except SafetensorError as error:
+        raise ValueError(
+            f"{file} is not a readable safetensors adapter ({error}): it is damaged, truncated or another kind of "
+            "file. Pass an adapter written by `fit` (<output_dir>/adapters/round_<r>.safetensors or adapters/final)."
+        ) from error
 
 
 def _adapter_file(path: str) -> Path:
@@ -194,8 +221,40 @@ def _echo(message: str) -> None:
     print(message, flush=True)
 
 
+# Errors a user can fix from the message alone; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FederationError)
+DEBUG_ENV = "FIRM_DEBUG"
+
+
 def main(args=None) -> None:
-    FIRMCLI(args=args)
+    args = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    try:
+        FIRMCLI(args=args)
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {user_message(error)} (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted; continue with `--federation.resume true` (same output_dir)", file=sys.stderr)
+        sys.exit(130)
+
+
+def user_message(error: BaseException) -> str:
+    """One line: the message of the outermost exception in the chain that this package raised
+    (jsonargparse re-raises our validation errors inside its Union dump), else the error's own."""
+    chosen, current = error, error
+    while current is not None:
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and f"{os.sep}firm_lightning{os.sep}" in frames[-1].filename:
+            chosen = current
+            break
+        current = current.__cause__ or current.__context__
+    return re.sub(r"\s+", " ", str(chosen)).strip() or type(chosen).__name__
 
 
 if __name__ == "__main__":

@@ -94,8 +94,19 @@ def load_rows(path: str, subset: Optional[str] = None, split: str = "train") -> 
         if builder is None:
             raise ValueError(f"unsupported file type {local.suffix!r} for {path}: "
                              f"convert it to one of {sorted(_FILE_BUILDERS)}")
+        empty = ValueError(f"the prompt file {path} is empty (no rows); give a file with one "
+                           f"prompt per row")
+        if local.stat().st_size == 0:
+            raise empty
         # A single data file always comes back as the builder's one "train" split.
-        return datasets.load_dataset(builder, data_files=str(local), split="train")
+        try:
+            return datasets.load_dataset(builder, data_files=str(local), split="train")
+        except StopIteration:  # datasets' json builder on an empty file
+            raise empty from None
+        except ValueError as error:  # ... and on one holding only blank lines
+            if "corresponds to no data" in str(error):
+                raise empty from None
+            raise
     if local.is_dir():
         return _load_local_dir(local, subset, split)
     if _looks_local(path):  # a typo'd local path should not turn into a hub request
@@ -214,6 +225,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def _load(self) -> datasets.Dataset:
         ds = self._raw_rows()
+        if len(ds) == 0:
+            raise ValueError(f"{self.path} holds no rows (split={self.split!r}); give data with at "
+                             f"least one prompt per client plus the eval set")
         wanted = [c for c in (self.prompt_column, self.group_column) if c is not None]
         for col in wanted:
             if col not in ds.column_names:
@@ -281,7 +295,13 @@ class PromptDataModule(L.LightningDataModule):
                              f"{self.group_column!r} value in the training set ({n_parts}: "
                              f"{values}) but num_clients={self.num_clients}; set "
                              f"num_clients={n_parts} or use partition='dirichlet'")
-        return [list(part.load_partition(i)[_ROW]) for i in range(n_parts)]
+        shards = [list(part.load_partition(i)[_ROW]) for i in range(n_parts)]
+        empty = [i for i, shard in enumerate(shards) if not shard]
+        if empty:  # a client without prompts could not train a single step
+            raise ValueError(f"the {self.partition!r} partition left client(s) {empty} without "
+                             f"prompts; use fewer clients (num_clients={self.num_clients}), "
+                             f"another partition or more data")
+        return shards
 
     def _count_partitions(self, part: Partitioner) -> int:
         if not isinstance(part, DirichletPartitioner):

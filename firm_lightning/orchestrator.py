@@ -167,7 +167,7 @@ class FederatedOrchestrator:
         row = {"round": 0, **self.evaluate(adapter)}
         state = FederationState(round=0, global_adapter=adapter, history=[row])
         self.writer.record_round(state, row, [])
-        self.save_checkpoint(state)
+        state = self.save_checkpoint(state)
         self.echo(f"round 0/{self.config.num_rounds} (initial adapter) | {_format_eval(row)}")
         return state
 
@@ -206,7 +206,7 @@ class FederatedOrchestrator:
             client_history=[*state.client_history, *client_rows],
         )
         self.writer.record_round(state, row, client_rows)
-        self.save_checkpoint(state)
+        state = self.save_checkpoint(state)
         self.echo(
             f"round {round_idx}/{self.config.num_rounds} | {_format_eval(row)} | "
             f"λ-dispersion {row['lambda_dispersion']:.4f} | update dispersion {row['update_dispersion']:.3f} | "
@@ -256,10 +256,12 @@ class FederatedOrchestrator:
 
     # ---- checkpoints and resume ----
 
-    def save_checkpoint(self, state: FederationState) -> None:
+    def save_checkpoint(self, state: FederationState) -> FederationState:
+        """Save ``state`` with the reward statistics and RNG states of this moment; return what was saved."""
         objective_state = {o.name: o.state_dict() for o in self.module.objectives if callable(getattr(o, "state_dict", None))}
         state = dataclasses.replace(state, objective_state=objective_state, rng_state=checkpoint.capture_rng())
         checkpoint.save_state(self.checkpoint_dir, state, {"fingerprint": self.fingerprint()})
+        return state
 
     def resumed_state(self) -> Optional[FederationState]:
         """The state saved by an earlier run in this output_dir, checked against this config; None if none."""

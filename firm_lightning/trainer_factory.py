@@ -41,10 +41,11 @@ class TrainerFactory:
         self.logger = config.pop("logger", True)
         self.kwargs = {k: v for k, v in config.items() if v is not None}
         self.output_dir = Path(output_dir)
-        if self.kwargs.get("max_steps", -1) in (-1, None):
+        max_steps = self.kwargs.get("max_steps")
+        if max_steps is None or max_steps <= 0:  # 0 would run a federation with no local training
             raise ValueError(
-                "trainer.max_steps sets the number of local steps K per client per round and must be > 0, "
-                "e.g. `--trainer.max_steps 8`."
+                "trainer.max_steps sets the number of local steps K per client per round and must be > 0 "
+                f"(got {max_steps}), e.g. `--trainer.max_steps 8`."
             )
 
     def client_trainer(self, client_id: int, round_idx: int, tag: str = "") -> L.Trainer:

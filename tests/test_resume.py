@@ -1,0 +1,182 @@
+"""Resume: a run killed with SIGKILL mid-round and resumed equals an uninterrupted run; checkpoints
+survive crashes while they are written; an incompatible config is refused naming what differs."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_datamodule, make_module
+from firm_lightning import checkpoint
+from firm_lightning.checkpoint import CheckpointError
+from firm_lightning.cli import main
+from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationState
+from firm_lightning.rewards import CharsetReward, NormalizedReward
+from firm_lightning.trainer_factory import TrainerFactory
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 3
+TINY = [
+    "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
+    f"--federation.num_rounds={ROUNDS}", "--federation.num_clients=2", "--federation.min_clients=1",
+    "--trainer.max_steps=2", "--data.max_prompts=48", "--data.eval_size=8", "--data.batch_size=4",
+    "--data.partition=iid", "--model.sampling.max_new_tokens=8", "--model.sampling.num_generations=2",
+    "--model.sampling.eval_num_generations=1",
+]
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in csv.DictReader(f)]
+
+
+def _kill_during_round(out: Path, round_idx: int) -> subprocess.Popen:
+    """Start `fit` in a subprocess and SIGKILL it as soon as it starts training round ``round_idx``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "firm_lightning", *TINY, f"--federation.output_dir={out}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    proc.seen = []
+
+    def watch():
+        for line in proc.stdout:
+            proc.seen.append(line)
+            if line.startswith(f"round {round_idx}/{ROUNDS} | training"):
+                os.kill(proc.pid, signal.SIGKILL)
+                return
+
+    proc.watcher = threading.Thread(target=watch, daemon=True)
+    proc.watcher.start()
+    return proc
+
+
+def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path):
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    proc = _kill_during_round(killed, 2)
+    main([*TINY, f"--federation.output_dir={straight}"])  # meanwhile, in this process
+    proc.wait(timeout=300)
+    proc.watcher.join(timeout=10)
+    assert proc.returncode == -signal.SIGKILL, "".join(proc.seen)
+    # It died during round 2: round 1 is the last finished one, round 2 left nothing behind.
+    assert checkpoint.load_state(killed / "checkpoint", FederationState)[0].round == 1
+    assert [int(r["round"]) for r in _rows(killed / "metrics.csv")] == [0, 1]
+
+    main([*TINY, f"--federation.output_dir={killed}", "--federation.resume=true"])
+
+    final = lambda d: load_file(str(d / "adapters" / "final" / "adapter_model.safetensors"))
+    a, b = final(killed), final(straight)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
+    assert _rows(killed / "metrics.csv") == _rows(straight / "metrics.csv")
+    assert _rows(killed / "client_metrics.csv") == _rows(straight / "client_metrics.csv")
+    assert len(_rows(straight / "metrics.csv")) == ROUNDS + 1
+
+
+def _orchestrator(out, module=None, **federation) -> FederatedOrchestrator:
+    module = module or seeded(make_module)
+    config = FederationConfig(num_clients=2, output_dir=str(out), **{"num_rounds": 1, **federation})
+    factory = TrainerFactory({"max_steps": 1, "accelerator": "cpu"}, out)
+    return FederatedOrchestrator(module, make_datamodule(2), config, factory, echo=lambda _: None)
+
+
+def seeded(build, **kwargs):
+    torch.manual_seed(0)  # the same LoRA initialisation for every module built here
+    return build(**kwargs)
+
+
+def test_more_rounds_extend_a_finished_run_and_reward_statistics_are_restored(tmp_path):
+    normalized = lambda: seeded(make_module, objectives=[
+        NormalizedReward(CharsetReward("a_to_m", "abcdefghijklm"), mode="running"), CharsetReward("n_to_z", "nopqrstuvwxyz")])
+    first = _orchestrator(tmp_path / "a", normalized()).run()
+    stats = first.objective_state["a_to_m"]
+    assert stats["count"] > 0
+    resumed_module = normalized()
+    extended = _orchestrator(tmp_path / "a", resumed_module, num_rounds=2, resume=True).run()
+    straight = _orchestrator(tmp_path / "b", normalized(), num_rounds=2).run()
+    assert [r["round"] for r in extended.history] == [0, 1, 2]
+    assert all(torch.equal(extended.global_adapter[k], v) for k, v in straight.global_adapter.items())
+    assert extended.objective_state == straight.objective_state
+    with pytest.raises(CheckpointError, match="holds 2 finished rounds but federation.num_rounds=1"):
+        _orchestrator(tmp_path / "a", normalized(), resume=True).run()
+
+
+def test_resume_with_another_config_is_refused_naming_the_difference(tmp_path):
+    _orchestrator(tmp_path, num_rounds=1).save_checkpoint(
+        FederationState(round=0, global_adapter=make_module().adapter_state()))
+    other_objective = make_module(objectives=[CharsetReward("a_to_m", "abc"), CharsetReward("n_to_z", "nopqrstuvwxyz")])
+    with pytest.raises(CheckpointError, match=r"objectives\[0\]\.charset: was .*, now \[\"a\", \"b\", \"c\"\]"):
+        _orchestrator(tmp_path, other_objective, resume=True).run()
+    from conftest import TINY_LORA
+    import dataclasses
+    with pytest.raises(CheckpointError, match=r"lora\.r: was 8, now 4"):
+        _orchestrator(tmp_path, make_module(lora=dataclasses.replace(TINY_LORA, r=4)), resume=True).run()
+    from firm_lightning.policy import TinyPolicy
+    with pytest.raises(CheckpointError, match=r"model\.config\.n_embd: was 64, now 32"):
+        _orchestrator(tmp_path, make_module(policy=TinyPolicy(hidden_size=32)), resume=True).run()
+    with pytest.raises(CheckpointError, match=r"federation\.seed: was 0, now 5"):
+        _orchestrator(tmp_path, seed=5, resume=True).run()
+
+
+def _saved(directory: Path, round_idx: int) -> FederationState:
+    state = FederationState(round=round_idx, global_adapter={"w": torch.full((3,), float(round_idx))},
+                            history=[{"round": r, "x": r / 3} for r in range(round_idx + 1)])
+    checkpoint.save_state(directory, state, {"fingerprint": {"a": 1}})
+    return state
+
+
+def test_a_crash_while_writing_leaves_the_previous_state_loadable(tmp_path):
+    _saved(tmp_path, 1)
+    # The process dies in the middle of writing round 2's tensor file ...
+    with mock.patch("firm_lightning.checkpoint.os.fsync", side_effect=SystemExit("killed")):
+        with pytest.raises(SystemExit):
+            _saved(tmp_path, 2)
+    # ... and a half-written temporary file from an earlier crash lies around too.
+    (tmp_path / ".state.json.tmp").write_text('{"round": 9, "trunc')
+    state, extra = checkpoint.load_state(tmp_path, FederationState)
+    assert state.round == 1 and torch.equal(state.global_adapter["w"], torch.ones(3))
+    assert state.history[-1] == {"round": 1, "x": 1 / 3} and extra["fingerprint"] == {"a": 1}
+
+
+def test_disk_full_while_saving_keeps_the_previous_state_and_says_so(tmp_path):
+    _saved(tmp_path, 1)
+    with mock.patch("firm_lightning.checkpoint.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
+        with pytest.raises(OSError, match="No space left on the device while writing .*previous checkpoint is intact.*resume true"):
+            _saved(tmp_path, 2)
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert checkpoint.load_state(tmp_path, FederationState)[0].round == 1
+
+
+def test_a_damaged_tensor_file_is_refused_not_loaded(tmp_path):
+    _saved(tmp_path, 1)
+    (tensor_file,) = tmp_path.glob("state_*.safetensors")
+    tensor_file.write_bytes(tensor_file.read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        checkpoint.load_state(tmp_path, FederationState)
+
+
+def test_every_field_is_saved_including_dicts_of_tensors_per_client(tmp_path):
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Extended(FederationState):
+        client_optimizer: dict = dataclasses.field(default_factory=dict)
+
+    state = Extended(round=2, global_adapter={"w": torch.ones(2)},
+                     client_optimizer={3: {"step": 5, "exp_avg": {0: torch.arange(4.0)}}, 7: {}})
+    checkpoint.save_state(tmp_path, state, {})
+    loaded, _ = checkpoint.load_state(tmp_path, Extended)
+    assert loaded.round == 2 and set(loaded.client_optimizer) == {3, 7}
+    assert torch.equal(loaded.client_optimizer[3]["exp_avg"][0], torch.arange(4.0))
+    assert loaded.client_optimizer[3]["step"] == 5
+    assert "pickle" not in (tmp_path / "state.json").read_text()
