@@ -1,0 +1,110 @@
+"""Faulty clients are left out with the reason logged; too few healthy ones stop the run with the state saved."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+
+import pytest
+import torch
+
+from conftest import make_datamodule, make_module
+from firm_lightning import checkpoint
+from firm_lightning.aggregation import screen_update
+from firm_lightning.client import ClientProcedure, ClientUpdate, SingleAdapter
+from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationError, FederationState
+from firm_lightning.rewards import CharsetReward
+from firm_lightning.trainer_factory import TrainerFactory
+
+
+class NaNForPrompts(CharsetReward):
+    """A reward that breaks (NaN) on some prompts: those of one client."""
+
+    def __init__(self, name, charset, bad_prompts):
+        super().__init__(name, charset)
+        self.bad_prompts = set(bad_prompts)
+
+    def __call__(self, prompts, responses):
+        rewards = super().__call__(prompts, responses)
+        return torch.where(torch.tensor([p in self.bad_prompts for p in prompts]), math.nan, rewards)
+
+
+class Faulty(ClientProcedure):
+    """Real local training, except for the clients told to misbehave."""
+
+    def __init__(self, faults: dict[int, str]):
+        self.inner, self.faults, self.uploads = SingleAdapter(), faults, {}
+
+    def run(self, module, global_adapter, dataloader, trainer, client_id, num_examples):
+        fault = self.faults.get(client_id)
+        if fault == "raise":
+            raise RuntimeError("simulated crash inside the client")
+        if fault == "nan":
+            return ClientUpdate(client_id, [{k: torch.full_like(v, math.nan) for k, v in global_adapter.items()}], num_examples, {})
+        if fault == "shape":
+            return ClientUpdate(client_id, [{k: torch.zeros(3) for k in global_adapter}], num_examples, {})
+        update = self.inner.run(module, global_adapter, dataloader, trainer, client_id, num_examples)
+        self.uploads[client_id] = update.adapters[0]
+        return update
+
+
+def _federation(tmp_path, faults, min_clients, bad_reward_client=None):
+    data = make_datamodule(num_clients=5)
+    data.setup()
+    second = CharsetReward("n_to_z", "nopqrstuvwxyz")
+    if bad_reward_client is not None:
+        second = NaNForPrompts("n_to_z", "nopqrstuvwxyz", data.client_prompts(bad_reward_client))
+    module = make_module(objectives=[CharsetReward("a_to_m", "abcdefghijklm"), second])
+    messages = []
+    config = FederationConfig(num_rounds=1, num_clients=5, min_clients=min_clients, output_dir=str(tmp_path))
+    orch = FederatedOrchestrator(module, data, config, TrainerFactory({"max_steps": 1, "accelerator": "cpu"}, tmp_path),
+                                 echo=messages.append)
+    orch.procedure = Faulty(faults)
+    return orch, messages
+
+
+def test_raising_nan_and_misshapen_clients_are_excluded_and_the_log_says_why(tmp_path, caplog):
+    orch, messages = _federation(tmp_path, {1: "raise", 2: "nan", 3: "shape"}, min_clients=1, bad_reward_client=0)
+    with caplog.at_level(logging.WARNING, logger="firm_lightning"):
+        state = orch.run()
+    log = "\n".join(messages)
+    assert "client 0 failed: ValueError: Reward function 'n_to_z' returned non-finite rewards" in log
+    assert "client 1 failed: RuntimeError: simulated crash inside the client" in log
+    assert "client 2 rejected:" in log and "holds NaN or inf" in log
+    assert "client 3 rejected:" in log and "has shape (3,)" in log
+    assert "round 1, client 1 raised" in caplog.text and "Traceback" in caplog.text
+    row = state.history[-1]
+    assert (row["clients"], row["clients/failed"], row["clients/rejected"]) == (1, 2, 2)
+    with open(tmp_path / "metrics.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert (last["clients/failed"], last["clients/rejected"]) == ("2", "2")
+    # Only the healthy client was merged: with FedAvg over one client the new global adapter is its upload.
+    healthy = orch.procedure.uploads[4]
+    assert all(torch.allclose(state.global_adapter[k], healthy[k], rtol=0, atol=1e-6) for k in healthy)
+    assert [r["client"] for r in state.client_history] == [4]
+
+
+def test_fewer_healthy_clients_than_min_clients_stops_clearly_with_the_state_saved(tmp_path):
+    orch, _ = _federation(tmp_path, {0: "raise", 1: "raise", 2: "nan", 3: "shape"}, min_clients=3)
+    with pytest.raises(FederationError) as failure:
+        orch.run()
+    message = str(failure.value)
+    assert "Round 1: only 1 of 5 clients returned a usable update, fewer than federation.min_clients=3" in message
+    assert "client 0 failed: RuntimeError" in message and "client 3 rejected" in message
+    assert "--federation.resume true" in message
+    saved, _ = checkpoint.load_state(tmp_path / "checkpoint", FederationState)
+    assert saved.round == 0 and set(saved.global_adapter) == set(orch.module.adapter_state())
+
+
+def test_update_screening_checks_keys_shapes_dtypes_finiteness_and_norm():
+    g = {"a": torch.zeros(2), "b": torch.zeros(1, 1)}
+    update = lambda state: ClientUpdate(7, [state], 1, {})
+    assert screen_update(update({"a": torch.ones(2), "b": torch.ones(1, 1)}), g) is None
+    assert "missing ['b']" in screen_update(update({"a": torch.ones(2)}), g)
+    assert "has shape (3,)" in screen_update(update({"a": torch.ones(3), "b": torch.ones(1, 1)}), g)
+    assert "dtype torch.float16" in screen_update(update({"a": torch.ones(2, dtype=torch.float16), "b": torch.ones(1, 1)}), g)
+    assert "NaN or inf" in screen_update(update({"a": torch.tensor([0.0, math.inf]), "b": torch.ones(1, 1)}), g)
+    big = update({"a": torch.tensor([3.0, 4.0]), "b": torch.zeros(1, 1)})  # ‖Δ‖ = 5
+    assert screen_update(big, g, max_update_norm=5.0) is None
+    assert "update norm 5 exceeds federation.max_update_norm=4.9" in screen_update(big, g, max_update_norm=4.9)
