@@ -30,7 +30,7 @@ ROUNDS = 3
 TINY = [
     "fit", "--config", str(ROOT / "configs" / "tiny.yaml"),
     f"--federation.num_rounds={ROUNDS}", "--federation.num_clients=2", "--federation.min_clients=1",
-    "--trainer.max_steps=2", "--data.max_prompts=48", "--data.eval_size=8", "--data.batch_size=4",
+    "--trainer.max_steps=1", "--data.max_prompts=48", "--data.eval_size=8", "--data.batch_size=4",
     "--data.partition=iid", "--model.sampling.max_new_tokens=8", "--model.sampling.num_generations=2",
     "--model.sampling.eval_num_generations=1",
 ]
@@ -180,3 +180,20 @@ def test_every_field_is_saved_including_dicts_of_tensors_per_client(tmp_path):
     assert torch.equal(loaded.client_optimizer[3]["exp_avg"][0], torch.arange(4.0))
     assert loaded.client_optimizer[3]["step"] == 5
     assert "pickle" not in (tmp_path / "state.json").read_text()
+
+
+def test_compare_resumes_each_run_from_its_own_checkpoint(tmp_path):
+    from firm_lightning.algorithms import FIRM, Linear
+    from firm_lightning.compare import CompareSettings, run_comparison
+
+    module, messages = seeded(make_module), []
+    settings = CompareSettings(algorithms=[FIRM(beta=1.0), Linear()], seeds=[0])
+    trainer = {"max_steps": 1, "accelerator": "cpu"}
+    config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path))
+    run_comparison(module, make_datamodule(2), config, trainer, settings, echo=lambda m: None)
+    config = FederationConfig(num_rounds=2, num_clients=2, output_dir=str(tmp_path), resume=True)
+    rows = run_comparison(module, make_datamodule(2), config, trainer, settings, echo=messages.append)
+    for name in ("firm_beta1", "linear"):
+        assert f"[{name} α=1 seed=0] resume: round 1 of 2 finished" in "\n".join(messages)
+        assert [r["round"] for r in rows if r["algorithm"] == name] == [0, 1, 2]
+    assert sum("training clients" in m for m in messages) == 2  # one new round per run, none repeated
