@@ -132,6 +132,7 @@ class FederatedOrchestrator:
         )
         self.echo = echo
         self.checkpoint_dir = Path(config.output_dir) / "checkpoint"
+        self._fingerprint: Optional[dict] = None
 
     # ---- the loop ----
 
@@ -290,7 +291,12 @@ class FederatedOrchestrator:
         return state
 
     def fingerprint(self) -> dict:
-        """What must not change between a run and its resumption, section by section."""
+        """What must not change between a run and its resumption, section by section (computed once per run)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._describe_run()
+        return self._fingerprint
+
+    def _describe_run(self) -> dict:
         module, describe = self.module, checkpoint.describe
         base = module.policy.get_base_model()
         peft = module.policy.peft_config["default"]

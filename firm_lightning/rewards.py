@@ -230,6 +230,7 @@ class NormalizedReward(RewardFunction):
 
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         raw = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float64).flatten()
+        check_rewards(self.name, raw, responses)  # before a bad batch can poison the statistics
         if self.mode == "running" or (self.mode == "calibration" and self.count == 0):
             self._update(raw)
         return ((raw - self.mean) / max(self.std, self.eps)).float()
@@ -259,19 +260,24 @@ def score_all(
     rows = []
     for objective in objectives:
         rewards = torch.as_tensor(objective(prompts, responses), dtype=torch.float32).flatten()
-        if rewards.numel() != len(responses):
-            raise ValueError(
-                f"Reward function {objective.name!r} returned {rewards.numel()} rewards for "
-                f"{len(responses)} responses; it must return one float per response."
-            )
-        if not torch.isfinite(rewards).all():
-            bad = [i for i, ok in enumerate(torch.isfinite(rewards).tolist()) if not ok][:3]
-            raise ValueError(
-                f"Reward function {objective.name!r} returned non-finite rewards (NaN/inf) at rows {bad}, "
-                f"e.g. for response {responses[bad[0]]!r}; make it return finite floats."
-            )
-        rows.append(rewards)
+        rows.append(check_rewards(objective.name, rewards, responses))
     return torch.stack(rows)
+
+
+def check_rewards(name: str, rewards: torch.Tensor, responses: list[str]) -> torch.Tensor:
+    """``rewards`` if it holds one finite value per response; else an error naming the objective."""
+    if rewards.numel() != len(responses):
+        raise ValueError(
+            f"Reward function {name!r} returned {rewards.numel()} rewards for "
+            f"{len(responses)} responses; it must return one float per response."
+        )
+    if not torch.isfinite(rewards).all():
+        bad = [i for i, ok in enumerate(torch.isfinite(rewards).tolist()) if not ok][:3]
+        raise ValueError(
+            f"Reward function {name!r} returned non-finite rewards (NaN/inf) at rows {bad}, "
+            f"e.g. for response {responses[bad[0]]!r}; make it return finite floats."
+        )
+    return rewards
 
 
 def check_objective_names(objectives: Sequence[RewardFunction]) -> list[str]:

@@ -108,3 +108,25 @@ def test_update_screening_checks_keys_shapes_dtypes_finiteness_and_norm():
     big = update({"a": torch.tensor([3.0, 4.0]), "b": torch.zeros(1, 1)})  # ‖Δ‖ = 5
     assert screen_update(big, g, max_update_norm=5.0) is None
     assert "update norm 5 exceeds federation.max_update_norm=4.9" in screen_update(big, g, max_update_norm=4.9)
+
+
+def test_a_nan_batch_is_refused_before_it_poisons_normalisation_statistics():
+    from firm_lightning.rewards import NormalizedReward, check_rewards
+
+    class Flaky(CharsetReward):
+        calls = 0
+
+        def __call__(self, prompts, responses):
+            Flaky.calls += 1
+            rewards = super().__call__(prompts, responses)
+            return torch.full_like(rewards, math.nan) if Flaky.calls == 2 else rewards
+
+    normalized = NormalizedReward(Flaky("a_to_m", "abc"), mode="running")
+    normalized(["p", "p"], ["abc", "xyz"])
+    before = normalized.state_dict()
+    with pytest.raises(ValueError, match="Reward function 'a_to_m' returned non-finite rewards"):
+        normalized(["p", "p"], ["abc", "xyz"])
+    with pytest.raises(ValueError, match="Reward function 'a_to_m' returned 3 rewards for 2 responses"):
+        check_rewards("a_to_m", torch.ones(3), ["a", "b"])
+    assert normalized.state_dict() == before
+    assert torch.isfinite(normalized(["p", "p"], ["abc", "xyz"])).all()
