@@ -179,7 +179,8 @@ class FederatedOrchestrator:
         updates, failed = self.train_clients(state.global_adapter, clients, round_idx)
         updates, rejected = self.screen(updates, state.global_adapter, round_idx)
         if len(updates) < self.config.min_clients:
-            self.save_checkpoint(state)
+            # The checkpoint saved when round state.round finished stays as it is: re-saving now
+            # would record reward statistics and RNG states disturbed by this failed round.
             raise FederationError(
                 f"Round {round_idx}: only {len(updates)} of {len(clients)} clients returned a usable update, "
                 f"fewer than federation.min_clients={self.config.min_clients} ({'; '.join([*failed, *rejected])}). "
