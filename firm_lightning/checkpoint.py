@@ -87,7 +87,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         if error.errno == errno.ENOSPC:
             raise OSError(
                 errno.ENOSPC,
-                f"No space left on the device while writing {path}; the previous checkpoint is intact. "
+                f"No space left on the device while writing {path}; any earlier checkpoint is intact. "
                 "Free some space, then continue with `--federation.resume true`.",
             ) from error
         raise

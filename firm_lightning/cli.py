@@ -254,7 +254,8 @@ def user_message(error: BaseException) -> str:
             chosen = current
             break
         current = current.__cause__ or current.__context__
-    return re.sub(r"\s+", " ", str(chosen)).strip() or type(chosen).__name__
+    text = re.sub(r"^\[Errno \d+\] ", "", str(chosen))  # OSError's prefix says nothing to a user
+    return re.sub(r"\s+", " ", text).strip() or type(chosen).__name__
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def _error_line(capsys, args: list[str]) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Subtypes" not in err, err
     last = err.strip().splitlines()[-1]
-    print(last)
+    assert "[Errno" not in last
     assert last.startswith("error: ") and last.endswith("(--debug or FIRM_DEBUG=1 shows the traceback)")
     return last
 

@@ -151,7 +151,7 @@ def test_a_crash_while_writing_leaves_the_previous_state_loadable(tmp_path):
 def test_disk_full_while_saving_keeps_the_previous_state_and_says_so(tmp_path):
     _saved(tmp_path, 1)
     with mock.patch("firm_lightning.checkpoint.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
-        with pytest.raises(OSError, match="No space left on the device while writing .*previous checkpoint is intact.*resume true"):
+        with pytest.raises(OSError, match="No space left on the device while writing .*earlier checkpoint is intact.*resume true"):
             _saved(tmp_path, 2)
     assert not list(tmp_path.glob(".*.tmp"))
     assert checkpoint.load_state(tmp_path, FederationState)[0].round == 1
