@@ -55,6 +55,8 @@ def encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
         return [encode(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # numpy scalars in metric rows
+        return value.item()
     raise TypeError(f"Cannot checkpoint {path!r} of type {type(value).__name__}: use tensors, numbers, strings, lists or dicts.")
 
 
