@@ -4,6 +4,7 @@
 
 Runs, for every seed, the same federation (the config of tests/test_cli.py: 4 clients, 3 rounds,
 4 local steps) without DP, with clipping only (σ = 0), and with clipping plus noise at each σ.
+A run that stops (e.g. every client's gradients NaN) is reported with its error line.
 Prints JSON: per setting, the final eval reward per objective (mean, std over seeds), its paired
 difference against the run without DP (mean and a 95% t interval over seeds), and ε at δ = 1e-5.
 """
@@ -18,7 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -32,8 +33,11 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 
 def run(seed: int, dp: list[str]) -> dict:
-    with tempfile.TemporaryDirectory() as out, redirect_stdout(io.StringIO()):
-        main(["fit", *SHORT, f"--federation.seed={seed}", f"--federation.output_dir={out}", *dp])
+    with tempfile.TemporaryDirectory() as out, redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
+        try:
+            main(["fit", *SHORT, f"--federation.seed={seed}", f"--federation.output_dir={out}", *dp])
+        except SystemExit:  # e.g. so much noise that every client's gradients became NaN
+            return {"failed": err.getvalue().strip().splitlines()[-1]}
         rows = list(csv.DictReader(open(Path(out) / "metrics.csv")))
     last = rows[-1]
     result = {k: float(v) for k, v in last.items() if k.startswith("eval/reward/")}
@@ -65,6 +69,10 @@ def main_() -> None:
     runs = {name: {s: run(s, dp) for s in args.seeds} for name, dp in settings.items()}
     report = {"seeds": args.seeds, "config": "tests/test_cli.py SHORT (4 clients, 3 rounds, 4 local steps)", "settings": {}}
     for name, by_seed in runs.items():
+        failed = {s: r["failed"] for s, r in by_seed.items() if "failed" in r}
+        if failed:
+            report["settings"][name] = {"failed": failed}
+            continue
         entry = {}
         for key in [k for k in by_seed[args.seeds[0]] if k.startswith("eval/reward/")]:
             finals = [by_seed[s][key] for s in args.seeds]

@@ -62,7 +62,7 @@ def _kill_during_round(out: Path, round_idx: int) -> subprocess.Popen:
     return proc
 
 
-def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path):
+def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
     killed, straight = tmp_path / "killed", tmp_path / "straight"
     proc = _kill_during_round(killed, 2)
     main([*TINY, f"--federation.output_dir={straight}"])  # meanwhile, in this process
@@ -73,7 +73,12 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert checkpoint.load_state(killed / "checkpoint", FederationState)[0].round == 1
     assert [int(r["round"]) for r in _rows(killed / "metrics.csv")] == [0, 1]
 
+    capsys.readouterr()
     main([*TINY, f"--federation.output_dir={killed}", "--federation.resume=true"])
+    out = capsys.readouterr().out
+    # It continued from round 2: the rounds already finished were not trained again.
+    assert f"resume: round 1 of {ROUNDS} finished" in out
+    assert "round 1/3 | training" not in out and "round 2/3 | training" in out
 
     final = lambda d: load_file(str(d / "adapters" / "final" / "adapter_model.safetensors"))
     a, b = final(killed), final(straight)
