@@ -1,6 +1,8 @@
 """Client-level differential privacy for the in-process orchestrator (DP-FedAvg).
 
-``DifferentialPrivacy`` wraps FedAvg, in the manner of Flower's DP strategy wrappers:
+``DifferentialPrivacy`` takes the place of FedAvg (it refuses to wrap any other aggregator,
+whose sensitivity to one client would differ), as a wrapper in the manner of Flower's DP
+strategy wrappers; it keeps FedAvg's ``server_lr``:
 
 1. each client's delta ``Δ_i = θ_i − θ`` is clipped to norm ``C`` (``dp_clip_norm``);
 2. the clipped deltas are averaged with equal weights (example counts would raise the
