@@ -150,10 +150,16 @@ def example_weights(num_examples: Sequence[int]) -> list[float]:
     return [n / total for n in num_examples]
 
 
-def screen_update(update: ClientUpdate, global_state: AdapterState, max_update_norm: Optional[float] = None) -> Optional[str]:
+def screen_update(
+    update: ClientUpdate,
+    global_state: AdapterState,
+    max_update_norm: Optional[float] = None,
+    upload_dtype: Optional[torch.dtype] = None,
+) -> Optional[str]:
     """Why ``update`` must not be merged (keys, shapes, dtypes, non-finite values, norm), or None.
 
-    The norm bound applies to each uploaded adapter's delta ``‖θ_i − θ‖₂``.
+    A tensor's dtype must be the global adapter's, or ``upload_dtype`` when uploads are cast
+    (``federation.upload_dtype``). The norm bound applies to each uploaded adapter's delta ``‖θ_i − θ‖₂``.
     """
     if not update.adapters:
         return "it uploaded no adapter"
@@ -167,8 +173,8 @@ def screen_update(update: ClientUpdate, global_state: AdapterState, max_update_n
                 return f"{name!r} is a {type(tensor).__name__}, not a tensor"
             if tensor.shape != ref.shape:
                 return f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
-            if tensor.dtype != ref.dtype:
-                return f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}"
+            if tensor.dtype not in (ref.dtype, upload_dtype or ref.dtype):
+                return f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}" + (f" or {upload_dtype}" if upload_dtype else "")
             if not torch.isfinite(tensor).all():
                 return f"{name!r} holds NaN or inf"
         if max_update_norm is not None:

@@ -247,7 +247,7 @@ class FederatedOrchestrator:
         """Updates fit to merge; the others are logged and dropped (never aggregated)."""
         accepted, rejected = [], []
         for update in updates:
-            reason = screen_update(update, global_adapter, self.config.max_update_norm)
+            reason = screen_update(update, global_adapter, self.config.max_update_norm, self._upload_dtype)
             if reason is None:
                 accepted.append(update)
             else:
@@ -330,17 +330,22 @@ class FederatedOrchestrator:
         num_examples = self.datamodule.num_examples(client_id)
         if num_examples == 0:
             raise ValueError(f"client {client_id} has no prompts (an empty shard); use fewer clients or another partition.")
-        update = self.procedure.run(
-            self.module,
-            global_adapter,
-            dataloader=lambda: self.datamodule.client_dataloader(client_id, round_idx=round_idx),
-            trainer=lambda tag: self.trainers.client_trainer(client_id, round_idx, tag),
-            client_id=client_id,
-            num_examples=num_examples,
-        )
-        release_client_memory()
-        upload_dtype = getattr(torch, self.config.upload_dtype) if self.config.upload_dtype else None
-        return update.cast(upload_dtype)
+        try:
+            update = self.procedure.run(
+                self.module,
+                global_adapter,
+                dataloader=lambda: self.datamodule.client_dataloader(client_id, round_idx=round_idx),
+                trainer=lambda tag: self.trainers.client_trainer(client_id, round_idx, tag),
+                client_id=client_id,
+                num_examples=num_examples,
+            )
+        finally:  # a client that raised must not leave its memory behind either
+            release_client_memory()
+        return update.cast(self._upload_dtype)
+
+    @property
+    def _upload_dtype(self) -> Optional[torch.dtype]:
+        return getattr(torch, self.config.upload_dtype) if self.config.upload_dtype else None
 
     def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean reward per objective of ``adapter`` on the held-out prompts (fixed sampling seed)."""

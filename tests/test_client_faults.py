@@ -103,7 +103,10 @@ def test_update_screening_checks_keys_shapes_dtypes_finiteness_and_norm():
     assert screen_update(update({"a": torch.ones(2), "b": torch.ones(1, 1)}), g) is None
     assert "missing ['b']" in screen_update(update({"a": torch.ones(2)}), g)
     assert "has shape (3,)" in screen_update(update({"a": torch.ones(3), "b": torch.ones(1, 1)}), g)
-    assert "dtype torch.float16" in screen_update(update({"a": torch.ones(2, dtype=torch.float16), "b": torch.ones(1, 1)}), g)
+    half = update({"a": torch.ones(2, dtype=torch.float16), "b": torch.ones(1, 1)})
+    assert "dtype torch.float16, expected torch.float32" in screen_update(half, g)
+    assert screen_update(half, g, upload_dtype=torch.float16) is None  # federation.upload_dtype
+    assert "expected torch.float32 or torch.bfloat16" in screen_update(half, g, upload_dtype=torch.bfloat16)
     assert "NaN or inf" in screen_update(update({"a": torch.tensor([0.0, math.inf]), "b": torch.ones(1, 1)}), g)
     big = update({"a": torch.tensor([3.0, 4.0]), "b": torch.zeros(1, 1)})  # ‖Δ‖ = 5
     assert screen_update(big, g, max_update_norm=5.0) is None
