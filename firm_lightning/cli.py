@@ -1,9 +1,11 @@
-"""``python -m firm_lightning {fit,validate} --config X.yaml``: the LightningCLI front end.
+"""``python -m firm_lightning {fit,validate,generate,compare,pareto} --config X.yaml``: the LightningCLI front end.
 
 The config has LightningCLI's groups ``model`` (``FIRMClientModule``), ``data``
-(``PromptDataModule``) and ``trainer`` (the per-client ``Trainer``: ``max_steps`` is the
-number of local steps K), plus ``federation`` (``FederationConfig``). ``fit`` runs a whole
-federation instead of one ``Trainer.fit``; ``validate`` evaluates a saved global adapter.
+(``PromptDataModule``), ``trainer`` (the per-client ``Trainer``: ``max_steps`` is the
+number of local steps K), ``optimizer``/``lr_scheduler`` (the client optimiser), plus
+``federation`` (``FederationConfig``). ``fit`` runs a whole federation instead of one
+``Trainer.fit``; ``validate`` evaluates a saved global adapter; ``generate`` prints its
+responses with their rewards.
 Every option is also a flag (``--federation.num_rounds 3``), and a misspelt one fails with
 jsonargparse's error naming it.
 
@@ -18,21 +20,41 @@ import os
 import re
 import sys
 import time
+import enum
 import traceback
 from pathlib import Path
+from typing import Optional
 
+import torch
+import yaml
+from jsonargparse import set_dumper
 from lightning.pytorch import seed_everything
 from lightning.pytorch.cli import LightningCLI
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from firm_lightning.client_optimizer import use_client_optimizer
 from firm_lightning.compare import CompareSettings, markdown_table, plot_comparison, run_comparison, summarize
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.flower.settings import FlowerSettings
+from firm_lightning.generate import GenerateSettings, format_generations, generate
 from firm_lightning.pareto import ParetoSettings, front_report, run_sweep, write_outputs
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationError, quiet_lightning
 from firm_lightning.trainer_factory import TrainerFactory
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Writes enum values (e.g. Timer's ``interval: Interval.step``) as their plain value.
+
+    Lightning callbacks type some arguments ``str`` but default them to an ``Enum``; jsonargparse
+    leaves such defaults as they are and PyYAML's safe dumper cannot represent them, so saving
+    the resolved config (and ``--print_config``) crashed.
+    """
+
+
+_ConfigDumper.add_multi_representer(enum.Enum, lambda dumper, value: dumper.represent_data(value.value))
+set_dumper("yaml", lambda data: yaml.dump(data, Dumper=_ConfigDumper, default_flow_style=False, allow_unicode=True, sort_keys=False))
 
 
 class FIRMCLI(LightningCLI):
@@ -42,7 +64,7 @@ class FIRMCLI(LightningCLI):
             PromptDataModule,
             save_config_callback=None,  # the orchestrator writes config.yaml once, not once per client
             seed_everything_default=False,  # federation.seed seeds everything instead
-            auto_configure_optimizers=False,
+            auto_configure_optimizers=True,  # the optimizer:/lr_scheduler: groups (wired per client fit below)
             load_from_checkpoint_support=False,
             subclass_mode_data=True,  # PromptDataModule or a subclass such as HHRLHFDataModule
             args=args,
@@ -56,20 +78,35 @@ class FIRMCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
-    # Subcommands that are not Trainer methods: name -> (settings class, its group, help).
-    EXTRA_SUBCOMMANDS = {
-        "compare": (CompareSettings, "compare", "Run several algorithms with identical seeds, data and budget."),
-        "pareto": (ParetoSettings, "pareto", "Sweep preferences for FIRM and linear scalarisation; draw the fronts."),
-        "flower": (FlowerSettings, "flower", "Run the federation on Flower: simulation engine or SuperLink + SuperNodes."),
+    # What each subcommand does (Lightning would describe `fit` by Trainer.fit's docstring).
+    DESCRIPTIONS = {
+        "fit": "Run a whole federation: N rounds of client sampling, local LoRA fits, aggregation and "
+        "evaluation of the global adapter; writes metrics, adapters, plots and logs to federation.output_dir.",
+        "validate": "Evaluate a saved global adapter (--ckpt_path) on the held-out prompts with the fixed eval sampling seed.",
+        "generate": "Print responses of a saved global adapter (--ckpt_path) to --generate.prompts, with every objective's reward.",
+        "compare": "Run several algorithms with identical seeds, data and budget.",
+        "pareto": "Sweep preferences for FIRM and linear scalarisation; draw the fronts.",
+        "flower": "Run the federation on Flower: simulation engine or SuperLink + SuperNodes.",
     }
+    # Subcommands that are not Trainer methods: name -> (settings class, its group).
+    EXTRA_SUBCOMMANDS = {"generate": (GenerateSettings, "generate"), "compare": (CompareSettings, "compare"),
+                         "pareto": (ParetoSettings, "pareto"), "flower": (FlowerSettings, "flower")}
 
     def _add_subcommands(self, parser, **kwargs) -> None:
+        for name in self.subcommands():
+            kwargs.setdefault(name, {}).setdefault("description", self.DESCRIPTIONS[name])
         super()._add_subcommands(parser, **kwargs)
         subcommands = parser._subcommands_action
-        for name, (settings, group, description) in self.EXTRA_SUBCOMMANDS.items():
+        for choice in subcommands._choices_actions:  # the one-line help in `--help`'s subcommand list
+            choice.help = self.DESCRIPTIONS.get(choice.dest, choice.help)
+        for name, (settings, group) in self.EXTRA_SUBCOMMANDS.items():
+            description = self.DESCRIPTIONS[name]
             sub = self.init_parser(description=description, **kwargs.get(name, {}))
             self._add_arguments(sub)
             sub.add_class_arguments(settings, group)
+            if name == "generate":
+                sub.add_argument("--ckpt_path", type=Optional[str], default=None,
+                                 help="The adapter: a .safetensors file written by fit, or a peft adapter folder.")
             self._subcommand_parsers[name] = sub
             self._subcommand_method_arguments[name] = []
             subcommands.add_subcommand(name, sub, help=description)
@@ -92,6 +129,14 @@ class FIRMCLI(LightningCLI):
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self.trainer = None
+        self._configure_client_optimizer()
+
+    def _configure_client_optimizer(self) -> None:
+        optimizer, lr_scheduler = (_as_dict(self._get(self.config_init, k)) for k in ("optimizer", "lr_scheduler"))
+        if lr_scheduler and not optimizer:
+            raise ValueError("lr_scheduler: needs an optimizer: group too, e.g. `--optimizer AdamW --optimizer.lr 0.01`.")
+        if optimizer:
+            use_client_optimizer(self.model, optimizer, lr_scheduler)
 
     def _run_subcommand(self, subcommand: str) -> None:
         getattr(self, f"run_{subcommand}")()
@@ -102,6 +147,10 @@ class FIRMCLI(LightningCLI):
     def _trainer_factory(self, output_dir: Path) -> TrainerFactory:
         trainer_config = self._get(self.config, "trainer").as_dict()
         return TrainerFactory(trainer_config, output_dir)
+
+    def _device(self) -> str:
+        accelerator = str(self._get(self.config, "trainer").get("accelerator") or "auto")
+        return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
 
     def _prepare_output_dir(self) -> Path:
         """Create federation.output_dir and save the resolved config there."""
@@ -191,6 +240,14 @@ class FIRMCLI(LightningCLI):
             print(f"{key:<32}{value:.4f}")
         self.results = results
 
+    def run_generate(self) -> None:
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path:
+            self.model.load_adapter_state(load_adapter_file(ckpt_path))
+        self.generations = generate(self.model, self._section("generate"), self._device())
+        print(f"adapter: {ckpt_path or '(freshly initialised)'}")
+        print(format_generations(self.generations))
+
 
 def load_adapter_file(path: str) -> dict:
     """The tensors of an adapter file, refusing files that are not readable safetensors."""
@@ -202,6 +259,10 @@ def load_adapter_file(path: str) -> dict:
             f"{file} is not a readable safetensors adapter ({error}): it is damaged, truncated or another kind of "
             "file. Pass an adapter written by `fit` (<output_dir>/adapters/round_<r>.safetensors or adapters/final)."
         ) from error
+
+
+def _as_dict(value):
+    return value.as_dict() if hasattr(value, "as_dict") else value
 
 
 def _adapter_file(path: str) -> Path:

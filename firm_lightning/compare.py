@@ -18,7 +18,7 @@ from firm_lightning.algorithms import FIRM, FMGDA, Algorithm, Linear, LocalMGDA
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
-from firm_lightning.report import write_csv
+from firm_lightning.report import new_figure, write_csv
 
 
 class CompareSettings:
@@ -139,11 +139,6 @@ def _fmt(value) -> str:
 
 def plot_comparison(rows: list[dict], objectives: list[str], plot_dir: Path) -> list[Path]:
     """Eval reward vs round, dispersions vs round, eval reward vs cumulative uplink bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     plot_dir.mkdir(parents=True, exist_ok=True)
     curves = _mean_curves(rows, objectives + ["lambda_dispersion", "update_dispersion", "uplink"])
     paths = []
@@ -151,10 +146,9 @@ def plot_comparison(rows: list[dict], objectives: list[str], plot_dir: Path) -> 
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(plot_dir / name, dpi=100)
-        plt.close(fig)
         paths.append(plot_dir / name)
 
-    fig, axes = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 3.8), squeeze=False)
+    fig, axes = new_figure(1, len(objectives), figsize=(5 * len(objectives), 3.8), squeeze=False)
     for ax, n in zip(axes[0], objectives):
         for label, c in curves.items():
             ax.plot(c["round"], c[n], marker="o", label=label)
@@ -163,7 +157,7 @@ def plot_comparison(rows: list[dict], objectives: list[str], plot_dir: Path) -> 
     axes[0][0].legend(fontsize="small")
     save(fig, "eval_rewards.png")
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = new_figure(1, 2, figsize=(10, 3.8))
     for ax, key, title in zip(axes, ["lambda_dispersion", "update_dispersion"], ["λ dispersion", "update dispersion"]):
         for label, c in curves.items():
             ax.plot(c["round"][1:], c[key][1:], marker="o", label=label)
@@ -172,7 +166,7 @@ def plot_comparison(rows: list[dict], objectives: list[str], plot_dir: Path) -> 
     axes[0].legend(fontsize="small")
     save(fig, "dispersion.png")
 
-    fig, axes = plt.subplots(1, len(objectives), figsize=(5 * len(objectives), 3.8), squeeze=False)
+    fig, axes = new_figure(1, len(objectives), figsize=(5 * len(objectives), 3.8), squeeze=False)
     for ax, n in zip(axes[0], objectives):
         for label, c in curves.items():
             ax.plot([b / 1e6 for b in c["uplink"]], c[n], marker="o", label=label)

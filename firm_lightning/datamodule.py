@@ -158,6 +158,21 @@ class PromptDataModule(L.LightningDataModule):
 
     See the module docstring for the data flow. Accessors call ``setup()`` on demand, so a
     federated loop can use the module without a Trainer.
+
+    Args:
+        path: A local JSON/JSONL/CSV/Parquet file, a ``save_to_disk`` folder or a hub dataset name.
+        subset: The dataset's configuration (subset) name, if it has several.
+        split: The split to read.
+        prompt_column: The column holding the prompts.
+        group_column: A grouping column (e.g. topic) for the dirichlet and column partitions; null if none.
+        eval_size: Held-out prompts for evaluating the global adapter (a count, or a fraction if < 1).
+        num_clients: Number of client partitions (linked to federation.num_clients).
+        partition: iid, dirichlet (a Dirichlet draw over group_column per client) or column (one client per group).
+        dirichlet_alpha: Concentration of the Dirichlet partition: small is heterogeneous, large is close to iid.
+        batch_size: B: prompts per local step.
+        eval_batch_size: Prompts per evaluation batch.
+        max_prompts: Use only the first this many prompts (null: all).
+        seed: Seeds the eval split, the partition and the batch order (linked to federation.seed).
     """
 
     def __init__(

@@ -36,7 +36,18 @@ from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 @dataclass
 class SamplingSettings:
-    """How responses are sampled, in training and in evaluation."""
+    """How responses are sampled, in training and in evaluation.
+
+    Args:
+        num_generations: G responses per prompt in training (>= 2: the leave-one-out baseline needs a group).
+        max_new_tokens: Response length limit in tokens.
+        max_prompt_length: Prompts longer than this are cut from the left (their end is kept).
+        temperature: Sampling temperature.
+        top_k: Keep only the k most likely tokens (0: no limit).
+        top_p: Nucleus sampling threshold (1.0: no limit).
+        eval_num_generations: Responses per held-out prompt when evaluating the global adapter.
+        eval_seed: Fixed evaluation sampling seed, so evaluations compare across rounds and algorithms.
+    """
 
     num_generations: int = 4  # G responses per prompt (>= 2 for the leave-one-out baseline)
     max_new_tokens: int = 32
@@ -52,7 +63,15 @@ class SamplingSettings:
 
 @dataclass
 class PolicyGradientSettings:
-    """The per-objective policy-gradient loss."""
+    """The per-objective policy-gradient loss.
+
+    Args:
+        kl_coef: κ: weight of the KL-to-reference penalty, the same inside every objective's loss.
+        whiten_advantages: Normalise each objective's advantages to unit variance so reward scales do not matter.
+        ppo_epochs: Optimiser steps per batch of rollouts; more than 1 uses the clipped importance ratio.
+        clip_range: PPO clip range of the importance ratio.
+        max_grad_norm: Clip the norm of the combined direction d = Σ λ_s g_s; null disables clipping.
+    """
 
     kl_coef: float = 0.05  # κ: the same KL-to-reference penalty inside every L_s
     whiten_advantages: bool = True
@@ -75,6 +94,17 @@ class FIRMClientModule(L.LightningModule):
     The orchestrator reuses one instance for every client: it loads the global adapter with
     :meth:`load_adapter_state`, fits, and reads back :meth:`adapter_state` and
     :meth:`client_summary`. The base weights are frozen and never copied.
+
+    Args:
+        objectives: The reward functions, one per objective (``RewardFunction`` subclasses by class_path).
+        weighting: In-client weighting of the objectives' gradients: RegularizedMinNorm(beta, preference)
+            (FIRM; beta = 0 is MGDA) or LinearScalarization(weights).
+        policy: Builds the base model and tokenizer: TinyPolicy (offline, in code) or PretrainedPolicy(name_or_path).
+        lora: The LoRA adapter, the only trained (and communicated) weights.
+        sampling: How responses are sampled in training and evaluation.
+        loss: The per-objective policy-gradient loss.
+        learning_rate: Learning rate of the default client optimiser (AdamW), used when no optimizer: group is given.
+        weight_decay: Weight decay of that default AdamW.
     """
 
     def __init__(
@@ -147,6 +177,9 @@ class FIRMClientModule(L.LightningModule):
             rewards = score_all(self.objectives, rollout.prompts, rollout.responses).to(self.device)
         with self._profile("update"):
             lambdas, norm, kl = self.update(rollout, rewards)
+        scheduler = self.lr_schedulers()  # manual optimisation: Lightning does not step it; once per local step
+        if scheduler is not None:
+            scheduler.step()
         self._record(rewards.mean(dim=1), lambdas, kl, norm, rollout)
 
     def update(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -30,13 +30,17 @@ import torch
 from firm_lightning import checkpoint
 from firm_lightning.aggregation import screen_update, with_rule
 from firm_lightning.algorithms import Algorithm
+from firm_lightning.callbacks import CallbackList, FederationCallback
 from firm_lightning.client import ClientUpdate
+from firm_lightning.client_optimizer import PersistOptimizerState
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.federation_metrics import lambda_dispersion, payload_bytes, update_dispersion
 from firm_lightning.memory import release_client_memory, steady_memory
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.privacy import epsilon, private
+from firm_lightning.progress import ProgressMode, progress_callback
 from firm_lightning.report import RunWriter
+from firm_lightning.round_logging import RoundLogger
 from firm_lightning.trainer_factory import TrainerFactory
 
 _log = logging.getLogger(__name__)
@@ -44,7 +48,32 @@ _log = logging.getLogger(__name__)
 
 @dataclass
 class FederationConfig:
-    """The ``federation:`` section of the config (``--federation.*`` on the command line)."""
+    """The ``federation:`` section of the config (``--federation.*`` on the command line).
+
+    Args:
+        num_rounds: Number of federated rounds N (server aggregations).
+        num_clients: Number of clients; the prompts are partitioned over them (linked to data.num_clients).
+        client_fraction: Fraction q of the clients sampled per round.
+        min_clients: At least this many clients per round, whatever client_fraction gives.
+        server_lr: Server learning rate η_g: θ ← θ + η_g Σ_i w_i (θ_i − θ); 1.0 is plain FedAvg of the adapters.
+        seed: Seeds the LoRA initialisation, the data split, client sampling and every client fit (linked to data.seed).
+        output_dir: Folder for metrics, adapters, plots, logs and the resolved config.
+        save_adapters: Save the global adapter after every round (False: only the final one).
+        upload_dtype: Cast client uploads to bfloat16 or float16 (half the uplink bytes); null keeps float32.
+        quiet: Hide Lightning's start-up messages, which one Trainer per client per round would repeat.
+        progress: Round progress: a bar in a terminal and plain lines otherwise (auto), always a bar, always lines, or off.
+        client_optimizer_state: reset: a fresh client optimiser every round (stateless clients);
+            persist: each client keeps its optimiser (and lr scheduler) state between its rounds (cross-silo).
+        resume: Continue from <output_dir>/checkpoint (the last finished round); more num_rounds extends the run.
+        aggregator: fedavg, or a robust rule in place of FedAvg: median (coordinate-wise) or trimmed_mean.
+        trim_fraction: Share of clients cut from each end per coordinate (trimmed_mean).
+        max_update_norm: Reject an upload whose ‖θ_i − θ‖ exceeds this (null: no bound).
+        dp_clip_norm: C: clip every client's delta to this norm; enables DP-FedAvg (null: off).
+        dp_noise_multiplier: σ: Gaussian noise of std σ·C/m on the mean of m clipped deltas.
+        dp_delta: δ of the (ε, δ) reported as privacy/epsilon.
+        callbacks: Federation callbacks (firm_lightning.callbacks.FederationCallback subclasses, by class_path),
+            e.g. EarlyStopping or SaveBestAdapter; Lightning callbacks go under trainer.callbacks.
+    """
 
     num_rounds: int = 5
     num_clients: int = 4
@@ -63,6 +92,9 @@ class FederationConfig:
     dp_clip_norm: Optional[float] = None  # C: clip every client's delta to this norm (enables DP)
     dp_noise_multiplier: float = 0.0  # σ: Gaussian noise of std σ·C/m on the mean of m clipped deltas
     dp_delta: float = 1e-5  # δ of the (ε, δ) reported as privacy/epsilon
+    progress: ProgressMode = "auto"
+    client_optimizer_state: Literal["reset", "persist"] = "reset"
+    callbacks: list[FederationCallback] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1 or self.num_clients < 1:
@@ -77,10 +109,12 @@ class FederationConfig:
             raise ValueError(f"federation.max_update_norm must be > 0 (or null for no bound); got {self.max_update_norm}.")
         if not 0 < self.dp_delta < 1:
             raise ValueError(f"federation.dp_delta must be in (0, 1); got {self.dp_delta}.")
+        if self.client_optimizer_state not in ("reset", "persist"):
+            raise ValueError(f"federation.client_optimizer_state must be 'reset' or 'persist'; got {self.client_optimizer_state!r}.")
 
 
 # Settings that may change when a run is resumed: they do not affect what a round computes.
-RESUMABLE_SETTINGS = ("num_rounds", "output_dir", "save_adapters", "quiet", "resume")
+RESUMABLE_SETTINGS = ("num_rounds", "output_dir", "save_adapters", "quiet", "resume", "progress", "callbacks")
 _COSMETIC_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir")
 
 
@@ -94,6 +128,8 @@ class FederationState:
     client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round
     objective_state: dict[str, dict] = field(default_factory=dict)  # e.g. NormalizedReward statistics
     rng_state: dict[str, Any] = field(default_factory=dict)  # global RNGs when the round ended
+    # federation.client_optimizer_state=persist: optimiser/scheduler state_dicts (CPU tensors) per client
+    client_optimizer_states: dict[str, dict] = field(default_factory=dict)
 
 
 class FederationError(RuntimeError):
@@ -133,11 +169,19 @@ class FederatedOrchestrator:
         self.echo = echo
         self.checkpoint_dir = Path(config.output_dir) / "checkpoint"
         self._fingerprint: Optional[dict] = None
+        self.round_logger = RoundLogger(trainer_factory.federation_loggers)  # the configured Lightning loggers
+        self.callbacks = CallbackList([progress_callback(config.progress, echo), self.round_logger, *config.callbacks])
+        self.stop_reason: Optional[str] = None
+
+    def request_stop(self, reason: str) -> None:
+        """Called by a callback: finish this round, then end the federation (``reason`` is printed)."""
+        self.stop_reason = reason
 
     # ---- the loop ----
 
     def run(self) -> FederationState:
         start = time.perf_counter()
+        self.stop_reason = None
         with (
             quiet_lightning(self.config.quiet),
             self._algorithm_weighting(),
@@ -147,8 +191,13 @@ class FederatedOrchestrator:
             self.datamodule.setup("fit")
             state = self.resumed_state() if self.config.resume else None
             state = state or self.initial_state()
+            self.callbacks.on_federation_start(self, state)
             for round_idx in range(state.round + 1, self.config.num_rounds + 1):
                 state = self.run_round(state, round_idx)
+                if self.stop_reason:
+                    self.echo(f"stopped after round {round_idx}/{self.config.num_rounds}: {self.stop_reason}")
+                    break
+            self.callbacks.on_federation_end(self, state)
         self.writer.finish(state, time.perf_counter() - start, self.config)
         return state
 
@@ -168,15 +217,14 @@ class FederatedOrchestrator:
         row = {"round": 0, **self.evaluate(adapter)}
         state = FederationState(round=0, global_adapter=adapter, history=[row])
         self.writer.record_round(state, row, [])
-        state = self.save_checkpoint(state)
-        self.echo(f"round 0/{self.config.num_rounds} (initial adapter) | {_format_eval(row)}")
-        return state
+        return self.save_checkpoint(state)
 
     def run_round(self, state: FederationState, round_idx: int) -> FederationState:
         tic = time.perf_counter()
         clients = self.sample_clients(round_idx)
-        self.echo(f"round {round_idx}/{self.config.num_rounds} | training clients {clients} ...")
-        updates, failed = self.train_clients(state.global_adapter, clients, round_idx)
+        self.callbacks.on_round_start(self, state, round_idx, clients)
+        optimizer_states = dict(state.client_optimizer_states)  # filled by persisting clients
+        updates, failed = self.train_clients(state.global_adapter, clients, round_idx, optimizer_states)
         updates, rejected = self.screen(updates, state.global_adapter, round_idx)
         if len(updates) < self.config.min_clients:
             # The checkpoint saved when round state.round finished stays as it is: re-saving now
@@ -206,14 +254,11 @@ class FederatedOrchestrator:
             global_adapter=result.adapter,
             history=[*state.history, row],
             client_history=[*state.client_history, *client_rows],
+            client_optimizer_states=optimizer_states,
         )
         self.writer.record_round(state, row, client_rows)
         state = self.save_checkpoint(state)
-        self.echo(
-            f"round {round_idx}/{self.config.num_rounds} | {_format_eval(row)} | "
-            f"λ-dispersion {row['lambda_dispersion']:.4f} | update dispersion {row['update_dispersion']:.3f} | "
-            f"{row['time/round_s']:.1f}s"
-        )
+        self.callbacks.on_round_end(self, state, row)
         return state
 
     @property
@@ -229,12 +274,14 @@ class FederatedOrchestrator:
 
     # ---- client faults ----
 
-    def train_clients(self, global_adapter: dict, clients: list[int], round_idx: int) -> tuple[list[ClientUpdate], list[str]]:
+    def train_clients(
+        self, global_adapter: dict, clients: list[int], round_idx: int, optimizer_states: Optional[dict] = None
+    ) -> tuple[list[ClientUpdate], list[str]]:
         """Every sampled client's update; a client that raises is logged and left out."""
         updates, failed = [], []
         for client_id in clients:
             try:
-                updates.append(self.train_one(global_adapter, client_id, round_idx))
+                updates.append(self.train_one(global_adapter, client_id, round_idx, optimizer_states))
             except Exception as error:  # one client's fault must not end the federation
                 reason = f"client {client_id} failed: {type(error).__name__}: {error}"
                 failed.append(reason)
@@ -322,7 +369,10 @@ class FederatedOrchestrator:
             "data": describe(dict(self.datamodule.hparams)),
         }
 
-    def train_one(self, global_adapter: dict, client_id: int, round_idx: int) -> ClientUpdate:
+    def train_one(
+        self, global_adapter: dict, client_id: int, round_idx: int, optimizer_states: Optional[dict] = None
+    ) -> ClientUpdate:
+        self.callbacks.on_client_start(self, round_idx, client_id)
         # Each client fit draws its samples from a seed of its own (seed, round, client): the
         # result does not depend on which clients ran before it, so a resumed run or a client
         # on another machine reproduces it.
@@ -335,13 +385,22 @@ class FederatedOrchestrator:
                 self.module,
                 global_adapter,
                 dataloader=lambda: self.datamodule.client_dataloader(client_id, round_idx=round_idx),
-                trainer=lambda tag: self.trainers.client_trainer(client_id, round_idx, tag),
+                trainer=lambda tag: self.trainers.client_trainer(
+                    client_id, round_idx, tag, self._optimizer_persistence(optimizer_states, client_id, tag)
+                ),
                 client_id=client_id,
                 num_examples=num_examples,
             )
         finally:  # a client that raised must not leave its memory behind either
             release_client_memory()
-        return update.cast(self._upload_dtype)
+        update = update.cast(self._upload_dtype)
+        self.callbacks.on_client_end(self, round_idx, update)
+        return update
+
+    def _optimizer_persistence(self, optimizer_states: Optional[dict], client_id: int, tag: str) -> list:
+        if self.config.client_optimizer_state == "reset" or optimizer_states is None:
+            return []
+        return [PersistOptimizerState(optimizer_states, f"{client_id}{tag}")]
 
     @property
     def _upload_dtype(self) -> Optional[torch.dtype]:
@@ -450,10 +509,6 @@ def client_seed(seed: int, round_idx: int, client_id: int) -> int:
 def server_seed(seed: int, round_idx: int) -> int:
     """A stream apart from every client's (another spawn key), for the server's own randomness."""
     return int(np.random.SeedSequence([seed, round_idx], spawn_key=(1,)).generate_state(1)[0])
-
-
-def _format_eval(row: dict) -> str:
-    return "eval " + " ".join(f"{k.removeprefix('eval/reward/')}={v:.3f}" for k, v in row.items() if k.startswith("eval/reward/"))
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from firm_lightning.algorithms import FIRM, Algorithm, Linear
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
+from firm_lightning.report import new_figure
 from firm_lightning.weighting import validate_preference
 
 
@@ -160,13 +161,8 @@ def write_outputs(rows: list[dict], names: list[str], report: dict, out: Path) -
 
 def plot_fronts(rows: list[dict], names: list[str], path: Path, reference: Sequence[float]) -> None:
     """One panel per pair of objectives; one series per algorithm, connected in preference order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5.5 * len(pairs), 4.5), squeeze=False)
+    fig, axes = new_figure(1, len(pairs), figsize=(5.5 * len(pairs), 4.5), squeeze=False)
     for ax, (i, j) in zip(axes[0], pairs):
         for algorithm in dict.fromkeys(r["algorithm"] for r in rows):
             mine = sorted((r for r in rows if r["algorithm"] == algorithm), key=lambda r: r["preference"][0])
@@ -182,7 +178,6 @@ def plot_fronts(rows: list[dict], names: list[str], path: Path, reference: Seque
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _fmt(p: Sequence[float]) -> str:

@@ -130,7 +130,15 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 @dataclass
 class LoRASettings:
-    """LoRA adapter hyper-parameters (see ``peft.LoraConfig``)."""
+    """LoRA adapter hyper-parameters (see ``peft.LoraConfig``).
+
+    Args:
+        r: Rank of the LoRA update B·A.
+        alpha: Scaling numerator: the update is scaled by alpha / r.
+        dropout: Dropout on the LoRA input (0 for RL: sampling and training would see different masks).
+        target_modules: Module names (or "all-linear") that get an adapter, e.g. [c_attn, c_proj] for GPT-2.
+        init_lora_weights: peft's initialisation (True: B = 0, so the adapter starts as the identity).
+    """
 
     r: int = 8
     alpha: int = 16

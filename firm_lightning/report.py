@@ -92,14 +92,17 @@ def summary_table(state: "FederationState", names: list[str], wall_s: Optional[f
     return "\n".join(lines)
 
 
+def new_figure(*args, figsize, **kwargs):
+    """A figure and its axes without pyplot: saving plots never switches a notebook's or an app's backend."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
+
+
 def plot_eval_rewards(history: list[dict], names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     rounds = [r["round"] for r in history]
     for n in names:
         ax.plot(rounds, [r[f"eval/reward/{n}"] for r in history], marker="o", label=n)
@@ -108,17 +111,11 @@ def plot_eval_rewards(history: list[dict], names: list[str], path: Path) -> None
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_lambdas(client_history: list[dict], names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    fig, axes = new_figure(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
     clients = sorted({int(r["client"]) for r in client_history})
     for ax, n in zip(axes[0], names):
         for c in clients:
@@ -129,4 +126,3 @@ def plot_lambdas(client_history: list[dict], names: list[str], path: Path) -> No
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

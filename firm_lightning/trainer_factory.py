@@ -3,8 +3,11 @@
 A ``Trainer`` built twice from one LightningCLI config would share its callback and logger
 objects (their state leaks from one client to the next), so the factory keeps the *config*
 and instantiates callbacks and loggers anew for every trainer: ``{class_path, init_args}``
-specs are instantiated, ready-made objects are deep-copied. Each client round logs into its
-own directory ``<output_dir>/clients/client_<id>/round_<r>``.
+specs are instantiated, ready-made objects are deep-copied. Each client round logs into a run
+of its own: the directory ``<output_dir>/clients/client_<id>/round_<r>`` for file-based loggers
+(CSV, TensorBoard), the run name ``client_<id>/round_<r>`` for MLflow (nested under the
+federation's run) and W&B. The same logger specs, built once more by
+:meth:`TrainerFactory.federation_loggers`, receive the round metrics (``round_logging``).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import inspect
 from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import lightning as L
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import instantiate_class
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, WandbLogger
 from lightning.pytorch.trainer.connectors import callback_connector
-from lightning.pytorch.loggers import CSVLogger
 
 # Per-client fits neither validate nor checkpoint: the orchestrator evaluates and saves the
 # global adapter itself.
@@ -41,6 +45,7 @@ class TrainerFactory:
         self.logger = config.pop("logger", True)
         self.kwargs = {k: v for k, v in config.items() if v is not None}
         self.output_dir = Path(output_dir)
+        self._parent_runs: dict[str, str] = {}
         max_steps = self.kwargs.get("max_steps")
         if max_steps is None or max_steps <= 0:  # 0 would run a federation with no local training
             raise ValueError(
@@ -48,16 +53,26 @@ class TrainerFactory:
                 f"(got {max_steps}), e.g. `--trainer.max_steps 8`."
             )
 
-    def client_trainer(self, client_id: int, round_idx: int, tag: str = "") -> L.Trainer:
+    def client_trainer(
+        self, client_id: int, round_idx: int, tag: str = "", extra_callbacks: Sequence[Callback] = ()
+    ) -> L.Trainer:
+        """``extra_callbacks``: the orchestrator's own per-fit callbacks (e.g. optimiser-state persistence)."""
         log_dir = self.output_dir / "clients"
         kwargs = {**CLIENT_DEFAULTS, **self.kwargs}
         kwargs.update(
             default_root_dir=str(log_dir),
-            callbacks=[_fresh(c) for c in _as_list(self.callbacks)],
+            callbacks=[*(_fresh(c) for c in _as_list(self.callbacks)), *extra_callbacks, FinishWandbRuns()],
             logger=self._fresh_loggers(log_dir, f"client_{client_id:03d}", f"round_{round_idx:03d}{tag}"),
         )
         with _entry_points_scanned_once():
             return L.Trainer(**kwargs)
+
+    def federation_loggers(self) -> list[Logger]:
+        """The configured loggers once more, as one run for the federation's round metrics."""
+        self._parent_runs = {}
+        loggers = self._fresh_loggers(self.output_dir, "federation", "")
+        self._parent_runs = {"mlflow.parentRunId": lg.run_id for lg in _as_list(loggers) if isinstance(lg, MLFlowLogger)}
+        return [] if loggers is False else _as_list(loggers)
 
     def eval_trainer(self) -> L.Trainer:
         kwargs = {k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS}
@@ -72,7 +87,34 @@ class TrainerFactory:
             return False
         if self.logger is True or self.logger is None:  # None: the Trainer's default logger
             return CSVLogger(save_dir=str(save_dir), name=name, version=version)
-        return [_fresh(spec, save_dir=str(save_dir), name=name, version=version) for spec in _as_list(self.logger)]
+        return [_fresh(spec, **self._run_identity(spec, save_dir, name, version)) for spec in _as_list(self.logger)]
+
+    def _run_identity(self, spec, save_dir: Path, name: str, version: str) -> dict:
+        """Where a fit's logs go: a folder per run for file loggers, a run name for tracking services."""
+        label = f"{name}/{version}" if version else name
+        cls = _class_of(spec)
+        if cls is not None and issubclass(cls, MLFlowLogger):
+            # client runs nest under the federation's run in the MLflow UI
+            tags = {**((spec.get("init_args") or {}).get("tags") or {}), **self._parent_runs}
+            return {"run_name": label, "tags": tags or None}
+        if cls is not None and issubclass(cls, WandbLogger):
+            # `version` is W&B's run id (unique per project), so only the display name is set; every fit
+            # is a new run (not the process's current one), grouped under the federation's output folder.
+            return {"name": label, "group": self.output_dir.name, "reinit": "create_new"}
+        return {"save_dir": str(save_dir), "name": name, "version": version}
+
+
+class FinishWandbRuns(Callback):
+    """Lightning leaves a W&B run open after ``fit``; one per client fit would pile up in the process."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        finish_wandb_runs(trainer.loggers)
+
+
+def finish_wandb_runs(loggers) -> None:
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 _EXTERNAL_CALLBACKS_GROUP = "lightning.pytorch.callbacks_factory"
@@ -119,13 +161,20 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def _class_of(spec) -> Optional[type]:
+    if isinstance(spec, dict) and "class_path" in spec:
+        module_name, class_name = spec["class_path"].rsplit(".", 1)
+        return getattr(__import__(module_name, fromlist=[class_name]), class_name)
+    return None
+
+
 def _fresh(spec, **overrides):
     """A new instance from a ``{class_path, init_args}`` spec (plus the overrides it accepts), or a deep copy."""
     if isinstance(spec, dict) and "class_path" in spec:
         init_args = dict(spec.get("init_args") or {})
-        module_name, class_name = spec["class_path"].rsplit(".", 1)
-        cls = getattr(__import__(module_name, fromlist=[class_name]), class_name)
+        cls = _class_of(spec)
         accepted = inspect.signature(cls.__init__).parameters
-        init_args.update({k: v for k, v in overrides.items() if k in accepted})
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())  # e.g. WandbLogger
+        init_args.update({k: v for k, v in overrides.items() if takes_any or k in accepted})
         return instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
     return copy.deepcopy(spec)
