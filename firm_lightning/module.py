@@ -47,6 +47,8 @@ class SamplingSettings:
         top_p: Nucleus sampling threshold (1.0: no limit).
         eval_num_generations: Responses per held-out prompt when evaluating the global adapter.
         eval_seed: Fixed evaluation sampling seed, so evaluations compare across rounds and algorithms.
+        chat_template: Wrap prompts in the tokenizer's chat template; null: when the tokenizer has one.
+        system_prompt: A system message, used with the chat template.
     """
 
     num_generations: int = 4  # G responses per prompt (>= 2 for the leave-one-out baseline)
@@ -71,6 +73,8 @@ class PolicyGradientSettings:
         ppo_epochs: Optimiser steps per batch of rollouts; more than 1 uses the clipped importance ratio.
         clip_range: PPO clip range of the importance ratio.
         max_grad_norm: Clip the norm of the combined direction d = Σ λ_s g_s; null disables clipping.
+        gram_from: Gradients the Gram matrix is built from: parameters (exact, S backward passes over the
+            adapter), or hidden / logits (cheap: gradients at the head's input or output, then one full backward).
     """
 
     kl_coef: float = 0.05  # κ: the same KL-to-reference penalty inside every L_s
