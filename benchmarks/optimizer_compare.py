@@ -42,7 +42,16 @@ OPTIMIZERS = {
 }
 
 
-def run(seed: int, optimizer_args: list[str]) -> dict:
+def run(seed: int, name: str) -> dict:
+    try:
+        result = _run(seed, OPTIMIZERS[name])
+    except ValueError as error:  # e.g. a step so large the rewards' gradients become NaN
+        result = {"failed": str(error).splitlines()[0]}
+    print(json.dumps({"optimizer": name, "seed": seed, **result}), file=sys.stderr, flush=True)  # progress
+    return result
+
+
+def _run(seed: int, optimizer_args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out, redirect_stdout(io.StringIO()):
         main(["fit", *SHORT, *optimizer_args, f"--federation.seed={seed}", f"--federation.output_dir={out}",
               "--federation.progress=off"])
@@ -62,8 +71,10 @@ def run(seed: int, optimizer_args: list[str]) -> dict:
 
 
 def interval(values: list[float]) -> dict:
+    if not values:
+        return {"mean": float("nan"), "ci95": [float("nan")] * 2}
     n, mean = len(values), statistics.mean(values)
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n**0.5 if n > 1 else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n**0.5) if n > 1 else float("nan")
     return {"mean": mean, "ci95": [mean - half, mean + half]}
 
 
@@ -74,13 +85,14 @@ def main_() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     tic = time.perf_counter()
-    runs = {name: {s: run(s, OPTIMIZERS[name]) for s in args.seeds} for name in args.optimizers}
-    metrics = list(next(iter(runs[args.optimizers[0]].values())))
-    summary = {name: {m: interval([runs[name][s][m] for s in args.seeds]) for m in metrics} for name in runs}
+    runs = {name: {s: run(s, name) for s in args.seeds} for name in args.optimizers}
+    ok = {name: {s: r for s, r in by_seed.items() if "failed" not in r} for name, by_seed in runs.items()}
+    metrics = sorted({m for by_seed in ok.values() for r in by_seed.values() for m in r})
+    summary = {name: {m: interval([r[m] for r in by_seed.values()]) for m in metrics} for name, by_seed in ok.items() if by_seed}
     base = "adamw_lr0.01"
     paired = {
-        f"{name} - {base}": {m: interval([runs[name][s][m] - runs[base][s][m] for s in args.seeds]) for m in metrics}
-        for name in runs if name != base and base in runs
+        f"{name} - {base}": {m: interval([ok[name][s][m] - ok[base][s][m] for s in ok[name] if s in ok[base]]) for m in metrics}
+        for name in ok if name != base and base in ok and ok[name]
     }
     print(json.dumps({"config": SHORT, "seeds": args.seeds, "runs": runs, "summary": summary, "paired": paired,
                       "wall_s": time.perf_counter() - tic}, indent=2))
