@@ -45,7 +45,7 @@ OPTIMIZERS = {
 def run(seed: int, name: str) -> dict:
     try:
         result = _run(seed, OPTIMIZERS[name])
-    except ValueError as error:  # e.g. a step so large the rewards' gradients become NaN
+    except (ValueError, FloatingPointError) as error:  # a step so large the gradients become non-finite
         result = {"failed": str(error).splitlines()[0]}
     print(json.dumps({"optimizer": name, "seed": seed, **result}), file=sys.stderr, flush=True)  # progress
     return result
