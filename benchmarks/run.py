@@ -238,7 +238,7 @@ def orchestration_section(mode: dict) -> dict:
     from firm_lightning import orchestrator
 
     clock = _StepClock()
-    eval_time = [0.0]
+    eval_times: list[float] = []  # the first is the initial evaluation, outside every round
     original = orchestrator.FederatedOrchestrator.evaluate
 
     def timed_evaluate(self, adapter):
@@ -246,7 +246,7 @@ def orchestration_section(mode: dict) -> dict:
         try:
             return original(self, adapter)
         finally:
-            eval_time[0] += time.perf_counter() - tic
+            eval_times.append(time.perf_counter() - tic)
 
     orchestrator.FederatedOrchestrator.evaluate = timed_evaluate
     try:
@@ -257,8 +257,7 @@ def orchestration_section(mode: dict) -> dict:
         orchestrator.FederatedOrchestrator.evaluate = original
     rounds = state.history[1:]
     round_wall = sum(r["time/round_s"] for r in rounds)
-    initial_eval = eval_time[0] / (len(rounds) + 1)  # the initial evaluation is outside the rounds
-    eval_in_rounds = eval_time[0] - initial_eval
+    eval_in_rounds = sum(eval_times[1:])
     training = round_wall - eval_in_rounds
     return {
         "rounds": len(rounds),

@@ -122,7 +122,7 @@ def test_benchmark_smoke_mode_emits_every_key_with_sane_values(tmp_path):
     assert 1.0 < flat["update_ratio_s2"] < 2.5 and flat["update_ratio_s2"] < flat["update_ratio_s3"] < 4.0
     assert 1.0 < flat["update_floor_ratio_s2"] < 2.5
     assert 1.0 < flat["step_ratio_s2"] < 2.0
-    assert 0.0 <= flat["orchestration_overhead"] < 0.5
+    assert -0.02 < flat["orchestration_overhead"] < 0.5  # a difference of two timings: may dip below 0 by noise
     assert 0.8 < flat["rss_ratio_32_vs_2"] < 1.5
     assert flat["uplink_bytes_firm_s2"] == flat["adapter_bytes"] and flat["uplink_bytes_fmgda_s2"] == 2 * flat["adapter_bytes"]
     assert flat["trl_grpo_tokens_per_s"] > 0 and flat["firm_s2_tokens_per_s"] > 0
