@@ -243,8 +243,8 @@ class FederatedOrchestrator:
             "round": round_idx,
             **self.evaluate(result.adapter),
             **self._round_metrics(updates, result, state.global_adapter, client_rows),
-            "clients/failed": len(failed),
-            "clients/rejected": len(rejected),
+            "failed_clients": len(failed),
+            "rejected_clients": len(rejected),
             **self._privacy_metrics(round_idx),
             "time/round_s": time.perf_counter() - tic,
         }

@@ -75,10 +75,10 @@ def test_raising_nan_and_misshapen_clients_are_excluded_and_the_log_says_why(tmp
     assert "client 3 rejected:" in log and "has shape (3,)" in log
     assert "round 1, client 1 raised" in caplog.text and "Traceback" in caplog.text
     row = state.history[-1]
-    assert (row["clients"], row["clients/failed"], row["clients/rejected"]) == (1, 2, 2)
+    assert (row["clients"], row["failed_clients"], row["rejected_clients"]) == (1, 2, 2)
     with open(tmp_path / "metrics.csv") as f:
         last = list(csv.DictReader(f))[-1]
-    assert (last["clients/failed"], last["clients/rejected"]) == ("2", "2")
+    assert (last["failed_clients"], last["rejected_clients"]) == ("2", "2")
     # Only the healthy client was merged: with FedAvg over one client the new global adapter is its upload.
     healthy = orch.procedure.uploads[4]
     assert all(torch.allclose(state.global_adapter[k], healthy[k], rtol=0, atol=1e-6) for k in healthy)
