@@ -33,8 +33,11 @@ from lightning.pytorch.cli import LightningCLI
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from firm_lightning import claims
 from firm_lightning.client_optimizer import use_client_optimizer
-from firm_lightning.compare import CompareSettings, markdown_table, plot_comparison, run_comparison, summarize
+from firm_lightning.compare import (
+    CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize,
+)
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.generate import GenerateSettings, format_generations, generate
@@ -191,12 +194,18 @@ class FIRMCLI(LightningCLI):
             self.model, self.datamodule, federation, self._get(self.config, "trainer").as_dict(), settings, _echo
         )
         table = summarize(rows, self.model.objective_names)
-        text = markdown_table(table)
+        claims_rows, claims_text = claims_report(rows, self.model.objective_names, out, settings)
+        sentences = "\n".join(f"- {claims.verdict_sentence(r, settings.reference)}" for r in claims_rows)
+        text = (
+            markdown_table(table) + f"\n\n## Claims: {settings.reference} − baseline, paired on seed\n\n"
+            + claims_text + "\n\n" + sentences
+        )
         (out / "summary.md").write_text(text + "\n")
         plot_comparison(rows, self.model.objective_names, out / "plots")
         print(text)
         print(f"outputs in {out}/ (metrics.csv, summary.md, plots/, runs/)")
         self.summary = table
+        self.claims = claims_rows
 
     def run_pareto(self) -> None:
         federation, out = self._section("federation"), self._prepare_output_dir()

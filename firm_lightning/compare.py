@@ -8,12 +8,15 @@ algorithm × α × seed × round), a ``summary.md`` table and comparison plots.
 
 from __future__ import annotations
 
+import copy
+import csv
 import inspect
 import math
 import statistics
 from pathlib import Path
 from typing import Callable, Optional
 
+from firm_lightning import claims
 from firm_lightning.algorithms import FIRM, FMGDA, Algorithm, Linear, LocalMGDA
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
@@ -22,13 +25,23 @@ from firm_lightning.report import new_figure, write_csv
 
 
 class CompareSettings:
-    """The ``compare:`` section: which algorithms, over which seeds and Dirichlet α."""
+    """The ``compare:`` section: which algorithms, over which seeds and Dirichlet α, and what the claims test.
+
+    ``reference`` names the FIRM run whose paired differences against every baseline are the
+    claims table. ``sweep_preferences`` (extra preferences besides each algorithm's own) are
+    trained for the ``sweep_algorithms`` at the ``sweep_alphas``, for every seed: the hypervolume
+    of those fronts is the preference-sweep trade-off claim.
+    """
 
     def __init__(
         self,
         algorithms: Optional[list[Algorithm]] = None,
         seeds: Optional[list[int]] = None,
         dirichlet_alphas: Optional[list[float]] = None,
+        reference: Optional[str] = None,
+        sweep_preferences: Optional[list[list[float]]] = None,
+        sweep_algorithms: Optional[list[str]] = None,
+        sweep_alphas: Optional[list[float]] = None,
     ) -> None:
         self.algorithms = algorithms or [FIRM(beta=1.0), LocalMGDA(), Linear(), FMGDA()]
         self.seeds = seeds or [0]
@@ -36,6 +49,19 @@ class CompareSettings:
         names = [a.name for a in self.algorithms]
         if len(set(names)) != len(names):
             raise ValueError(f"Algorithm names must be unique (they label the results); got {names}. Pass name=...")
+        self.reference = reference or names[0]
+        if self.reference not in names:
+            raise ValueError(f"compare.reference={self.reference!r} is not one of the algorithms {names}.")
+        self.sweep_preferences = sweep_preferences or []
+        self.sweep_algorithms = sweep_algorithms or []
+        self.sweep_alphas = sweep_alphas or []
+        by_name = dict(zip(names, self.algorithms))
+        for name in self.sweep_algorithms:
+            if not hasattr(by_name.get(name), "preference"):
+                raise ValueError(
+                    f"compare.sweep_algorithms: {name!r} is not an algorithm here that takes a preference "
+                    f"(FIRM, LocalMGDA or Linear); algorithms: {names}."
+                )
 
 
 def run_comparison(
@@ -46,7 +72,10 @@ def run_comparison(
     settings: CompareSettings,
     echo: Callable[[str], None] = print,
 ) -> list[dict]:
-    """Run every (α, seed, algorithm) federation; return all round rows, labelled."""
+    """Run every (α, seed, algorithm) federation, and the preference sweeps; return all round rows, labelled.
+
+    Main runs have ``preference == "default"``; sweep runs the preference they were trained with.
+    """
     out = Path(federation.output_dir)
     initial = module.adapter_state()
     alphas = settings.dirichlet_alphas or [datamodule.hparams["dirichlet_alpha"]]
@@ -54,16 +83,55 @@ def run_comparison(
     for alpha in alphas:
         for seed in settings.seeds:
             data = _rebuilt(datamodule, dirichlet_alpha=alpha, seed=seed)
-            for algorithm in settings.algorithms:
-                label = f"{algorithm.name} α={alpha:g} seed={seed}"
-                run_dir = out / "runs" / f"alpha{alpha:g}_seed{seed}" / algorithm.name
-                state = run_federation(
-                    module, data, federation, trainer_config, algorithm, initial, run_dir,
-                    echo=lambda m, label=label: echo(f"[{label}] {m}"), seed=seed,
-                )
-                rows += [{"algorithm": algorithm.name, "alpha": alpha, "seed": seed, **r} for r in state.history]
+            for algorithm, preference in _runs_of(settings, alpha):
+                label = f"{algorithm.name}{'' if preference == 'default' else ' p=' + preference} α={alpha:g} seed={seed}"
+                run_dir = run_directory(out, algorithm.name, alpha, seed, preference)
+                history = finished_history(run_dir, federation.num_rounds)
+                if history is None:
+                    history = run_federation(
+                        module, data, federation, trainer_config, algorithm, initial, run_dir,
+                        echo=lambda m, label=label: echo(f"[{label}] {m}"), seed=seed,
+                    ).history
+                else:
+                    echo(f"[{label}] already finished in {run_dir}, reused")
+                rows += [
+                    {"algorithm": algorithm.name, "alpha": alpha, "seed": seed, "preference": preference, **r}
+                    for r in history
+                ]
                 write_csv(out / "metrics.csv", rows)
     return rows
+
+
+def finished_history(run_dir: Path, num_rounds: int) -> Optional[list[dict]]:
+    """The metric rows of a run finished in ``run_dir`` with ``num_rounds`` rounds (summary.txt is written last), else None.
+
+    Lets an interrupted comparison continue, or several processes share the runs of one
+    comparison (e.g. one per α) and a last pass write the report.
+    """
+    if not (run_dir / "summary.txt").is_file():
+        return None
+    with open(run_dir / "metrics.csv") as f:
+        rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
+    for r in rows:
+        r["round"] = int(r["round"])
+    return rows if rows and rows[-1]["round"] == num_rounds else None
+
+
+def _runs_of(settings: CompareSettings, alpha: float) -> list[tuple[Algorithm, str]]:
+    runs = [(a, "default") for a in settings.algorithms]
+    if alpha in settings.sweep_alphas:
+        for a in settings.algorithms:
+            if a.name in settings.sweep_algorithms:
+                for p in settings.sweep_preferences:
+                    swept = copy.copy(a)
+                    swept.preference = [float(x) for x in p]
+                    runs.append((swept, "_".join(f"{x:g}" for x in p)))
+    return runs
+
+
+def run_directory(out: Path, algorithm: str, alpha: float, seed: int, preference: str = "default") -> Path:
+    run_dir = out / "runs" / f"alpha{alpha:g}_seed{seed}" / algorithm
+    return run_dir if preference == "default" else run_dir / f"p_{preference}"
 
 
 def _rebuilt(datamodule: PromptDataModule, **changes) -> PromptDataModule:
@@ -76,7 +144,7 @@ def _rebuilt(datamodule: PromptDataModule, **changes) -> PromptDataModule:
 def summarize(rows: list[dict], objectives: list[str]) -> list[dict]:
     """One row per (algorithm, α): final rewards (mean ± std over seeds) and mean round metrics."""
     groups: dict[tuple, list[dict]] = {}
-    for r in rows:
+    for r in (r for r in rows if r.get("preference", "default") == "default"):
         groups.setdefault((r["algorithm"], r["alpha"]), []).append(r)
     table = []
     for (algorithm, alpha), group in groups.items():
@@ -179,6 +247,7 @@ def plot_comparison(rows: list[dict], objectives: list[str], plot_dir: Path) -> 
 
 def _mean_curves(rows: list[dict], keys: list[str]) -> dict[str, dict[str, list[float]]]:
     """Per (algorithm, α): each key's mean over seeds at every round; 'uplink' is cumulative bytes per client."""
+    rows = [r for r in rows if r.get("preference", "default") == "default"]
     alphas = {r["alpha"] for r in rows}
     by_label: dict[str, dict[int, list[dict]]] = {}
     uplink: dict[tuple, float] = {}
@@ -196,3 +265,71 @@ def _mean_curves(rows: list[dict], keys: list[str]) -> dict[str, dict[str, list[
             curve[key] = [statistics.mean(r.get(name, math.nan) for r in by_round[t]) for t in rounds]
         curves[label] = curve
     return curves
+
+
+# --------------------------------------------------------------------------- the claims
+
+
+def claims_report(
+    rows: list[dict], objectives: list[str], out: Path, settings: CompareSettings
+) -> tuple[list[dict], str]:
+    """Paired FIRM − baseline intervals and verdicts (``claims.default_claims``); the markdown text."""
+    names = [a.name for a in settings.algorithms]
+    baselines = tuple(n for n in ("local_mgda", "linear", "fmgda") if n in names)
+    per_run = claims.per_run_table(rows, objectives, lambda a, alpha, seed: _round_adapters(run_directory(out, a, alpha, seed)))
+    table = claims.claims_table(per_run, settings.reference, claims.default_claims(objectives, baselines))
+    text = claims.markdown(table, settings.reference)
+    plot_beta_ablation(per_run, settings.algorithms, out / "plots" / "beta_ablation.png")
+    return table, text
+
+
+def _round_adapters(run_dir: Path) -> Optional[list[dict]]:
+    """The global adapter after every round (round 0 first), if the run saved them."""
+    from safetensors.torch import load_file
+
+    paths = sorted((run_dir / "adapters").glob("round_*.safetensors"))
+    return [load_file(str(p)) for p in paths] if len(paths) >= 3 else None
+
+
+def _beta_of(algorithm: Algorithm) -> Optional[float]:
+    """β of an algorithm on the ablation axis (LocalMGDA is 0, Linear is +∞); None if it has none."""
+    if isinstance(algorithm, Linear):
+        return math.inf
+    return getattr(algorithm, "beta", None)
+
+
+def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -> Optional[Path]:
+    """Drift and final reward against β, from 0 (local MGDA) to ∞ (linear): mean over seeds ± 95 % bootstrap CI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ladder = sorted(((b, a.name) for a in algorithms if (b := _beta_of(a)) is not None), key=lambda t: t[0])
+    if len(ladder) < 2:
+        return None
+    labels = ["linear (∞)" if math.isinf(b) else f"{b:g}" + (" (MGDA)" if b == 0 else "") for b, _ in ladder]
+    panels = [("lambda_dispersion", "λ dispersion"), ("update_dispersion_weighted", "update dispersion (n_i-weighted)"),
+              ("final/mean", "final eval reward (mean over objectives)"), ("worst_client", "worst-client reward")]
+    alphas = sorted({k[1] for k in per_run})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8))
+    for ax, (metric, title) in zip(axes, panels):
+        for alpha in alphas:
+            means, lows, highs = [], [], []
+            for _, name in ladder:
+                values = [m[metric] for (a, al, _), m in per_run.items() if a == name and al == alpha and metric in m]
+                i = claims.bootstrap_interval(values) if values else None
+                ok = i is not None and i.n > 1 and math.isfinite(i.low)
+                means.append(i.mean if i else math.nan)
+                lows.append(i.mean - i.low if ok else 0.0)
+                highs.append(i.high - i.mean if ok else 0.0)
+            ax.errorbar(range(len(ladder)), means, yerr=[lows, highs], marker="o", capsize=3, label=f"α={alpha:g}")
+        ax.set_xticks(range(len(ladder)), labels, rotation=20)
+        ax.set(xlabel="β (in-client regularisation)", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -61,6 +61,7 @@ class SamplingSettings:
     eval_seed: int = 1234  # fixed, so evaluations are comparable across rounds and algorithms
     chat_template: Optional[bool] = None  # wrap prompts in the tokenizer's chat template; None: when it has one
     system_prompt: Optional[str] = None  # a system message, with the chat template
+    eval_greedy: bool = False  # evaluate the most likely response (top-1): no sampling noise at all
 
 
 @dataclass
@@ -315,18 +316,26 @@ class FIRMClientModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Rewards of the current adapter on held-out prompts, sampled with a fixed seed."""
         devices = [self.device] if self.device.type == "cuda" else []
+        greedy = self.sampling.eval_greedy
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.sampling.eval_seed + batch_idx)
-            rollout = self.rollout(batch["prompt"], self.sampling.eval_num_generations)
+            rollout = self.rollout(batch["prompt"], 1 if greedy else self.sampling.eval_num_generations, greedy)
         rewards = score_all(self.objectives, rollout.prompts, rollout.responses)
         for name, value in zip(self.objective_names, rewards.mean(dim=1)):
             self.log(f"eval/reward/{name}", value, on_epoch=True, batch_size=len(rollout.responses))
+        if "group" in batch:  # per-group means: the orchestrator turns them into per-client rewards
+            groups = [g for g in batch["group"] for _ in range(rollout.group_size)]
+            for group in sorted(set(groups)):
+                rows = torch.tensor([g == group for g in groups])
+                for name, value in zip(self.objective_names, rewards[:, rows].mean(dim=1)):
+                    self.log(f"eval/group/{group}/{name}", value, on_epoch=True, batch_size=int(rows.sum()))
 
-    def rollout(self, prompts: list[str], group_size: int) -> Rollout:
+    def rollout(self, prompts: list[str], group_size: int, greedy: bool = False) -> Rollout:
         s = self.sampling
         return sample(
             self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
-            s.max_prompt_length, s.temperature, s.top_k, s.top_p, s.chat_template, s.system_prompt,
+            s.max_prompt_length, s.temperature, 1 if greedy else s.top_k, s.top_p,  # top-1 sampling is greedy
+            s.chat_template, s.system_prompt,
         )
 
     # ---- client metrics (read by the orchestrator after a fit) ----

@@ -411,7 +411,48 @@ class FederatedOrchestrator:
         self.module.load_adapter_state(adapter)
         trainer = self.trainers.eval_trainer()
         results = trainer.validate(self.module, dataloaders=self.datamodule.val_dataloader(), verbose=False)
-        return {k: float(v) for k, v in results[0].items()}
+        metrics = {k: float(v) for k, v in results[0].items()}
+        return {**metrics, **self.client_evaluation(metrics)}
+
+    def client_evaluation(self, eval_metrics: dict[str, float]) -> dict[str, float]:
+        """The global adapter's eval reward on each client's own prompt distribution: mean and worst client.
+
+        A client's reward is the mean of the held-out per-group rewards (``eval/group/<g>/<objective>``)
+        weighted by the client's share of training prompts in each group; no extra generation.
+        ``eval/worst_client/mean`` is the lowest client reward averaged over the objectives.
+        """
+        shares = self._client_group_shares()
+        if not shares:
+            return {}
+        names = self.module.objective_names
+        present = {g for g in (k.split("/")[2] for k in eval_metrics if k.startswith("eval/group/"))}
+        per_client = []
+        for share in shares:
+            weights = {g: w for g, w in share.items() if g in present}
+            total = sum(weights.values())
+            if total == 0:  # none of this client's groups is in the eval set
+                continue
+            per_client.append([
+                sum(w * eval_metrics[f"eval/group/{g}/{n}"] for g, w in weights.items()) / total for n in names
+            ])
+        if not per_client:
+            return {}
+        rewards = np.array(per_client)
+        out = {f"eval/client_mean/{n}": float(rewards[:, s].mean()) for s, n in enumerate(names)}
+        out.update({f"eval/worst_client/{n}": float(rewards[:, s].min()) for s, n in enumerate(names)})
+        out["eval/worst_client/mean"] = float(rewards.mean(axis=1).min())
+        return out
+
+    def _client_group_shares(self) -> list[dict[str, float]]:
+        """Per client, the fraction of its training prompts in each group ([] without a group column)."""
+        groups = self.datamodule.train_groups
+        if groups is None:
+            return []
+        shares = []
+        for indices in self.datamodule.client_indices:
+            client_groups = [groups[i] for i in indices]
+            shares.append({g: client_groups.count(g) / len(client_groups) for g in set(client_groups)})
+        return shares
 
     # ---- metrics ----
 
@@ -440,6 +481,9 @@ class FederatedOrchestrator:
         metrics = {
             "lambda_dispersion": lambda_dispersion(lambdas),
             "update_dispersion": update_dispersion(result.client_adapters, global_adapter),
+            "update_dispersion_weighted": update_dispersion(
+                result.client_adapters, global_adapter, [u.num_examples for u in updates]
+            ),
             "comm/bytes_up": sum(r["comm/bytes_up"] for r in client_rows),
             "comm/bytes_down": sum(r["comm/bytes_down"] for r in client_rows),
             "comm/bytes_up_per_client": client_rows[0]["comm/bytes_up"],
