@@ -158,6 +158,8 @@ def summarize(rows: list[dict], objectives: list[str]) -> list[dict]:
             entry[f"final {n}"] = _mean_std(finals)
         entry["λ dispersion"] = _mean_std([_mean(rs[1:], "lambda_dispersion") for rs in runs])
         entry["update dispersion"] = _mean_std([_mean(rs[1:], "update_dispersion") for rs in runs])
+        if "eval/worst_client/mean" in runs[0][-1]:
+            entry["worst client"] = _mean_std([rs[-1]["eval/worst_client/mean"] for rs in runs])
         entry["smoothness"] = _mean_std([smoothness(rs, objectives) for rs in runs])
         entry["MB up/client"] = statistics.mean(_per_client_total(rs, "comm/bytes_up") for rs in runs) / 1e6
         entry["MB down/client"] = statistics.mean(_per_client_total(rs, "comm/bytes_down") for rs in runs) / 1e6

@@ -129,3 +129,43 @@ def test_a_run_records_per_client_eval_and_greedy_eval_ignores_the_seed(tmp_path
     sampled = orchestrator.evaluate(adapter)
     module.sampling.eval_seed += 1
     assert orchestrator.evaluate(adapter) != sampled  # sampled evaluation does depend on the seed
+
+
+def test_compare_reports_paired_claims_and_reuses_finished_runs(tmp_path):
+    from firm_lightning.algorithms import FIRM, FMGDA
+    from firm_lightning.compare import CompareSettings, claims_report, run_comparison
+    from firm_lightning.federation_metrics import payload_bytes
+
+    module = make_module()
+    data = make_datamodule(2, partition="dirichlet", dirichlet_alpha=1.0)
+    federation = FederationConfig(num_rounds=2, num_clients=2, output_dir=str(tmp_path))
+    settings = CompareSettings([FIRM(beta=1.0), FMGDA()], seeds=[0, 1, 2])
+    trainer = {"max_steps": 1, "accelerator": "cpu"}
+    rows = run_comparison(module, data, federation, trainer, settings, echo=lambda _: None)
+    table, text = claims_report(rows, module.objective_names, tmp_path, settings)
+    by_metric = {r["metric"]: r for r in table}
+    uplink = by_metric["uplink_bytes"]
+    saved = payload_bytes(module.adapter_state()) * 2  # per client: one adapter fewer per round, 2 rounds
+    assert uplink["interval"] == Interval(-saved, -saved, -saved, 3) and uplink["verdict"] == SUPPORTED
+    assert {"update_cosine", "eval_change", "worst_client", "equal_uplink/mean"} <= set(by_metric)
+    assert all(r["verdict"] in (SUPPORTED, CONTRADICTED, INCONCLUSIVE) for r in table)
+    assert "| 1 | communication | uplink_bytes | lower | fmgda |" in text
+    # A second comparison over the same folder reuses every finished run.
+    messages = []
+    again = run_comparison(module, data, federation, trainer, settings, echo=messages.append)
+    assert len(messages) == 6 and all("reused" in m for m in messages)
+    assert [(r["algorithm"], r["seed"], r["round"]) for r in again] == [(r["algorithm"], r["seed"], r["round"]) for r in rows]
+    assert again[-1]["eval/reward/a_to_m"] == pytest.approx(rows[-1]["eval/reward/a_to_m"])
+
+
+def test_beta_ablation_plot_orders_beta_from_mgda_to_linear(tmp_path):
+    from firm_lightning.algorithms import FIRM, Linear, LocalMGDA
+    from firm_lightning.compare import _beta_of, plot_beta_ablation
+
+    algorithms = [Linear(), FIRM(beta=1.0), LocalMGDA()]
+    assert [_beta_of(a) for a in algorithms] == [math.inf, 1.0, 0.0]
+    per_run = {
+        (a.name, 0.1, s): {"lambda_dispersion": 0.1, "update_dispersion_weighted": 1.0, "final/mean": 0.5, "worst_client": 0.4}
+        for a in algorithms for s in range(3)
+    }
+    assert plot_beta_ablation(per_run, algorithms, tmp_path / "beta.png").is_file()
