@@ -5,7 +5,7 @@
 Runs local MGDA (β = 0) on the testbed objectives (``firm_lightning.testbed``) for each seed at
 α = 0.1 and α = 100, and prints JSON: per run the mean λ dispersion over rounds, per α the
 mean over seeds, and the ratio (issue 9 asks for ≥ 5). ``tests/test_testbed.py`` runs a shorter
-version (3 seeds, 1 round).
+version (3 seeds).
 """
 
 from __future__ import annotations
