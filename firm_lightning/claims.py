@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import numpy as np

@@ -10,8 +10,8 @@ import torch
 
 from conftest import TINY_LORA
 from firm_lightning.advantages import leave_one_out_advantages
-from firm_lightning.datamodule import PromptDataModule, load_rows, DEFAULT_PROMPTS
-from firm_lightning.module import FIRMClientModule, PolicyGradientSettings, SamplingSettings
+from firm_lightning.datamodule import DEFAULT_PROMPTS, load_rows
+from firm_lightning.module import FIRMClientModule, SamplingSettings
 from firm_lightning.policy import TinyPolicy
 from firm_lightning.rewards import score_all
 from firm_lightning.sequences import token_logprobs
