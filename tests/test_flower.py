@@ -161,13 +161,14 @@ def test_ctrl_c_stops_every_flower_and_ray_process(tmp_path):
     def clients_are_up(output: str) -> bool:  # Ray and both ClientApp actors are running
         return "Flower: 2 clients on nodes" in output
 
-    run = Run(["flower", *_config(tmp_path), "--federation.output_dir", str(tmp_path / "out")], interrupt_when=clients_are_up)
+    # Many rounds, so that Ctrl-C always lands mid-run: with the short config's 2 rounds a quiet
+    # machine finished the federation before the signal arrived (exit 0, nothing interrupted).
+    args = ["flower", *_config(tmp_path), "--federation.num_rounds", "40", "--federation.output_dir", str(tmp_path / "out")]
+    run = Run(args, interrupt_when=clients_are_up)
     assert run.interrupted, run.output[-3000:]
     assert "raylet" in run.names()
-    # The CLI turns Ctrl-C into one line (exit 130). The exit code itself is not asserted: in one
-    # full-suite run the interrupt raced the simulation child's own graceful exit and the command
-    # returned 0 (see the closing note); what the issue requires is checked below.
-    assert "interrupted" in run.output or "KeyboardInterrupt" in run.output, run.output[-3000:]
+    assert run.proc.returncode != 0, run.output[-3000:]
+    assert "interrupted; continue with" in run.output, run.output[-3000:]  # the CLI's one line, not a traceback
     assert not (tmp_path / "out" / "summary.txt").exists()  # stopped before the end
     assert run.survivors() == [], f"processes left behind after Ctrl-C: {run.survivors()}"
 
