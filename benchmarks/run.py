@@ -39,8 +39,8 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -199,22 +199,16 @@ def cheap_weighting(model: str, mode: dict, modules: dict, initial: dict, fixed)
 # --------------------------------------------------------------------------- 2. orchestration
 
 
-class _StepClock:
-    """Sums the wall time spent inside training_step across every (deep-copied) instance."""
+class StepClock(L.Callback):
+    """Sums the wall time inside training_step over every instance (the TrainerFactory deep-copies it)."""
 
     total = 0.0
 
-    def __init__(self) -> None:
-        import lightning as L
+    def on_train_batch_start(self, *args) -> None:
+        self._tic = time.perf_counter()
 
-        class Clock(L.Callback):
-            def on_train_batch_start(self, *args):
-                self._tic = time.perf_counter()
-
-            def on_train_batch_end(self, *args):
-                _StepClock.total += time.perf_counter() - self._tic
-
-        self.callback = Clock()
+    def on_train_batch_end(self, *args) -> None:
+        StepClock.total += time.perf_counter() - self._tic
 
 
 def tiny_federation(out: Path, num_clients: int, rounds: int, steps: int, algorithm=None, num_objectives: int = 2,
@@ -237,7 +231,6 @@ def tiny_federation(out: Path, num_clients: int, rounds: int, steps: int, algori
 def orchestration_section(mode: dict) -> dict:
     from firm_lightning import orchestrator
 
-    clock = _StepClock()
     eval_times: list[float] = []  # the first is the initial evaluation, outside every round
     original = orchestrator.FederatedOrchestrator.evaluate
 
@@ -251,8 +244,8 @@ def orchestration_section(mode: dict) -> dict:
     orchestrator.FederatedOrchestrator.evaluate = timed_evaluate
     try:
         with tempfile.TemporaryDirectory() as out:
-            _StepClock.total = 0.0
-            _, state = tiny_federation(Path(out), mode["clients"], mode["rounds"], 4, callbacks=[clock.callback])
+            StepClock.total = 0.0
+            _, state = tiny_federation(Path(out), mode["clients"], mode["rounds"], 4, callbacks=[StepClock()])
     finally:
         orchestrator.FederatedOrchestrator.evaluate = original
     rounds = state.history[1:]
@@ -262,9 +255,9 @@ def orchestration_section(mode: dict) -> dict:
     return {
         "rounds": len(rounds),
         "round_wall_s": round_wall,
-        "training_step_s": _StepClock.total,
+        "training_step_s": StepClock.total,
         "evaluation_s": eval_in_rounds,
-        "orchestration_overhead": (training - _StepClock.total) / training,
+        "orchestration_overhead": (training - StepClock.total) / training,
         "evaluation_share_of_round": eval_in_rounds / round_wall,
     }
 
