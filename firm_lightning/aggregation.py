@@ -18,11 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from firm_lightning.adapters import check_adapter_state
-from firm_lightning.client import ClientUpdate
+from firm_lightning.adapters import AdapterState, ClientUpdate, check_adapter_state
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
-
-AdapterState = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -156,13 +153,16 @@ def screen_update(
     max_update_norm: Optional[float] = None,
     upload_dtype: Optional[torch.dtype] = None,
 ) -> Optional[str]:
-    """Why ``update`` must not be merged (keys, shapes, dtypes, non-finite values, norm), or None.
+    """Why ``update`` (as uploaded) must not be merged (keys, shapes, dtypes, non-finite values, norm), or None.
 
-    A tensor's dtype must be the global adapter's, or ``upload_dtype`` when uploads are cast
-    (``federation.upload_dtype``). The norm bound applies to each uploaded adapter's delta ``‖θ_i − θ‖₂``.
+    A full adapter must have the global adapter's dtypes; a delta upload must be in
+    ``upload_dtype`` (``federation.upload_dtype``). The norm bound applies to each uploaded
+    adapter's update ``‖θ_i − θ‖₂``.
     """
     if not update.adapters:
         return "it uploaded no adapter"
+    if update.delta and upload_dtype is None:
+        return "it uploaded a 16-bit delta, but this federation has no federation.upload_dtype"
     for state in update.adapters:
         missing, extra = sorted(set(global_state) - set(state)), sorted(set(state) - set(global_state))
         if missing or extra:
@@ -173,12 +173,14 @@ def screen_update(
                 return f"{name!r} is a {type(tensor).__name__}, not a tensor"
             if tensor.shape != ref.shape:
                 return f"{name!r} has shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}"
-            if tensor.dtype not in (ref.dtype, upload_dtype or ref.dtype):
-                return f"{name!r} has dtype {tensor.dtype}, expected {ref.dtype}" + (f" or {upload_dtype}" if upload_dtype else "")
+            expected = upload_dtype if update.delta else ref.dtype
+            if tensor.dtype != expected:
+                return f"{name!r} has dtype {tensor.dtype}, expected {expected}"
             if not torch.isfinite(tensor).all():
                 return f"{name!r} holds NaN or inf"
         if max_update_norm is not None:
-            norm = float(torch.cat([(state[k].float() - v.float()).flatten() for k, v in global_state.items()]).norm())
+            delta = [state[k].float() - (0 if update.delta else v.float()) for k, v in global_state.items()]
+            norm = float(torch.cat([d.flatten() for d in delta]).norm())
             if norm > max_update_norm:
                 return f"its update norm {norm:.4g} exceeds federation.max_update_norm={max_update_norm:g}"
     return None

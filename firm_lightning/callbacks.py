@@ -1,14 +1,16 @@
 """Federation callbacks: hooks around the server loop, as Lightning callbacks are around a fit.
 
-A ``FederationCallback`` overrides any of these hooks (each gets the orchestrator first):
+A ``FederationCallback`` overrides any of these hooks. Each gets the federation first (a
+:class:`Federation`: its ``config``, ``algorithm``, ``objective_names`` and ``request_stop``),
+on every transport: the in-process loop and the Flower server drive the same round engine.
 
 =====================  ==================================================================
 hook                   when
 =====================  ==================================================================
 on_federation_start    once, after the initial global adapter was evaluated (round 0)
 on_round_start         a round's clients are sampled, before any of them trains
-on_client_start        before one client's local fit
-on_client_end          after it, with the client's upload (``ClientUpdate``)
+on_client_start        before one client's local fit (on Flower: when its training message is sent)
+on_client_end          after it, with the client's upload (on Flower: when its reply arrives)
 on_round_end           the round was aggregated, evaluated and recorded (its metrics row)
 on_federation_end      after the last round (or an early stop)
 =====================  ==================================================================
@@ -20,7 +22,7 @@ Configure them by ``class_path`` under ``federation.callbacks``, e.g.::
         - class_path: firm_lightning.callbacks.EarlyStopping
           init_args: {monitor: eval/reward/a_to_m, patience: 2}
 
-A callback stops the federation with ``orchestrator.request_stop(reason)``; the orchestrator
+A callback stops the federation with ``federation.request_stop(reason)``; the federation
 finishes the current round, prints the reason and ends as after the last round.
 """
 
@@ -29,36 +31,48 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
-    from firm_lightning.client import ClientUpdate
-    from firm_lightning.orchestrator import FederatedOrchestrator, FederationState
+    from firm_lightning.adapters import ClientUpdate
+    from firm_lightning.algorithms import Algorithm
+    from firm_lightning.federation import FederationConfig
+    from firm_lightning.state import FederationState
+
+
+class Federation(Protocol):
+    """What a hook may read and do (the round engine, whichever transport drives it)."""
+
+    config: "FederationConfig"
+    algorithm: "Algorithm"
+    objective_names: list[str]
+
+    def request_stop(self, reason: str) -> None: ...
 
 
 class FederationCallback:
     """Base class: every hook does nothing. Subclass and override the hooks you need."""
 
-    def on_federation_start(self, orchestrator: "FederatedOrchestrator", state: "FederationState") -> None: ...
+    def on_federation_start(self, federation: "Federation", state: "FederationState") -> None: ...
 
-    def on_round_start(self, orchestrator: "FederatedOrchestrator", state: "FederationState", round_idx: int, clients: list[int]) -> None: ...
+    def on_round_start(self, federation: "Federation", state: "FederationState", round_idx: int, clients: list[int]) -> None: ...
 
-    def on_client_start(self, orchestrator: "FederatedOrchestrator", round_idx: int, client_id: int) -> None: ...
+    def on_client_start(self, federation: "Federation", round_idx: int, client_id: int) -> None: ...
 
-    def on_client_end(self, orchestrator: "FederatedOrchestrator", round_idx: int, update: "ClientUpdate") -> None: ...
+    def on_client_end(self, federation: "Federation", round_idx: int, update: "ClientUpdate") -> None: ...
 
-    def on_round_end(self, orchestrator: "FederatedOrchestrator", state: "FederationState", row: dict) -> None: ...
+    def on_round_end(self, federation: "Federation", state: "FederationState", row: dict) -> None: ...
 
-    def on_federation_end(self, orchestrator: "FederatedOrchestrator", state: "FederationState") -> None: ...
+    def on_federation_end(self, federation: "Federation", state: "FederationState") -> None: ...
 
 
 HOOKS = ("on_federation_start", "on_round_start", "on_client_start", "on_client_end", "on_round_end", "on_federation_end")
 
 
 class CallbackList:
-    """Calls a hook on every callback, in order (``callbacks.on_round_end(orchestrator, state, row)``)."""
+    """Calls a hook on every callback, in order (``callbacks.on_round_end(federation, state, row)``)."""
 
     def __init__(self, callbacks: list[FederationCallback]) -> None:
         for cb in callbacks:
@@ -104,7 +118,7 @@ class _MonitorsMetric(FederationCallback):
             return True
         return value > self.best + min_delta if self.mode == "max" else value < self.best - min_delta
 
-    def on_federation_start(self, orchestrator, state) -> None:
+    def on_federation_start(self, federation, state) -> None:
         self.best, self.best_round = None, None  # the same object may serve several runs (compare, pareto)
 
 
@@ -126,16 +140,16 @@ class EarlyStopping(_MonitorsMetric):
         self.min_delta = min_delta
         self.wait = 0
 
-    def on_federation_start(self, orchestrator, state) -> None:
-        super().on_federation_start(orchestrator, state)
+    def on_federation_start(self, federation, state) -> None:
+        super().on_federation_start(federation, state)
         self.wait = 0
         for row in state.history:  # round 0 (or the rounds a resumed run already has)
             self._update(row)
 
-    def on_round_end(self, orchestrator, state, row) -> None:
+    def on_round_end(self, federation, state, row) -> None:
         self._update(row)
         if self.wait >= self.patience:
-            orchestrator.request_stop(
+            federation.request_stop(
                 f"EarlyStopping: {self.monitor} did not improve by more than {self.min_delta} for {self.wait} rounds "
                 f"(best {self.best:.4f} at round {self.best_round}, now {self._value(row):.4f})"
             )
@@ -163,17 +177,17 @@ class SaveBestAdapter(_MonitorsMetric):
         super().__init__(monitor, mode)
         self.filename = filename
 
-    def on_federation_start(self, orchestrator, state) -> None:
-        super().on_federation_start(orchestrator, state)
+    def on_federation_start(self, federation, state) -> None:
+        super().on_federation_start(federation, state)
         for row in state.history[-1:]:
-            self.on_round_end(orchestrator, state, row)
+            self.on_round_end(federation, state, row)
 
-    def on_round_end(self, orchestrator, state, row) -> None:
+    def on_round_end(self, federation, state, row) -> None:
         value = self._value(row)
         if not self._improves(value):
             return
         self.best, self.best_round = value, int(row["round"])
-        path = Path(orchestrator.config.output_dir) / "adapters" / f"{self.filename}.safetensors"
+        path = Path(federation.config.output_dir) / "adapters" / f"{self.filename}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.global_adapter.items()}, str(path), metadata={"round": str(state.round)})
         path.with_suffix(".json").write_text(json.dumps({"round": state.round, "monitor": self.monitor, "value": value}))

@@ -1,46 +1,87 @@
 """One client's round: load the global adapter, fit locally, return what it uploads.
 
-Kept apart from the orchestrator so the same code can run in-process (simulation) or inside a
-Flower ``ClientApp`` on another machine. A *client procedure* is what differs between
-algorithms on the client side: FIRM trains once and uploads one adapter; FMGDA trains once
-per objective and uploads one adapter per objective.
+``fit_client`` is the one client fit of every transport: the in-process orchestrator calls it
+for each sampled client, a Flower ``ClientApp`` calls it on its own node. It seeds the fit by
+(seed, round, client), applies the algorithm's in-client weighting for the fit only, releases
+the fit's memory even when it raises, and encodes the upload (``federation.upload_dtype``).
+A *client procedure* is what differs between algorithms on the client side: FIRM trains once
+and uploads one adapter; FMGDA trains once per objective and uploads one adapter per objective.
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, MutableMapping, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from firm_lightning.adapters import ClientUpdate
+from firm_lightning.client_optimizer import PersistOptimizerState
+from firm_lightning.datamodule import ClientData
+from firm_lightning.memory import release_client_memory
 from firm_lightning.module import FIRMClientModule
+from firm_lightning.seeds import client_seed
+from firm_lightning.trainer_factory import TrainerFactory
 from firm_lightning.weighting import LinearScalarization
 
+if TYPE_CHECKING:
+    from firm_lightning.algorithms import Algorithm
 
-@dataclass
-class ClientUpdate:
-    """What a client uploads after a round, plus its local training summary (for logs only)."""
+__all__ = ["ClientUpdate", "fit_client", "ClientProcedure", "SingleAdapter", "AdapterPerObjective"]
 
-    client_id: int
-    adapters: list[dict[str, torch.Tensor]]  # one adapter (FIRM), or one per objective (FMGDA)
-    num_examples: int
-    metrics: dict[str, float]
 
-    def cast(self, dtype: Optional[torch.dtype]) -> "ClientUpdate":
-        """The upload with its floating-point tensors in ``dtype`` (e.g. bf16: half the bytes).
+def fit_client(
+    module: FIRMClientModule,
+    algorithm: "Algorithm",
+    global_adapter: dict[str, torch.Tensor],
+    data: ClientData,
+    round_idx: int,
+    trainers: TrainerFactory,
+    seed: int,
+    client_states: Optional[MutableMapping[str, dict]] = None,
+    upload_dtype: Optional[torch.dtype] = None,
+) -> ClientUpdate:
+    """Client ``data.client_id``'s fit in round ``round_idx`` from ``global_adapter``; its upload.
 
-        The server casts back to the global adapter's dtype when it aggregates; ``None`` keeps
-        the tensors as trained.
-        """
-        if dtype is None:
-            return self
-        adapters = [{k: v.to(dtype) if v.is_floating_point() else v for k, v in a.items()} for a in self.adapters]
-        return dataclasses.replace(self, adapters=adapters)
+    ``client_states``: where a stateful client keeps its optimiser state between its rounds
+    (``federation.client_optimizer_state=persist``); None starts every fit from a fresh optimiser.
+    """
+    if data.num_examples == 0:
+        raise ValueError(f"client {data.client_id} has no prompts (an empty shard); use fewer clients or another partition.")
+    # Each client fit draws its samples from a seed of its own (seed, round, client): the result
+    # does not depend on which clients ran before it, so a resumed run or a client on another
+    # machine reproduces it.
+    torch.manual_seed(client_seed(seed, round_idx, data.client_id))
+
+    def trainer(tag: str) -> L.Trainer:
+        persist = [] if client_states is None else [PersistOptimizerState(client_states, f"{data.client_id}{tag}")]
+        return trainers.client_trainer(data.client_id, round_idx, tag, persist)
+
+    try:
+        with algorithm_weighting(module, algorithm):
+            update = algorithm.procedure().run(
+                module, global_adapter, dataloader=lambda: data.loader(round_idx), trainer=trainer,
+                client_id=data.client_id, num_examples=data.num_examples,
+            )
+    finally:  # a client that raised must not leave its memory behind either
+        release_client_memory()
+    return update.for_upload(global_adapter, upload_dtype)
+
+
+@contextmanager
+def algorithm_weighting(module: FIRMClientModule, algorithm: "Algorithm"):
+    """The algorithm's in-client weighting for one fit; the module's configured one afterwards."""
+    configured = module.weighting
+    weighting = algorithm.weighting(len(module.objective_names))
+    module.weighting = weighting if weighting is not None else configured
+    try:
+        yield
+    finally:
+        module.weighting = configured
 
 
 def train_client(

@@ -11,7 +11,7 @@ module's own ``configure_optimizers`` (AdamW with ``model.learning_rate``) stays
 - ``reset`` (default): every client fit starts from a fresh optimiser (stateless clients, as in
   cross-device FL);
 - ``persist``: each client keeps its optimiser and scheduler state from one round to its next
-  (cross-silo). The state lives per client in ``FederationState.client_optimizer_states``
+  (cross-silo). The state lives per client in ``FederationState.client_states``
   (CPU tensors and plain values), so a checkpoint of the federation state covers it.
 """
 
@@ -54,7 +54,7 @@ def _configure(module, optimizer: dict, lr_scheduler: Optional[dict]):
 class PersistOptimizerState(L.Callback):
     """Loads a client's saved optimiser/scheduler state when its fit starts; saves it when the fit ends.
 
-    ``store`` is the federation state's ``client_optimizer_states`` dict; ``key`` names the
+    ``store`` is the federation state's ``client_states`` dict; ``key`` names the
     client (and, for per-objective fits, the objective).
     """
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -150,6 +151,28 @@ def client_prompt_loader(prompts: list[str], groups: Optional[list[str]], batch_
     whether the prompts come from the whole data set or from the client's own file."""
     return DataLoader(_Prompts(prompts, groups), batch_size=batch_size, shuffle=True,
                       generator=_generator(seed, client_id, round_idx), collate_fn=collate_prompts)
+
+
+@dataclass
+class ClientData:
+    """One client's shard: its prompts (and groups) and how they are batched.
+
+    Built from the whole data set (``PromptDataModule.client_data``, in-process and in
+    simulation) or from a file holding only that client's prompts (a SuperNode).
+    """
+
+    client_id: int
+    prompts: list[str]
+    groups: Optional[list[str]]
+    batch_size: int
+    seed: int
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.prompts)
+
+    def loader(self, round_idx: int) -> DataLoader:
+        return client_prompt_loader(self.prompts, self.groups, self.batch_size, self.seed, self.client_id, round_idx)
 
 
 # --------------------------------------------------------------------------- module
@@ -379,6 +402,10 @@ class PromptDataModule(L.LightningDataModule):
         if self._train_groups is None:
             return None
         return [self._train_groups[i] for i in self._indices(client_id)]
+
+    def client_data(self, client_id: int) -> ClientData:
+        """Client ``client_id``'s shard, as a client holds it."""
+        return ClientData(client_id, self.client_prompts(client_id), self._client_groups(client_id), self.batch_size, self.seed)
 
     # ------------------------------------------------------------------ loaders
     def client_dataloader(self, client_id: int, round_idx: int = 0) -> DataLoader:

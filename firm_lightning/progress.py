@@ -43,17 +43,17 @@ class PlainLines(FederationCallback):
     def __init__(self, echo: Callable[[str], None] = print) -> None:
         self.echo = echo
 
-    def on_federation_start(self, orchestrator, state) -> None:
+    def on_federation_start(self, federation, state) -> None:
         row = state.history[-1]
         what = "initial adapter" if state.round == 0 else "resumed"
-        self.echo(f"round {state.round}/{orchestrator.config.num_rounds} ({what}) | {format_eval(row)}")
+        self.echo(f"round {state.round}/{federation.config.num_rounds} ({what}) | {format_eval(row)}")
 
-    def on_round_start(self, orchestrator, state, round_idx, clients) -> None:
-        self.echo(f"round {round_idx}/{orchestrator.config.num_rounds} | training clients {clients} ...")
+    def on_round_start(self, federation, state, round_idx, clients) -> None:
+        self.echo(f"round {round_idx}/{federation.config.num_rounds} | training clients {clients} ...")
 
-    def on_round_end(self, orchestrator, state, row) -> None:
+    def on_round_end(self, federation, state, row) -> None:
         self.echo(
-            f"round {row['round']}/{orchestrator.config.num_rounds} | {format_eval(row)} | "
+            f"round {row['round']}/{federation.config.num_rounds} | {format_eval(row)} | "
             f"λ-dispersion {row.get('lambda_dispersion', float('nan')):.4f} | "
             f"update dispersion {row.get('update_dispersion', float('nan')):.3f} | {row.get('time/round_s', 0.0):.1f}s"
         )
@@ -67,23 +67,23 @@ class ProgressBar(FederationCallback):
         self.bar = None
         self.latest = ""
 
-    def on_federation_start(self, orchestrator, state) -> None:
+    def on_federation_start(self, federation, state) -> None:
         self.latest = format_eval(state.history[-1])
         self.bar = tqdm(
-            total=orchestrator.config.num_rounds, initial=state.round, desc="federation", unit="round",
+            total=federation.config.num_rounds, initial=state.round, desc="federation", unit="round",
             file=self.stream or sys.stdout, dynamic_ncols=True, leave=True,
         )
         self.bar.set_postfix_str(self.latest)
 
-    def on_client_start(self, orchestrator, round_idx, client_id) -> None:
+    def on_client_start(self, federation, round_idx, client_id) -> None:
         self.bar.set_postfix_str(f"round {round_idx}: client {client_id} | {self.latest}")
 
-    def on_round_end(self, orchestrator, state, row) -> None:
+    def on_round_end(self, federation, state, row) -> None:
         self.latest = format_eval(row)
         self.bar.set_postfix_str(self.latest, refresh=False)
         self.bar.update(1)
 
-    def on_federation_end(self, orchestrator, state) -> None:
+    def on_federation_end(self, federation, state) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

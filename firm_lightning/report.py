@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
-    from firm_lightning.orchestrator import FederationConfig, FederationState
+    from firm_lightning.federation import FederationConfig
+    from firm_lightning.state import FederationState
 
 
 class RunWriter:

@@ -27,20 +27,20 @@ class RoundLogger(FederationCallback):
         self.make_loggers = make_loggers
         self.loggers: list[Logger] = []
 
-    def on_federation_start(self, orchestrator, state) -> None:
+    def on_federation_start(self, federation, state) -> None:
         self.loggers = list(self.make_loggers())
-        config = {f.name: getattr(orchestrator.config, f.name) for f in dataclasses.fields(orchestrator.config)}
+        config = {f.name: getattr(federation.config, f.name) for f in dataclasses.fields(federation.config)}
         params = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool))}
-        params.update(algorithm=orchestrator.algorithm.name, objectives=",".join(orchestrator.module.objective_names))
+        params.update(algorithm=federation.algorithm.name, objectives=",".join(federation.objective_names))
         for logger in self.loggers:
             logger.log_hyperparams(params)
         for row in state.history:  # round 0, or every round a resumed run already has
             self._log(row)
 
-    def on_round_end(self, orchestrator, state, row) -> None:
+    def on_round_end(self, federation, state, row) -> None:
         self._log(row)
 
-    def on_federation_end(self, orchestrator, state) -> None:
+    def on_federation_end(self, federation, state) -> None:
         for logger in self.loggers:
             logger.save()
             logger.finalize("success")

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
+import warnings
 from contextlib import contextmanager
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, WandbLogger
@@ -178,3 +181,46 @@ def _fresh(spec, **overrides):
         init_args.update({k: v for k, v in overrides.items() if takes_any or k in accepted})
         return instantiate_class((), {"class_path": spec["class_path"], "init_args": init_args})
     return copy.deepcopy(spec)
+
+
+# ---------------------------------------------------------------- reusing one module across many Trainers
+
+
+@contextmanager
+def stays_on_device(module: torch.nn.Module):
+    """Keep the module (base model included) on the accelerator between the per-client fits.
+
+    Lightning's strategy teardown calls ``module.cpu()`` after every ``fit`` and ``validate``:
+    with one Trainer per client per round that would copy the base model host↔device
+    (clients + 1) times per round. The next Trainer puts it on its own device anyway.
+    """
+    module.cpu = lambda: module  # the instance attribute shadows nn.Module.cpu for the run
+    try:
+        yield
+    finally:
+        del module.cpu
+
+
+@contextmanager
+def quiet_lightning(enabled: bool):
+    """Hide the start-up chatter that one Trainer per client per round would repeat hundreds of times."""
+    if not enabled:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        for pattern in (
+            ".*does not have many workers.*",
+            ".*smaller than the logging interval.*",
+            ".*have no `val_dataloader`.*",
+            ".*treespec.*",
+        ):
+            warnings.filterwarnings("ignore", message=pattern)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)

@@ -12,6 +12,7 @@ import torch
 from conftest import make_datamodule, make_module
 from firm_lightning import checkpoint
 from firm_lightning.aggregation import screen_update
+from firm_lightning.algorithms import Algorithm
 from firm_lightning.client import ClientProcedure, ClientUpdate, SingleAdapter
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationError, FederationState
 from firm_lightning.rewards import CharsetReward
@@ -49,6 +50,17 @@ class Faulty(ClientProcedure):
         return update
 
 
+class FaultyAlgorithm(Algorithm):
+    """The configured weighting and FedAvg, with the faulty client procedure (``federation.algorithm``)."""
+
+    def __init__(self, faults: dict[int, str]):
+        super().__init__("faulty")
+        self.faulty = Faulty(faults)
+
+    def procedure(self) -> ClientProcedure:
+        return self.faulty
+
+
 def _federation(tmp_path, faults, min_clients, bad_reward_client=None):
     data = make_datamodule(num_clients=5)
     data.setup()
@@ -57,10 +69,10 @@ def _federation(tmp_path, faults, min_clients, bad_reward_client=None):
         second = NaNForPrompts("n_to_z", "nopqrstuvwxyz", data.client_prompts(bad_reward_client))
     module = make_module(objectives=[CharsetReward("a_to_m", "abcdefghijklm"), second])
     messages = []
-    config = FederationConfig(num_rounds=1, num_clients=5, min_clients=min_clients, output_dir=str(tmp_path))
+    config = FederationConfig(num_rounds=1, num_clients=5, min_clients=min_clients, output_dir=str(tmp_path),
+                              algorithm=FaultyAlgorithm(faults))
     orch = FederatedOrchestrator(module, data, config, TrainerFactory({"max_steps": 1, "accelerator": "cpu"}, tmp_path),
                                  echo=messages.append)
-    orch.procedure = Faulty(faults)
     return orch, messages
 
 
@@ -80,7 +92,7 @@ def test_raising_nan_and_misshapen_clients_are_excluded_and_the_log_says_why(tmp
         last = list(csv.DictReader(f))[-1]
     assert (last["failed_clients"], last["rejected_clients"]) == ("2", "2")
     # Only the healthy client was merged: with FedAvg over one client the new global adapter is its upload.
-    healthy = orch.procedure.uploads[4]
+    healthy = orch.algorithm.faulty.uploads[4]
     assert all(torch.allclose(state.global_adapter[k], healthy[k], rtol=0, atol=1e-6) for k in healthy)
     assert [r["client"] for r in state.client_history] == [4]
 
@@ -105,12 +117,20 @@ def test_update_screening_checks_keys_shapes_dtypes_finiteness_and_norm():
     assert "has shape (3,)" in screen_update(update({"a": torch.ones(3), "b": torch.ones(1, 1)}), g)
     half = update({"a": torch.ones(2, dtype=torch.float16), "b": torch.ones(1, 1)})
     assert "dtype torch.float16, expected torch.float32" in screen_update(half, g)
-    assert screen_update(half, g, upload_dtype=torch.float16) is None  # federation.upload_dtype
-    assert "expected torch.float32 or torch.bfloat16" in screen_update(half, g, upload_dtype=torch.bfloat16)
+    assert "dtype torch.float16, expected torch.float32" in screen_update(half, g, upload_dtype=torch.float16)
+    # federation.upload_dtype: a client uploads its update θ_i − θ in that dtype
+    half_delta = ClientUpdate(7, [{"a": torch.ones(2, dtype=torch.float16), "b": torch.ones(1, 1, dtype=torch.float16)}],
+                              1, {}, delta=True)
+    assert screen_update(half_delta, g, upload_dtype=torch.float16) is None
+    assert "expected torch.bfloat16" in screen_update(half_delta, g, upload_dtype=torch.bfloat16)
+    assert "no federation.upload_dtype" in screen_update(half_delta, g)
     assert "NaN or inf" in screen_update(update({"a": torch.tensor([0.0, math.inf]), "b": torch.ones(1, 1)}), g)
     big = update({"a": torch.tensor([3.0, 4.0]), "b": torch.zeros(1, 1)})  # ‖Δ‖ = 5
     assert screen_update(big, g, max_update_norm=5.0) is None
     assert "update norm 5 exceeds federation.max_update_norm=4.9" in screen_update(big, g, max_update_norm=4.9)
+    big_delta = ClientUpdate(7, [{"a": torch.tensor([3.0, 4.0], dtype=torch.bfloat16), "b": torch.zeros(1, 1, dtype=torch.bfloat16)}],
+                             1, {}, delta=True)  # ‖Δ‖ = 5, uploaded as the delta itself
+    assert "update norm 5 exceeds" in screen_update(big_delta, {k: v + 1 for k, v in g.items()}, 4.9, torch.bfloat16)
 
 
 def test_a_nan_batch_is_refused_before_it_poisons_normalisation_statistics():

@@ -220,7 +220,7 @@ def test_federation_callbacks_see_every_hook_in_order_and_early_stopping_says_wh
     saved, expected = load_file(str(tmp_path / "adapters" / "best.safetensors")), load_file(
         str(tmp_path / "adapters" / f"round_{meta['round']:03d}.safetensors"))
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
-    assert state.client_optimizer_states == {}  # reset: nothing kept between rounds
+    assert state.client_states == {}  # reset: nothing kept between rounds
 
 
 def test_a_monitor_nobody_records_is_named_with_what_is_recorded():
@@ -295,8 +295,8 @@ def test_persist_keeps_each_clients_optimizer_and_scheduler_state_across_rounds(
                          {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}})
     state = orchestrator.run()
     participations = {str(c): sum(1 for r in state.client_history if r["client"] == c) for c in (0, 1)}
-    assert set(state.client_optimizer_states) == {k for k, n in participations.items() if n}
-    for client, saved in state.client_optimizer_states.items():
+    assert set(state.client_states) == {k for k, n in participations.items() if n}
+    for client, saved in state.client_states.items():
         steps = 2 * participations[client]  # 2 local steps per round the client took part in, accumulated
         assert all(float(s["step"]) == steps for s in saved["optimizer"]["state"].values())
         assert saved["lr_schedulers"][0]["last_epoch"] == steps

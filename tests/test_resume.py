@@ -117,7 +117,7 @@ def test_more_rounds_extend_a_finished_run_and_reward_statistics_are_restored(tm
 
 
 def test_resume_with_another_config_is_refused_naming_the_difference(tmp_path):
-    _orchestrator(tmp_path, num_rounds=1).save_checkpoint(
+    _orchestrator(tmp_path, num_rounds=1).engine.save_checkpoint(
         FederationState(round=0, global_adapter=make_module().adapter_state()))
     other_objective = make_module(objectives=[CharsetReward("a_to_m", "abc"), CharsetReward("n_to_z", "nopqrstuvwxyz")])
     with pytest.raises(CheckpointError, match=r"objectives\[0\]\.charset: was .*, now \[\"a\", \"b\", \"c\"\]"):

@@ -1,0 +1,34 @@
+"""What a federation carries from one round to the next, and the error that ends one.
+
+Read by the round engine, the hooks, the run writer and the checkpoint; knows nothing of how
+the clients are reached (in-process or Flower).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class FederationState:
+    """Everything that changes across rounds (what a checkpoint of the federation needs)."""
+
+    round: int  # rounds completed; 0 = only the initial evaluation
+    global_adapter: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per round
+    client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round
+    objective_state: dict[str, dict] = field(default_factory=dict)  # e.g. NormalizedReward statistics
+    rng_state: dict[str, Any] = field(default_factory=dict)  # global RNGs when the round ended
+    # The server's secret generator (differential privacy): its state, so that resume stays exact.
+    # Never derived from federation.seed; keep the checkpoint as private as the server itself.
+    secret_rng_state: dict[str, Any] = field(default_factory=dict)
+    # Per client (key "<client>" or "<client>_<objective>"): what a stateful client keeps between its
+    # rounds, e.g. {"optimizer": ...} with federation.client_optimizer_state=persist (CPU tensors).
+    client_states: dict[str, dict] = field(default_factory=dict)
+
+
+class FederationError(RuntimeError):
+    """A round that cannot be completed (too few healthy clients); the state before it is saved."""
