@@ -68,10 +68,53 @@ class SamplingSettings:
 class PolicyGradientSettings:
     """The per-objective policy-gradient loss.
 
+    Every ``L_s`` is ``(1/Z) Σ_rows Σ_response-tokens [−surrogate_s + κ · kl_penalty]`` with the
+    normaliser ``Z`` set by ``aggregation``. The PPO-clipped surrogate is ``min(ρ A, clip(ρ) A)``
+    with ``ρ = π/π_old`` per token (``ρ = 1`` with gradient ``∇ log π`` on the first epoch).
+
+    ``aggregation`` (how token terms become one number):
+
+    - ``token_sum`` (default): every token term of the batch summed, divided by the constant
+      ``Z = B·G·max_new_tokens``. Unbiased: the surrogate's expected gradient is
+      ``−∇J / max_new_tokens`` with ``J = E_{y~π}[reward(y)]`` the policy-gradient
+      objective (a constant step-size factor). Higher variance than ``sequence_mean``.
+    - ``sequence_mean``: each response's token terms averaged over its own length, then the
+      mean over responses (the earlier behaviour). Biased: a response of ``n`` tokens gets
+      weight ``1/n``, so among equally rewarded responses the long ones are pushed less, in
+      either direction (two equally wrong answers of 1 and 10 tokens at equal probability:
+      the long one gains probability relative to the short one, d/dt log π(long)/π(short) =
+      +0.11 in tests/test_loss_gradients.py, where the policy gradient gives 0).
+
+    ``kl_estimator`` (the penalty's loss term; the logged ``train/kl`` is always the k3 value
+    ``exp(r) − r − 1`` with ``r = log π_ref − log π``, an unbiased estimate of KL(π‖π_ref) per
+    token). With ``δ_t = log π(y_t) − log π_ref(y_t)``:
+
+    - ``k2`` (default): ``½ δ_t²``. Expected gradient (first epoch):
+      ``E_{y~π}[Σ_t ∇ KL(π(·|y<t) ‖ π_ref(·|y<t))]``, each position's KL with its context held
+      fixed: exactly ``∇ KL(π‖π_ref)`` for one-token responses; for longer ones it leaves out
+      the term through which earlier tokens change which contexts later tokens see. Low
+      variance, and κ keeps the per-token strength the earlier k3 loss had.
+    - ``sequence``: ``½ δ_t² + ρ_t · stopgrad(Σ_{t'>t} δ_t')`` (k2 plus REINFORCE on the KL of
+      the tokens after ``t``). Expected gradient (first epoch): exactly ``∇ KL(π‖π_ref)`` of
+      whole responses. Higher variance (the later-token sum grows with the response length)
+      and a stronger effective penalty for the same κ: in the single-objective conflict run of
+      tests/test_rewards.py (30 steps, one seed) n_to_z reached 0.84 instead of 1.0 with k2.
+    - ``k3``: ``exp(−δ_t) + δ_t − 1`` (the earlier behaviour). Expected gradient
+      ``∇ KL(π_ref‖π)`` per position: the reverse divergence (mass-covering instead of
+      mode-seeking); kept to reproduce earlier runs.
+
+    On later PPO epochs (samples from π_old), ``sequence`` and ``k2`` weight each token by the
+    detached ratio ``ρ_t`` (the per-token importance correction the surrogate also uses).
+
     Args:
         kl_coef: κ: weight of the KL-to-reference penalty, the same inside every objective's loss.
+        kl_estimator: The KL penalty's loss term: k2 (∇KL(π‖π_ref) per position), sequence (∇KL(π‖π_ref) of
+            whole responses, higher variance) or k3 (∇KL(π_ref‖π), the earlier behaviour); see above.
+        aggregation: token_sum (unbiased: constant normaliser B·G·max_new_tokens) or sequence_mean (each
+            response weighted by 1/its length: biased, the earlier behaviour); see above.
         whiten_advantages: Normalise each objective's advantages to unit variance so reward scales do not matter.
         ppo_epochs: Optimiser steps per batch of rollouts; more than 1 uses the clipped importance ratio.
+            The last batch of a fit runs fewer, so a fit never exceeds trainer.max_steps optimiser steps.
         clip_range: PPO clip range of the importance ratio.
         max_grad_norm: Clip the norm of the combined direction d = Σ λ_s g_s; null disables clipping.
         gram_from: Gradients the Gram matrix is built from: parameters (exact, S backward passes over the
@@ -79,6 +122,8 @@ class PolicyGradientSettings:
     """
 
     kl_coef: float = 0.05  # κ: the same KL-to-reference penalty inside every L_s
+    kl_estimator: Literal["k2", "sequence", "k3"] = "k2"
+    aggregation: Literal["token_sum", "sequence_mean"] = "token_sum"
     whiten_advantages: bool = True
     ppo_epochs: int = 1  # optimiser steps per batch of rollouts; >1 uses the clipped ratio
     clip_range: float = 0.2
@@ -91,6 +136,70 @@ class PolicyGradientSettings:
     # objectives are proportional and is an approximation otherwise (benchmarks/run.py measures
     # how far it is).
     gram_from: Literal["parameters", "hidden", "logits"] = "parameters"
+
+
+KL_ESTIMATORS = ("k2", "sequence", "k3")
+AGGREGATIONS = ("token_sum", "sequence_mean")
+
+
+def check_loss_settings(loss: PolicyGradientSettings) -> None:
+    """Refuse settings that cannot work, naming the key and the fix."""
+    if loss.kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"loss.kl_estimator={loss.kl_estimator!r} is unknown; use one of {list(KL_ESTIMATORS)}.")
+    if loss.aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss.aggregation={loss.aggregation!r} is unknown; use one of {list(AGGREGATIONS)}.")
+    if loss.ppo_epochs < 1:
+        raise ValueError(f"loss.ppo_epochs must be >= 1 (optimiser steps per batch of rollouts); got {loss.ppo_epochs}.")
+
+
+def policy_gradient_losses(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    settings: PolicyGradientSettings,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-objective losses ``L_s`` (shape (S,)) and the logged KL (k3, mean per token of each response).
+
+    ``logprobs``/``old_logprobs``/``ref_logprobs``/``mask``: (N, T) over response tokens;
+    ``advantages``: (S, N). See ``PolicyGradientSettings`` for the estimators and their gradients.
+    """
+    if mask.shape[-1] > max_new_tokens:
+        raise ValueError(
+            f"Responses of {mask.shape[-1]} tokens but max_new_tokens={max_new_tokens}: the token_sum "
+            "normaliser B·G·max_new_tokens must bound every response; pass the sampling's max_new_tokens."
+        )
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)  # 1 with grad ∇log π on the first epoch
+    clipped = ratio.clamp(1 - settings.clip_range, 1 + settings.clip_range)
+    adv = advantages[:, :, None].to(logprobs.dtype)  # (S, N, 1) broadcast over tokens
+    surrogate = torch.minimum(ratio * adv, clipped * adv)  # (S, N, T)
+
+    delta = (logprobs - ref_logprobs) * mask  # log π − log π_ref on response tokens
+    if settings.kl_estimator == "k3":
+        penalty = torch.exp(-delta) + delta - 1
+    else:
+        penalty = ratio.detach() * 0.5 * delta**2  # ∇: ρ δ ∇log π; E over π_old → E over π of δ ∇log π
+        if settings.kl_estimator == "sequence":
+            later = delta.detach().flip(-1).cumsum(-1).flip(-1) - delta.detach()  # Σ_{t'>t} δ_t'
+            penalty = penalty + ratio * later
+    tokens = -surrogate + settings.kl_coef * penalty  # (S, N, T)
+    losses = _aggregate(tokens, mask, settings.aggregation, max_new_tokens)
+
+    log_ratio_ref = (ref_logprobs - logprobs).detach()
+    kl_tokens = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3: >= 0, unbiased value of KL(π‖π_ref)
+    kl = _sequence_mean(kl_tokens, mask).mean()
+    return losses, kl
+
+
+def _aggregate(tokens: torch.Tensor, mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> torch.Tensor:
+    """(S, N, T) token terms -> (S,): see ``PolicyGradientSettings.aggregation``."""
+    if aggregation == "token_sum":
+        # A constant normaliser: the response lengths (random, policy-dependent) never reweight tokens.
+        return (tokens * mask).sum(dim=(-1, -2)) / (mask.shape[0] * max_new_tokens)
+    return _sequence_mean(tokens, mask).mean(dim=-1)
 
 
 class FIRMClientModule(L.LightningModule):
@@ -139,8 +248,7 @@ class FIRMClientModule(L.LightningModule):
         )
         if sampling.num_generations < 2:
             raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
-        if loss.ppo_epochs < 1:
-            raise ValueError(f"loss.ppo_epochs must be >= 1 (optimiser steps per batch of rollouts); got {loss.ppo_epochs}.")
+        check_loss_settings(loss)
 
     # ---- adapter exchange (what the orchestrator sends and receives) ----
 
@@ -182,27 +290,49 @@ class FIRMClientModule(L.LightningModule):
             rewards = score_all(self.objectives, rollout.prompts, rollout.responses).to(self.device)
         with self._profile("update"):
             lambdas, norm, kl = self.update(rollout, rewards)
-        scheduler = self.lr_schedulers()  # manual optimisation: Lightning does not step it; once per local step
-        if scheduler is not None:
-            scheduler.step()
         self._record(rewards.mean(dim=1), lambdas, kl, norm, rollout)
 
     def update(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 3-9 on scored rollouts: advantages, log-probs, per-objective losses, weighted step(s).
 
-        Returns the last epoch's ``λ``, ``‖d‖`` and KL.
+        Returns the last epoch's ``λ``, ``‖d‖`` and KL. Each epoch is one optimiser step; the
+        last batch of a fit runs only the steps left before ``trainer.max_steps``.
         """
         advantages = leave_one_out_advantages(rewards, rollout.group_size, self.loss_settings.whiten_advantages)
         with torch.no_grad(), self.policy.disable_adapter():
             reference = token_logprobs(self.policy, rollout)
         old = None
-        for _ in range(self.loss_settings.ppo_epochs):
+        for _ in range(self._epochs_left()):
             with self._representation() as representation:
                 logprobs = token_logprobs(self.policy, rollout)
             old = logprobs.detach() if old is None else old
             losses, kl = self.objective_losses(logprobs, old, reference, advantages, rollout.response_mask)
             lambdas, norm = self.weighted_step(losses, representation.get("tensor"))
         return lambdas, norm, kl.detach()
+
+    def _epochs_left(self) -> int:
+        """``ppo_epochs``, capped by the optimiser steps left before ``trainer.max_steps``.
+
+        Lightning checks ``max_steps`` between batches only; under manual optimisation every
+        ``optimizer.step()`` counts, so the epochs of the last batch could overrun it.
+        """
+        epochs = self.loss_settings.ppo_epochs
+        trainer = self._trainer
+        if trainer is None or trainer.max_steps is None or trainer.max_steps < 0:
+            return epochs
+        return max(1, min(epochs, trainer.max_steps - trainer.global_step))
+
+    def _step_schedulers(self) -> None:
+        """Step every lr scheduler once per optimiser step.
+
+        Under manual optimisation Lightning never steps them (their ``interval``/``frequency``
+        are ignored); a client fit is counted in optimiser steps, so the schedule is too.
+        """
+        if self._trainer is None:
+            return
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
 
     @contextmanager
     def _representation(self):
@@ -235,17 +365,10 @@ class FIRMClientModule(L.LightningModule):
         advantages: torch.Tensor,
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-objective losses ``L_s`` (shape (S,)) and the KL term they share."""
-        mask = mask.float()
-        ratio = torch.exp(logprobs - old_logprobs)  # 1 with grad on the first epoch
-        clipped = ratio.clamp(1 - self.loss_settings.clip_range, 1 + self.loss_settings.clip_range)
-        adv = advantages[:, :, None]  # (S, N, 1) broadcast over tokens
-        surrogate = torch.minimum(ratio * adv, clipped * adv)  # (S, N, T)
-        pg = -_sequence_mean(surrogate, mask).mean(dim=1)  # (S,)
-        log_ratio_ref = ref_logprobs - logprobs
-        kl_tokens = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3 estimator: >= 0, unbiased
-        kl = _sequence_mean(kl_tokens, mask).mean()
-        return pg + self.loss_settings.kl_coef * kl, kl
+        """Per-objective losses ``L_s`` (shape (S,)) and the KL they share (k3 value, for logging)."""
+        return policy_gradient_losses(
+            logprobs, old_logprobs, ref_logprobs, advantages, mask, self.loss_settings, self.sampling.max_new_tokens
+        )
 
     def weighted_step(
         self, losses: torch.Tensor, representation: Optional[torch.Tensor] = None
@@ -287,6 +410,7 @@ class FIRMClientModule(L.LightningModule):
             if not finite.all():  # fp16 overflow: the scaler sees it, skips this step and lowers its scale
                 _write_grad(params, torch.full((sum(p.numel() for p in params),), float("nan"), device=grads.device))
                 optimizer.step()
+                self._step_schedulers()  # a step the scaler skipped still counts: schedulers follow step calls
                 nan = torch.full((len(losses),), float("nan"), device=grads.device)
                 return nan, torch.tensor(float("nan"), device=grads.device)
             gram = grads @ grads.T
@@ -300,6 +424,7 @@ class FIRMClientModule(L.LightningModule):
                 direction = direction * (self.loss_settings.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             _write_grad(params, direction * scale)
         optimizer.step()
+        self._step_schedulers()
         return lambdas.detach(), norm.detach()
 
     def _grad_scaler(self) -> Optional[torch.amp.GradScaler]:

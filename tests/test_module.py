@@ -293,11 +293,51 @@ def test_client_summary_after_fit():
     assert all(v == v for v in summary.values()), "no NaN in the summary"
 
 
-def test_ppo_epochs_two_steps_per_batch():
+class _StepCounter(L.Callback):
+    """The learning rate of every optimiser step, as the optimiser sees it."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+def _halving_schedule(module):
+    """AdamW + StepLR halving the lr at every scheduler step; returns the scheduler's step log."""
+    calls = []
+
+    class Halving(torch.optim.lr_scheduler.StepLR):
+        def step(self, *args, **kwargs):
+            calls.append(1)
+            return super().step(*args, **kwargs)
+
+    def configure_optimizers():
+        optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
+        scheduler = Halving(optimizer, step_size=1, gamma=0.5)
+        calls.clear()  # the scheduler's constructor calls step() once itself
+        return [optimizer], [scheduler]
+
+    module.configure_optimizers = configure_optimizers
+    return calls
+
+
+@pytest.mark.parametrize(
+    "max_steps, batches, expected",
+    [(3, None, 3),  # 2 batches x 2 epochs would be 4: the last batch runs one epoch
+     (-1, 2, 4)],   # no max_steps: every batch runs both epochs
+)
+def test_ppo_epochs_never_exceed_max_steps_and_the_scheduler_steps_with_the_optimiser(max_steps, batches, expected):
     torch.manual_seed(0)
     module = make_module(loss=PolicyGradientSettings(ppo_epochs=2))
-    trainer = fit(module, max_steps=-1, max_epochs=1, limit_train_batches=2)
-    assert trainer.global_step == 2 * 2
+    scheduler_steps = _halving_schedule(module)
+    counter = _StepCounter()
+    limits = dict(max_epochs=1, limit_train_batches=batches) if batches else {}
+    trainer = fit(module, max_steps=max_steps, callbacks=[counter], **limits)
+    print(f"\nmax_steps {max_steps}: optimiser steps {len(counter.lrs)}, scheduler steps {len(scheduler_steps)}, lrs {counter.lrs}")
+    assert len(counter.lrs) == expected and trainer.global_step == expected
+    assert len(scheduler_steps) == expected, "one scheduler step per optimiser step"
+    assert counter.lrs == [1e-2 * 0.5**k for k in range(expected)], "each step uses the lr of its place in the schedule"
     assert all(v == v for v in module.client_summary().values())
 
 
