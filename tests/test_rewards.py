@@ -155,6 +155,26 @@ def test_whitening_gives_unit_std_per_objective():
     torch.testing.assert_close(adv.reshape(3, 5, 4).sum(-1), torch.zeros(3, 5, dtype=torch.float64), atol=1e-9, rtol=0)
 
 
+def test_whitening_leaves_round_off_at_zero_and_real_objectives_at_unit_variance():
+    """An objective constant up to round-off (4.0 and the next float32, one ulp = 4.8e-7 apart) is no signal."""
+    ulp = torch.nextafter(torch.tensor(4.0), torch.tensor(5.0)).item() - 4.0
+    assert ulp == pytest.approx(4.77e-7, rel=1e-2)
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, 2, (3, 8 * 4), generator=g).float()  # 8 prompts, G = 4
+    picks[:, :2] = torch.tensor([0.0, 1.0])  # every objective spreads
+    rewards = torch.stack([
+        4.0 + picks[0] * ulp,  # constant up to round-off
+        picks[1],  # a real 0/1 objective
+        1000.0 + 0.5 * picks[2],  # a real objective on a large offset
+    ])
+    assert (rewards[0].max() - rewards[0].min()).item() == ulp
+    adv = leave_one_out_advantages(rewards, 4, whiten=True)
+    std = adv.std(dim=1, unbiased=False)
+    print(f"\nround-off objective: max |advantage| {adv[0].abs().max():.2e}; std of the real ones {std[1:].tolist()}")
+    assert adv[0].abs().max() < 1e-2, "a one-ulp spread was turned into a learning signal"
+    torch.testing.assert_close(std[1:], torch.ones(2), rtol=1e-5, atol=0)
+
+
 def test_leave_one_out_needs_a_group():
     with pytest.raises(ValueError, match="at least 2"):
         leave_one_out_advantages(torch.zeros(1, 4), 1)
