@@ -13,6 +13,12 @@
   positions only (``logits_to_keep``), log-softmax in fp32 chunks that are recomputed in the
   backward pass instead of stored. Position ids are explicit (``cumsum(mask) - 1``): GPT-2
   otherwise counts pad tokens as positions.
+- Filtered support: with top-k/top-p, the set of tokens sampling kept at each position is
+  recorded while sampling (one bit per vocabulary entry) and carried with the ``Rollout``;
+  the log-probs renormalise over exactly that set. Recomputing the filter from the training
+  forward's logits instead would pick another set wherever those logits differ from
+  generation's (bf16: a different kernel path shifts them by ~1e-2, enough to move the
+  top-k/top-p boundary), leaving sampled tokens outside the set the loss normalises over.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 # fp32 elements per log-softmax chunk (64 MB): bounds the working memory whatever the vocabulary.
 CHUNK_ELEMENTS = 1 << 24
@@ -45,6 +57,9 @@ class Rollout:
     temperature: float = 1.0  # the sampling distribution, for token_logprobs
     top_k: int = 0
     top_p: float = 1.0
+    # (N, T, ceil(V/8)) uint8, bit v of row n, position t set when sampling kept token v there
+    # (see pack_support); None when nothing was filtered (the whole vocabulary).
+    support: Optional[torch.Tensor] = None
 
     @property
     def num_prompts(self) -> int:
@@ -172,6 +187,53 @@ def sampling_config(
     )
 
 
+def filters(top_k: int, top_p: float) -> bool:
+    return bool(top_k) or top_p < 1.0
+
+
+def warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """fp32 scores / temperature, then top-k, then top-p: generate's own warpers, in its order."""
+    scores = scores.float()
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k=top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p=top_p)(None, scores)
+    return scores
+
+
+_BITS = 8
+
+
+def pack_support(kept: torch.Tensor) -> torch.Tensor:
+    """(..., V) bool -> (..., ceil(V/8)) uint8, little-endian bits: 1/8 of a bool tensor."""
+    pad = (-kept.shape[-1]) % _BITS
+    kept = torch.nn.functional.pad(kept, (0, pad)).view(*kept.shape[:-1], -1, _BITS).to(torch.uint8)
+    weights = (1 << torch.arange(_BITS, device=kept.device, dtype=torch.uint8))
+    return (kept * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_support(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Inverse of ``pack_support``: (..., ceil(V/8)) uint8 -> (..., V) bool."""
+    shifts = torch.arange(_BITS, device=packed.device, dtype=torch.uint8)
+    bits = (packed[..., None] >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :vocab_size].bool()
+
+
+class _RecordedWarper(LogitsProcessor):
+    """Temperature, top-k and top-p as ``generate`` applies them, recording each step's kept set."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float) -> None:
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        warped = warp(scores, self.temperature, self.top_k, self.top_p)
+        self.steps.append(pack_support(torch.isfinite(warped)))
+        return warped
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -191,17 +253,24 @@ def sample(
     repeated = [p for p in prompts for _ in range(group_size)]
     encoded = encode_prompts(tokenizer, repeated, max_prompt_length, device, chat_template, system_prompt)
     eos = eos_token_ids(model, tokenizer)
-    config = sampling_config(max_new_tokens, temperature, top_k, top_p, tokenizer.pad_token_id, eos)
+    recorder = _RecordedWarper(temperature, top_k, top_p) if filters(top_k, top_p) else None
+    if recorder is None:
+        config = sampling_config(max_new_tokens, temperature, top_k, top_p, tokenizer.pad_token_id, eos)
+        processors = None
+    else:  # the same warpers, applied by the recorder instead of generate (which would not say what they kept)
+        config = sampling_config(max_new_tokens, 1.0, 0, 1.0, tokenizer.pad_token_id, eos)
+        processors = LogitsProcessorList([recorder])
     was_training = model.training
     model.eval()
     try:
         with checkpoint_generation_settings_ignored(model):
-            out = model.generate(**encoded, generation_config=config)
+            out = model.generate(**encoded, generation_config=config, logits_processor=processors)
     finally:
         model.train(was_training)
     prompt_length = encoded["input_ids"].shape[1]
     response_ids = out[:, prompt_length:]
     mask = response_mask(response_ids, eos)
+    support = torch.stack(recorder.steps, dim=1) if recorder is not None else None  # (N, T, ceil(V/8))
     return Rollout(
         prompts=repeated,
         responses=decode_responses(tokenizer, response_ids, mask, eos),
@@ -213,6 +282,7 @@ def sample(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        support=support,
     )
 
 
@@ -232,9 +302,12 @@ def decode_responses(
 def token_logprobs(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     """Log-probabilities of the response tokens under the rollout's sampling distribution, (N, T), fp32.
 
-    One forward pass; logits only for the response positions. A token outside this model's
-    top-k/top-p set (possible for the reference model, or after a PPO epoch) falls back to
-    its temperature-only log-prob, so the result is always finite.
+    One forward pass; logits only for the response positions. With top-k/top-p the
+    distribution is renormalised over the support sampling kept (``rollout.support``), the
+    same set for the policy, the reference and every PPO epoch; every sampled token is in it.
+    Padding after a response's EOS (masked out everywhere) may lie outside it and gets the
+    temperature-only log-prob. A rollout without a recorded support recomputes the filter from
+    these logits, with the same fallback for a token outside it. The result is always finite.
     """
     P = rollout.prompt_length
     T = rollout.sequences.shape[1] - P
@@ -248,43 +321,64 @@ def token_logprobs(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     else:
         logits = model(**kwargs).logits[:, P - 1 : -1]
     # logits at column j predict token j + 1: these columns predict the response tokens.
-    return response_logprobs(logits, rollout.sequences[:, P:], rollout.temperature, rollout.top_k, rollout.top_p)
+    return response_logprobs(
+        logits, rollout.sequences[:, P:], rollout.temperature, rollout.top_k, rollout.top_p, rollout.support
+    )
 
 
 def response_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    support: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``log softmax(warp(logits))[target]`` in fp32, chunk by chunk over the token positions.
 
-    Past ``CHUNK_ELEMENTS`` logits, each chunk is checkpointed under autograd: only the logits
-    (model dtype) are kept for the backward pass, never an fp32 copy of them or of the
-    log-softmax. Below it one pass is cheaper: the S backward passes would each recompute
-    every chunk.
+    ``support`` (packed, see ``pack_support``): the kept set per position, used instead of
+    recomputing top-k/top-p. Past ``CHUNK_ELEMENTS`` logits, each chunk is checkpointed under
+    autograd: only the logits (model dtype) are kept for the backward pass, never an fp32 copy
+    of them or of the log-softmax. Below it one pass is cheaper: the S backward passes would
+    each recompute every chunk.
     """
     N, T, V = logits.shape
     flat_logits, flat_targets = logits.reshape(N * T, V), targets.reshape(N * T)
+    if support is not None and support.shape[:2] != (N, T):
+        raise ValueError(f"support of shape {tuple(support.shape)} does not match {N} responses of {T} tokens.")
+    flat_support = support.reshape(N * T, -1) if support is not None else None
     args = (temperature, top_k, top_p)
     if N * T * V <= CHUNK_ELEMENTS:  # small enough for one pass: no chunking or recomputation overhead
-        return _chunk_logprobs(flat_logits, flat_targets, *args).view(N, T)
+        return _chunk_logprobs(flat_logits, flat_targets, *args, flat_support).view(N, T)
     step = max(1, CHUNK_ELEMENTS // V)  # token positions per chunk
     grad = torch.is_grad_enabled() and logits.requires_grad
     pieces = []
     for start in range(0, N * T, step):
-        chunk = (flat_logits[start : start + step], flat_targets[start : start + step], *args)
+        rows = slice(start, start + step)
+        chunk = (flat_logits[rows], flat_targets[rows], *args, None if flat_support is None else flat_support[rows])
         pieces.append(checkpoint(_chunk_logprobs, *chunk, use_reentrant=False) if grad else _chunk_logprobs(*chunk))
     return torch.cat(pieces).view(N, T)
 
 
-def _chunk_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_k: int, top_p: float):
-    """As ``generate`` samples: fp32 logits / temperature, then top-k, then top-p."""
+def _chunk_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    support: Optional[torch.Tensor] = None,
+):
+    """As ``generate`` samples: fp32 logits / temperature, then top-k, then top-p (or the recorded support)."""
     scores = logits.float() / temperature
     token = scores.gather(-1, targets[:, None])[:, 0]
     full = token - torch.logsumexp(scores, dim=-1)
-    if not top_k and top_p >= 1.0:
+    if not filters(top_k, top_p):
         return full
-    if top_k:
-        scores = TopKLogitsWarper(top_k=top_k)(None, scores)
-    if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p=top_p)(None, scores)
-    kept = torch.isfinite(scores.gather(-1, targets[:, None])[:, 0])
-    return torch.where(kept, token - torch.logsumexp(scores, dim=-1), full)
+    if support is not None:
+        kept_set = unpack_support(support, scores.shape[-1])
+        recorded = kept_set.gather(-1, targets[:, None])[:, 0]  # False only on padding after an EOS
+        filtered = scores.masked_fill(~kept_set, float("-inf"))
+        return torch.where(recorded, token - torch.logsumexp(filtered, dim=-1), full)
+    filtered = warp(scores, 1.0, top_k, top_p)  # scores are already divided by the temperature
+    kept = torch.isfinite(filtered.gather(-1, targets[:, None])[:, 0])
+    return torch.where(kept, token - torch.logsumexp(filtered, dim=-1), full)

@@ -17,9 +17,11 @@ from firm_lightning.sequences import (
     encode_prompts,
     eos_token_ids,
     response_logprobs,
+    pack_support,
     sample,
     sampling_config,
     token_logprobs,
+    unpack_support,
 )
 from firm_lightning.tokenizer import char_tokenizer
 from real_like import CHECKPOINT_GENERATION, END_OF_TEXT, IM_END, bpe_tokenizer, eos_ids, save_real_like, tiny_chat_model
@@ -133,6 +135,51 @@ def test_sampling_logprobs_equal_token_logprobs(tokenizer, policy, temperature, 
     mask = rollout.response_mask.bool()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got[mask], sampled[mask], rtol=0, atol=1e-4)
+
+
+def _generate_reference(model, tokenizer, prompts, group, max_new, temperature, top_k, top_p, seed):
+    """``generate`` with its own warpers: the sampled ids and the distribution each token was drawn from."""
+    repeated = [p for p in prompts for _ in range(group)]
+    encoded = encode_prompts(tokenizer, repeated, 256, torch.device("cpu"))
+    config = sampling_config(max_new, temperature, top_k, top_p, tokenizer.pad_token_id, eos_token_ids(model, tokenizer))
+    config.output_scores, config.return_dict_in_generate = True, True
+    torch.manual_seed(seed)
+    with torch.no_grad(), checkpoint_generation_settings_ignored(model):
+        out = model.generate(**encoded, generation_config=config)
+    return out.sequences, torch.stack(out.scores, 1).float()  # scores: fp32 after temperature, top-k, top-p
+
+
+def test_bf16_top_k_top_p_logprobs_use_the_support_sampling_used(tokenizer):
+    """bf16: the training forward's logits differ from generation's by bf16 round-off, enough to move the
+    top-k/top-p boundary; the loss must renormalise over the set the tokens were actually drawn from."""
+    model = add_lora(tiny_chat_model(tokenizer).to(torch.bfloat16), LORA).eval()
+    temperature, top_k, top_p = 0.7, 10, 0.8
+    worst, tokens = 0.0, 0
+    for seed in range(5):
+        torch.manual_seed(seed)
+        rollout = sample(model, tokenizer, PROMPTS, 4, 16, temperature=temperature, top_k=top_k, top_p=top_p)
+        sequences, scores = _generate_reference(model, tokenizer, PROMPTS, 4, 16, temperature, top_k, top_p, seed)
+        assert torch.equal(sequences, rollout.sequences), "sampling must draw exactly as generate's own warpers"
+        mask = rollout.response_mask.bool()
+        targets = sequences[:, rollout.prompt_length :]
+        sampled = F.log_softmax(scores, -1).gather(-1, targets[..., None])[..., 0]
+        with torch.no_grad():
+            got = token_logprobs(model, rollout)
+        assert torch.isfinite(got).all()
+        worst = max(worst, (got - sampled)[mask].abs().max().item())
+        tokens += int(mask.sum())
+        support = unpack_support(rollout.support, scores.shape[-1])
+        assert torch.equal(support[mask], torch.isfinite(scores)[mask]), "the carried support is the sampling's"
+        assert support.gather(-1, targets[..., None])[..., 0][mask].all(), "every sampled token lies in the support"
+    print(f"\nbf16, {tokens} sampled tokens: max |log-prob for the loss − sampling log-prob| = {worst:.4f} nats")
+    assert worst < 0.05, f"the loss's log-probs differ from the sampling distribution by up to {worst:.2f} nats"
+
+
+def test_support_bits_round_trip():
+    kept = torch.rand(3, 5, 21, generator=torch.Generator().manual_seed(0)) < 0.3  # 21: not a multiple of 8
+    packed = pack_support(kept)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 3)
+    assert torch.equal(unpack_support(packed, 21), kept)
 
 
 def test_prompts_get_the_chat_template_or_bos_and_never_an_eos(tokenizer):
