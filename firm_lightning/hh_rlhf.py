@@ -6,6 +6,11 @@ The dataset's rows are whole conversations (``chosen``/``rejected``) in the form
 same format and ending with ``"\\n\\nAssistant:"`` so the policy answers it, and the subset
 name as the grouping column: ``partition: column`` gives one client per subset,
 ``partition: dirichlet`` a skewed mix.
+
+Prompts stay in this format whatever the policy: it is the input format of the HH reward
+models (``template: "{prompt} {response}"``). A chat policy does not see the markup: with its
+chat template, ``sampling.user_message: question`` (the default) sends the question alone as
+the user message (see ``firm_lightning.sequences.user_message``).
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from typing import Literal, Optional, Union
 import datasets
 
 from firm_lightning.datamodule import PromptDataModule
-
-HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+from firm_lightning.sequences import HH_ASSISTANT as ASSISTANT
+from firm_lightning.sequences import HH_HUMAN as HUMAN
 
 
 def first_human_turn(conversation: str) -> str:
@@ -29,6 +34,13 @@ def first_human_turn(conversation: str) -> str:
     end = conversation.find(ASSISTANT, start)
     turn = conversation[start:] if end < 0 else conversation[start:end]
     return f"{HUMAN} {turn.strip()}{ASSISTANT}"
+
+
+def _prompt_row(row: dict, column: str, subset: str) -> dict[str, str]:
+    """``datasets.map`` function. Module-level with plain-value ``fn_kwargs``: map fingerprints
+    the function by pickling it, and a closure over the data module would pickle the data
+    module, its Trainer and through it the policy's weights (GBs of peak memory in validate)."""
+    return {"prompt": first_human_turn(row[column]), "subset": subset}
 
 
 class HHRLHFDataModule(PromptDataModule):
@@ -70,7 +82,7 @@ class HHRLHFDataModule(PromptDataModule):
                 f"(columns: {rows.column_names}); set conversation_column to one of them."
             )
         return rows.map(
-            lambda row: {"prompt": first_human_turn(row[self.conversation_column]), "subset": name},
+            _prompt_row, fn_kwargs={"column": str(self.conversation_column), "subset": str(name)},
             remove_columns=rows.column_names,
         )
 

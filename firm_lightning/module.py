@@ -30,7 +30,7 @@ from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import leave_one_out_advantages
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
-from firm_lightning.sequences import Rollout, sample, token_logprobs
+from firm_lightning.sequences import USER_MESSAGES, Rollout, sample, token_logprobs
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
@@ -49,6 +49,11 @@ class SamplingSettings:
         eval_seed: Fixed evaluation sampling seed, so evaluations compare across rounds and algorithms.
         chat_template: Wrap prompts in the tokenizer's chat template; null: when the tokenizer has one.
         system_prompt: A system message, used with the chat template.
+        eval_greedy: Evaluate the most likely response (top-1): no sampling noise at all.
+        user_message: With the chat template, what the user message is: question (default): a prompt in
+            HH-RLHF's format ("\\n\\nHuman: Q\\n\\nAssistant:") is sent as Q alone, the template supplying
+            the roles; prompt: the prompt text as is (markup included). Other prompts are sent as is.
+            The rewards always score the prompt as given.
     """
 
     num_generations: int = 4  # G responses per prompt (>= 2 for the leave-one-out baseline)
@@ -62,6 +67,7 @@ class SamplingSettings:
     chat_template: Optional[bool] = None  # wrap prompts in the tokenizer's chat template; None: when it has one
     system_prompt: Optional[str] = None  # a system message, with the chat template
     eval_greedy: bool = False  # evaluate the most likely response (top-1): no sampling noise at all
+    user_message: Literal["question", "prompt"] = "question"  # with the chat template: HH prompts as the question alone
 
 
 @dataclass
@@ -248,6 +254,10 @@ class FIRMClientModule(L.LightningModule):
         )
         if sampling.num_generations < 2:
             raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
+        if sampling.user_message not in USER_MESSAGES:
+            raise ValueError(
+                f"sampling.user_message={sampling.user_message!r} is unknown; use one of {list(USER_MESSAGES)}."
+            )
         check_loss_settings(loss)
 
     # ---- adapter exchange (what the orchestrator sends and receives) ----
@@ -460,7 +470,7 @@ class FIRMClientModule(L.LightningModule):
         return sample(
             self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
             s.max_prompt_length, s.temperature, 1 if greedy else s.top_k, s.top_p,  # top-1 sampling is greedy
-            s.chat_template, s.system_prompt,
+            s.chat_template, s.system_prompt, s.user_message,
         )
 
     # ---- client metrics (read by the orchestrator after a fit) ----

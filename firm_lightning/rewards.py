@@ -12,6 +12,8 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from firm_lightning.sequences import USER_MESSAGES, user_message
+
 
 class RewardFunction(abc.ABC):
     """Base class of the objectives: a ``name`` and ``(prompts, responses) -> tensor (N,)``.
@@ -56,8 +58,13 @@ class HFRewardModel(RewardFunction):
 
     Loaded lazily on first use, frozen, in eval mode, scored without grad in batches with its
     own tokenizer, on its own input format: ``template.format(prompt=..., response=...)``
-    (the Ray2333 GPT-2 reward models expect ``"\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"``),
-    or with ``chat_template: true`` its tokenizer's chat template over a user/assistant pair.
+    (the Ray2333 GPT-2 reward models expect ``"\\n\\nHuman: {question}\\n\\nAssistant: {response}"``,
+    which is ``"{prompt} {response}"`` for HH-RLHF prompts), or with ``chat_template: true`` its
+    tokenizer's chat template over a user/assistant pair, the user message chosen by
+    ``user_message`` as for the policy (``question``: an HH-RLHF prompt's question alone).
+    Where the template puts whitespace right before ``{response}``, the response's own leading
+    whitespace is dropped: policies often start with a space (GPT-2 after ``"Assistant:"``),
+    and a doubled space is an input the reward model never saw in training.
     An input longer than ``max_length`` tokens loses the start of its prompt, never its
     response (the response is cut at the end only if it alone is too long). ``device``
     defaults to the policy's device.
@@ -69,6 +76,7 @@ class HFRewardModel(RewardFunction):
         name_or_path: str,
         template: str = "{prompt}{response}",
         chat_template: bool = False,
+        user_message: Literal["question", "prompt"] = "question",
         batch_size: int = 16,
         max_length: int = 512,
         device: Optional[str] = None,
@@ -81,8 +89,11 @@ class HFRewardModel(RewardFunction):
             )
         self.name = name
         self.name_or_path = name_or_path
+        if user_message not in USER_MESSAGES:
+            raise ValueError(f"Reward model {name!r}: user_message={user_message!r} is unknown; use one of {list(USER_MESSAGES)}.")
         self.template = template
         self.chat_template = chat_template
+        self.user_message = user_message
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device
@@ -144,11 +155,15 @@ class HFRewardModel(RewardFunction):
     def render(self, prompt: str, response: str) -> tuple[str, tuple[int, int]]:
         """The reward model's input text and the character span of the prompt in it."""
         if self.chat_template:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            question = user_message(prompt, self.user_message)
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
             text = self._tokenizer.apply_chat_template(messages, tokenize=False)
-            start = text.find(prompt)
-            return text, (start, start + len(prompt))
-        if "{prompt}" not in self.template:
+            start = text.find(question)
+            return text, (start, start + len(question))
+        fields = {"prompt": prompt} if "{prompt}" in self.template else {}
+        if self.template.split("{response}")[0].format(**fields)[-1:].isspace():
+            response = response.lstrip()  # the template's own separator, not two
+        if not fields:
             return self.template.format(response=response), (0, 0)
         start = len(self.template.split("{prompt}")[0].format(response=response))
         return self.template.format(prompt=prompt, response=response), (start, start + len(prompt))
@@ -156,8 +171,8 @@ class HFRewardModel(RewardFunction):
     def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
         """Right-padded input ids of at most ``max_length`` tokens: the prompt loses its start first."""
         rendered = [self.render(p, r) for p, r in zip(prompts, responses)]
-        batch = self._tokenizer(
-            [text for text, _ in rendered], add_special_tokens=True, truncation=False,
+        batch = self._tokenizer(  # a chat template holds its own BOS: adding one would make two
+            [text for text, _ in rendered], add_special_tokens=not self.chat_template, truncation=False,
             return_offsets_mapping=True, return_special_tokens_mask=True,
         )
         rows = [

@@ -95,6 +95,35 @@ def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
+# HH-RLHF's turn markers: its prompts read "\n\nHuman: {question}\n\nAssistant:".
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+USER_MESSAGES = ("question", "prompt")
+
+
+def hh_question(prompt: str) -> Optional[str]:
+    """The question of a prompt in HH-RLHF's single-turn format, else None."""
+    if not (prompt.startswith(HH_HUMAN) and prompt.endswith(HH_ASSISTANT)):
+        return None
+    question = prompt[len(HH_HUMAN) : len(prompt) - len(HH_ASSISTANT)]
+    if HH_HUMAN in question or HH_ASSISTANT in question:  # several turns: not one question
+        return None
+    return question.strip()
+
+
+def user_message(prompt: str, mode: str = "question") -> str:
+    """The user message a chat template gets for ``prompt``.
+
+    ``question``: a prompt in HH-RLHF's single-turn format is sent as its question alone (the
+    template supplies the roles; inside a user turn the ``Human:``/``Assistant:`` markup would
+    be text the model must answer around). ``prompt``: the prompt as is. Any other prompt is
+    sent as is either way.
+    """
+    if mode not in USER_MESSAGES:
+        raise ValueError(f"sampling.user_message={mode!r} is unknown; use one of {list(USER_MESSAGES)}.")
+    question = hh_question(prompt) if mode == "question" else None
+    return prompt if question is None else question
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
@@ -102,18 +131,21 @@ def encode_prompts(
     device: torch.device,
     chat_template: Optional[bool] = None,
     system_prompt: Optional[str] = None,
+    user_message_mode: str = "question",
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt ids. A prompt longer than ``max_length`` tokens keeps its end; the
-    chat template's tokens or the leading BOS come on top of ``max_length``."""
-    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    content = [ids[-max_length:] for ids in encoded]
+    chat template's tokens or the leading BOS come on top of ``max_length``. With the chat
+    template the user message is ``user_message(prompt, user_message_mode)``."""
     if uses_chat_template(tokenizer, chat_template):
-        kept = [p if len(ids) <= max_length else tokenizer.decode(ids[-max_length:]) for p, ids in zip(prompts, encoded)]
+        messages = [user_message(p, user_message_mode) for p in prompts]
+        encoded = tokenizer(messages, add_special_tokens=False)["input_ids"]
+        kept = [m if len(ids) <= max_length else tokenizer.decode(ids[-max_length:]) for m, ids in zip(messages, encoded)]
         texts = [_chat(tokenizer, text, system_prompt) for text in kept]
         rows = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
     else:
+        encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         prefix = leading_special_tokens(tokenizer)
-        rows = [prefix + ids for ids in content]
+        rows = [prefix + ids[-max_length:] for ids in encoded]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
@@ -247,11 +279,17 @@ def sample(
     top_p: float = 1.0,
     chat_template: Optional[bool] = None,
     system_prompt: Optional[str] = None,
+    user_message_mode: str = "question",
 ) -> Rollout:
-    """Sample ``group_size`` responses per prompt from ``model`` (in eval mode, no grad)."""
+    """Sample ``group_size`` responses per prompt from ``model`` (in eval mode, no grad).
+
+    ``Rollout.prompts`` holds the prompts as given (what the rewards score), whatever the
+    chat template made of them."""
     device = next(model.parameters()).device
     repeated = [p for p in prompts for _ in range(group_size)]
-    encoded = encode_prompts(tokenizer, repeated, max_prompt_length, device, chat_template, system_prompt)
+    encoded = encode_prompts(
+        tokenizer, repeated, max_prompt_length, device, chat_template, system_prompt, user_message_mode
+    )
     eos = eos_token_ids(model, tokenizer)
     recorder = _RecordedWarper(temperature, top_k, top_p) if filters(top_k, top_p) else None
     if recorder is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -60,6 +61,30 @@ def test_hh_datamodule_extracts_prompts_labels_subsets_and_splits_by_subset(hh_f
     assert all(p.startswith("\n\nHuman: ") and p.endswith("\n\nAssistant:") and "Miso" not in p for p in prompts)
     groups = [set(dm._client_groups(c)) for c in range(2)]
     assert sorted(g.pop() for g in groups) == ["harmless-base", "helpful-base"]
+
+
+def test_data_preparation_never_pickles_the_data_module_or_the_model_it_reaches(hh_folder, monkeypatch):
+    """``datasets.map`` fingerprints its function by pickling it. A closure over the data module pickled the
+    data module, and through an attached Trainer the policy's weights (7.6 GB peak RSS in validate)."""
+    import datasets.fingerprint as fingerprint
+
+    dumped = []
+    original = fingerprint.dumps
+
+    def recording(value):
+        out = original(value)
+        dumped.append(len(out))
+        return out
+
+    monkeypatch.setattr(fingerprint, "dumps", recording)
+    dm = HHRLHFDataModule(path=str(hh_folder), num_clients=2, eval_size=4, max_prompts=None)
+    weights = torch.nn.Linear(1024, 1024)  # 4 MB, standing in for the policy behind an attached Trainer
+    dm.trainer = SimpleNamespace(lightning_module=weights)
+    dm.setup()
+    assert dumped, "datasets.map no longer fingerprints through datasets.fingerprint.dumps: update this test"
+    print(f"\n{len(dumped)} fingerprint pickles, largest {max(dumped)} bytes")
+    assert max(dumped) < 100_000, f"data preparation pickled {max(dumped) / 1e6:.1f} MB (the data module?)"
+    assert len(dm.train_prompts) + len(dm.eval_prompts) == 32
 
 
 def test_hh_datamodule_errors_name_the_fix(hh_folder):

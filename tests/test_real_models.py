@@ -271,6 +271,69 @@ def test_reward_model_reads_its_own_template_and_truncation_keeps_the_response(t
         HFRewardModel("bad", str(paths["reward"]), template="{prompt}")
 
 
+HH_PROMPT = "\n\nHuman: How do I boil an egg?\n\nAssistant:"
+
+
+def test_reward_template_never_doubles_the_space_before_the_response(tmp_path, tokenizer):
+    """GPT-2 answers "Assistant:" with a leading space; "{prompt} {response}" must not make it two."""
+    from firm_lightning.rewards import HFRewardModel
+
+    paths = save_real_like(tmp_path)
+    reward = HFRewardModel("helpful", str(paths["reward"]), template="{prompt} {response}")
+    canonical = HH_PROMPT + " Put it in boiling water."
+    expected = tokenizer(canonical)["input_ids"]
+    assert tokenizer(HH_PROMPT + "  Put it in boiling water.")["input_ids"] != expected, "BPE sees the double space"
+    for response in (" Put it in boiling water.", "Put it in boiling water.", "\n Put it in boiling water."):
+        (ids,) = _reward_inputs(reward, [HH_PROMPT], [response])
+        assert ids == expected, f"{response!r} -> {tokenizer.decode(ids)!r}"
+    # A template without whitespace before {response} leaves the response untouched.
+    glued = HFRewardModel("glued", str(paths["reward"]), template="{prompt}{response}")
+    (ids,) = _reward_inputs(glued, [HH_PROMPT], [" Put it in boiling water."])
+    assert ids == expected
+
+
+def test_hh_prompts_reach_chat_templates_as_the_question_alone(tmp_path, tokenizer):
+    from firm_lightning.module import SamplingSettings
+    from firm_lightning.rewards import HFRewardModel
+    from firm_lightning.sequences import user_message
+
+    assert SamplingSettings().user_message == "question", "on by default"
+    device = torch.device("cpu")
+    question_alone = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How do I boil an egg?"}], tokenize=False, add_generation_prompt=True
+    )
+    policy_ids = encode_prompts(tokenizer, [HH_PROMPT], 64, device)["input_ids"][0]
+    assert tokenizer.decode(policy_ids) == question_alone
+    assert "Human:" not in tokenizer.decode(policy_ids)
+    as_is = encode_prompts(tokenizer, [HH_PROMPT], 64, device, user_message_mode="prompt")["input_ids"][0]
+    assert "<|im_start|>user\n\n\nHuman: How do I boil an egg?\n\nAssistant:<|im_end|>" in tokenizer.decode(as_is)
+    # Without a chat template (a base LM such as GPT-2) the HH text is the prompt itself.
+    raw = encode_prompts(tokenizer, [HH_PROMPT], 64, device, chat_template=False)["input_ids"][0]
+    assert tokenizer.decode(raw[1:]) == HH_PROMPT
+    # Only an HH single turn is rewritten.
+    two_turns = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Why?\n\nAssistant:"
+    assert user_message(two_turns) == two_turns and user_message("Why?") == "Why?"
+    with pytest.raises(ValueError, match=r"user_message='answer'.*\['question', 'prompt'\]"):
+        user_message(HH_PROMPT, "answer")
+    # A chat-template reward model gets the same user message; the rewards still score the prompt as given.
+    paths = save_real_like(tmp_path)
+    reward = HFRewardModel("helpful", str(paths["reward"]), chat_template=True)
+    (ids,) = _reward_inputs(reward, [HH_PROMPT], ["Put it in boiling water."])
+    pair = [{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Put it in boiling water."}]
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(pair, tokenize=False), "one BOS, the question alone"
+
+
+def test_a_chat_policy_samples_from_the_question_and_rewards_see_the_hh_prompt(tokenizer):
+    from firm_lightning.sequences import sample
+
+    model = add_lora(tiny_chat_model(tokenizer), LORA).eval()
+    torch.manual_seed(0)
+    rollout = sample(model, tokenizer, [HH_PROMPT], 2, 4)
+    prompt_text = tokenizer.decode(rollout.sequences[0, : rollout.prompt_length], skip_special_tokens=False)
+    assert "Human:" not in prompt_text and "How do I boil an egg?" in prompt_text
+    assert rollout.prompts == [HH_PROMPT] * 2
+
+
 def test_reward_model_with_chat_template_and_bos(tmp_path, tokenizer):
     from firm_lightning.rewards import HFRewardModel
 
