@@ -1,17 +1,15 @@
-"""``python -m firm_lightning {fit,validate,generate,compare,pareto} --config X.yaml``: the LightningCLI front end.
+"""``python -m firm_lightning <command> --config X.yaml [--group.option value ...]``.
 
-The config has LightningCLI's groups ``model`` (``FIRMClientModule``), ``data``
-(``PromptDataModule``), ``trainer`` (the per-client ``Trainer``: ``max_steps`` is the
-number of local steps K), ``optimizer``/``lr_scheduler`` (the client optimiser), plus
-``federation`` (``FederationConfig``). ``fit`` runs a whole federation instead of one
-``Trainer.fit``; ``validate`` evaluates a saved global adapter; ``generate`` prints its
-responses with their rewards.
-Every option is also a flag (``--federation.num_rounds 3``), and a misspelt one fails with
-jsonargparse's error naming it.
+Commands: ``fit`` (a whole federation), ``validate`` (evaluate a saved adapter), ``generate``
+(print its responses with their rewards), ``compare`` (several algorithms on identical seeds),
+``pareto`` (a preference sweep) and ``flower`` (the federation on Flower). Each parses the same
+config groups (``config.py``: ``model``, ``data``, ``trainer``, ``optimizer``, ``lr_scheduler``,
+``federation``) plus its own section; every option is also a flag, and ``--print_config``
+shows the resolved config.
 
-A user error (bad setting, unreadable file, a federation that cannot go on) ends in one line
-on stderr naming the problem, and exit code 1; ``--debug`` or ``FIRM_DEBUG=1`` shows the full
-traceback instead.
+A user error (a bad or misspelt setting, an unreadable file, a federation that cannot go on)
+ends in one message on stderr that names the problem, and exit code 1; ``--debug`` or
+``FIRM_DEBUG=1`` shows the full traceback instead. ``<command> --help`` lists every option.
 """
 
 from __future__ import annotations
@@ -20,148 +18,84 @@ import os
 import re
 import sys
 import time
-import enum
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-import yaml
-from jsonargparse import set_dumper
-from lightning.pytorch import seed_everything
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from firm_lightning import claims
-from firm_lightning.client_optimizer import use_client_optimizer
-from firm_lightning.compare import (
-    CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize,
-)
-from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.compare import CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize
+from firm_lightning.config import Components, build_components
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.generate import GenerateSettings, format_generations, generate
+from firm_lightning.orchestrator import FederatedOrchestrator
 from firm_lightning.pareto import ParetoSettings, front_report, run_sweep, write_outputs
-from firm_lightning.module import FIRMClientModule
-from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationError, quiet_lightning
-from firm_lightning.trainer_factory import TrainerFactory
+from firm_lightning.state import FederationError
+from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning
+
+PROG = "python -m firm_lightning"
 
 
-class _ConfigDumper(yaml.SafeDumper):
-    """Writes enum values (e.g. Timer's ``interval: Interval.step``) as their plain value.
+@dataclass
+class Command:
+    description: str
+    sections: dict[str, type] = field(default_factory=dict)  # the command's own config groups
+    ckpt_path: bool = False
 
-    Lightning callbacks type some arguments ``str`` but default them to an ``Enum``; jsonargparse
-    leaves such defaults as they are and PyYAML's safe dumper cannot represent them, so saving
-    the resolved config (and ``--print_config``) crashed.
+
+COMMANDS = {
+    "fit": Command("Run a whole federation: N rounds of client sampling, local LoRA fits, aggregation and evaluation "
+                   "of the global adapter; writes metrics, adapters, plots and logs to federation.output_dir."),
+    "validate": Command("Evaluate a saved global adapter (--ckpt_path) on the held-out prompts with the fixed eval "
+                        "sampling seed.", ckpt_path=True),
+    "generate": Command("Print responses of a saved global adapter (--ckpt_path) to --generate.prompts, with every "
+                        "objective's reward.", {"generate": GenerateSettings}, ckpt_path=True),
+    "compare": Command("Run several algorithms with identical seeds, data and budget.", {"compare": CompareSettings}),
+    "pareto": Command("Sweep preferences for FIRM and linear scalarisation; draw the fronts.", {"pareto": ParetoSettings}),
+    "flower": Command("Run the federation on Flower: simulation engine or SuperLink + SuperNodes.", {"flower": FlowerSettings}),
+}
+
+
+class FIRMCLI:
+    """``FIRMCLI(args=["fit", "--config", "configs/tiny.yaml"])`` runs a command as the shell would.
+
+    Afterwards ``model``, ``datamodule`` and ``components`` are the built objects, plus what the
+    command produced: ``state`` (fit), ``results`` (validate), ``generations``, ``summary`` and
+    ``claims`` (compare), ``report`` (pareto), ``processes`` (flower).
     """
 
-
-_ConfigDumper.add_multi_representer(enum.Enum, lambda dumper, value: dumper.represent_data(value.value))
-set_dumper("yaml", lambda data: yaml.dump(data, Dumper=_ConfigDumper, default_flow_style=False, allow_unicode=True, sort_keys=False))
-
-
-class FIRMCLI(LightningCLI):
-    def __init__(self, args=None, **kwargs) -> None:
-        super().__init__(
-            FIRMClientModule,
-            PromptDataModule,
-            save_config_callback=None,  # the orchestrator writes config.yaml once, not once per client
-            seed_everything_default=False,  # federation.seed seeds everything instead
-            auto_configure_optimizers=True,  # the optimizer:/lr_scheduler: groups (wired per client fit below)
-            load_from_checkpoint_support=False,
-            subclass_mode_data=True,  # PromptDataModule or a subclass such as HHRLHFDataModule
-            args=args,
-            **kwargs,
+    def __init__(self, args: Optional[list[str]] = None) -> None:
+        args = list(sys.argv[1:] if args is None else args)
+        if not args or args[0] in ("-h", "--help"):
+            print(usage())
+            return
+        self.subcommand, rest = args[0], args[1:]
+        if self.subcommand not in COMMANDS:
+            raise ValueError(f"Unknown command {self.subcommand!r}; choose one of {', '.join(COMMANDS)} "
+                             f"(`{PROG} --help` describes them).")
+        command = COMMANDS[self.subcommand]
+        self.components: Components = build_components(
+            rest, command.sections, command.ckpt_path, command.description, f"{PROG} {self.subcommand}"
         )
+        self.model, self.datamodule = self.components.module, self.components.datamodule
+        getattr(self, f"run_{self.subcommand}")()
 
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        return {
-            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule", "ckpt_path"},
-            "validate": {"model", "dataloaders", "datamodule"},
-        }
+    # ---- helpers ----
 
-    # What each subcommand does (Lightning would describe `fit` by Trainer.fit's docstring).
-    DESCRIPTIONS = {
-        "fit": "Run a whole federation: N rounds of client sampling, local LoRA fits, aggregation and "
-        "evaluation of the global adapter; writes metrics, adapters, plots and logs to federation.output_dir.",
-        "validate": "Evaluate a saved global adapter (--ckpt_path) on the held-out prompts with the fixed eval sampling seed.",
-        "generate": "Print responses of a saved global adapter (--ckpt_path) to --generate.prompts, with every objective's reward.",
-        "compare": "Run several algorithms with identical seeds, data and budget.",
-        "pareto": "Sweep preferences for FIRM and linear scalarisation; draw the fronts.",
-        "flower": "Run the federation on Flower: simulation engine or SuperLink + SuperNodes.",
-    }
-    # Subcommands that are not Trainer methods: name -> (settings class, its group).
-    EXTRA_SUBCOMMANDS = {"generate": (GenerateSettings, "generate"), "compare": (CompareSettings, "compare"),
-                         "pareto": (ParetoSettings, "pareto"), "flower": (FlowerSettings, "flower")}
-
-    def _add_subcommands(self, parser, **kwargs) -> None:
-        for name in self.subcommands():
-            kwargs.setdefault(name, {}).setdefault("description", self.DESCRIPTIONS[name])
-        super()._add_subcommands(parser, **kwargs)
-        subcommands = parser._subcommands_action
-        for choice in subcommands._choices_actions:  # the one-line help in `--help`'s subcommand list
-            choice.help = self.DESCRIPTIONS.get(choice.dest, choice.help)
-        for name, (settings, group) in self.EXTRA_SUBCOMMANDS.items():
-            description = self.DESCRIPTIONS[name]
-            sub = self.init_parser(description=description, **kwargs.get(name, {}))
-            self._add_arguments(sub)
-            sub.add_class_arguments(settings, group)
-            if name == "generate":
-                sub.add_argument("--ckpt_path", type=Optional[str], default=None,
-                                 help="The adapter: a .safetensors file written by fit, or a peft adapter folder.")
-            self._subcommand_parsers[name] = sub
-            self._subcommand_method_arguments[name] = []
-            subcommands.add_subcommand(name, sub, help=description)
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_class_arguments(FederationConfig, "federation")
-        parser.link_arguments("federation.num_clients", "data.init_args.num_clients" if self.subclass_mode_data else "data.num_clients")
-        parser.link_arguments("federation.seed", "data.init_args.seed" if self.subclass_mode_data else "data.seed")
-
-    def _parse_ckpt_path(self) -> None:
-        """``ckpt_path`` names a LoRA adapter (.safetensors), not a Lightning checkpoint: nothing to parse."""
-
-    def before_instantiate_classes(self) -> None:
-        # Seeds the LoRA initialisation and anything else built from the config.
-        seed_everything(self._section("federation").seed, workers=True, verbose=False)
-
-    def instantiate_classes(self) -> None:
-        """Build model and data once; trainers are built per client by the TrainerFactory."""
-        self.config_init = self.parser.instantiate_classes(self.config)
-        self.datamodule = self._get(self.config_init, "data")
-        self.model = self._get(self.config_init, "model")
-        self.trainer = None
-        self._configure_client_optimizer()
-
-    def _configure_client_optimizer(self) -> None:
-        optimizer, lr_scheduler = (_as_dict(self._get(self.config_init, k)) for k in ("optimizer", "lr_scheduler"))
-        if lr_scheduler and not optimizer:
-            raise ValueError("lr_scheduler: needs an optimizer: group too, e.g. `--optimizer AdamW --optimizer.lr 0.01`.")
-        if optimizer:
-            use_client_optimizer(self.model, optimizer, lr_scheduler)
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        getattr(self, f"run_{subcommand}")()
-
-    def _section(self, key: str):
-        return self._get(self.config_init if hasattr(self, "config_init") else self.config, key)
-
-    def _trainer_factory(self, output_dir: Path) -> TrainerFactory:
-        trainer_config = self._get(self.config, "trainer").as_dict()
-        return TrainerFactory(trainer_config, output_dir)
-
-    def _device(self) -> str:
-        accelerator = str(self._get(self.config, "trainer").get("accelerator") or "auto")
-        return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    def _section(self, group: str):
+        return self.components.federation if group == "federation" else self.components.sections[group]
 
     def _prepare_output_dir(self) -> Path:
         """Create federation.output_dir and save the resolved config there."""
-        out = Path(self._section("federation").output_dir)
+        out = Path(self.components.federation.output_dir)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            config = self.config[self.subcommand]
-            self._parser(self.subcommand).save(config, out / "config.yaml", overwrite=True, skip_check=True)
+            self.components.save_config(out / "config.yaml")
         except OSError as error:
             raise OSError(
                 error.errno,
@@ -170,29 +104,44 @@ class FIRMCLI(LightningCLI):
             ) from error
         return out
 
+    def _refuse_federation_algorithm(self, owner: str) -> None:
+        """``compare`` and ``pareto`` run their own lists of algorithms: a federation.algorithm would be ignored."""
+        if self.components.federation.algorithm is not None:
+            raise ValueError(
+                f"federation.algorithm is set, but `{self.subcommand}` runs the algorithms of {owner}; "
+                f"list it there and remove federation.algorithm."
+            )
+
+    def _ckpt_path(self) -> Optional[str]:
+        return self.components.config.get("ckpt_path")
+
+    def _device(self) -> str:
+        accelerator = str(self.components.trainer_config.get("accelerator") or "auto")
+        return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+
+    # ---- commands ----
+
     def run_fit(self) -> None:
-        federation, output_dir = self._section("federation"), self._prepare_output_dir()
+        federation, output_dir = self.components.federation, self._prepare_output_dir()
+        algorithm = federation.algorithm.name if federation.algorithm is not None else f"weighting {self.model.weighting!r}"
         print(
             f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
-            f"objectives {self.model.objective_names}, weighting {self.model.weighting!r}; writing to {output_dir}/",
+            f"objectives {self.model.objective_names}, {algorithm}; writing to {output_dir}/",
             flush=True,
         )
-        orchestrator = FederatedOrchestrator(
-            self.model, self.datamodule, federation, self._trainer_factory(output_dir), echo=_echo
-        )
-        self.state = orchestrator.run()
+        trainers = TrainerFactory(self.components.trainer_config, output_dir)
+        self.state = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo).run()
 
     def run_compare(self) -> None:
-        federation, out = self._section("federation"), self._prepare_output_dir()
+        self._refuse_federation_algorithm("compare.algorithms")
+        federation, out = self.components.federation, self._prepare_output_dir()
         settings = self._section("compare")
         print(
             f"compare: {[a.name for a in settings.algorithms]} × seeds {settings.seeds} × "
             f"α {settings.dirichlet_alphas or [self.datamodule.hparams['dirichlet_alpha']]}; writing to {out}/",
             flush=True,
         )
-        rows = run_comparison(
-            self.model, self.datamodule, federation, self._get(self.config, "trainer").as_dict(), settings, _echo
-        )
+        rows = run_comparison(self.model, self.datamodule, federation, self.components.trainer_config, settings, _echo)
         table = summarize(rows, self.model.objective_names)
         claims_rows, claims_text = claims_report(rows, self.model.objective_names, out, settings)
         sentences = "\n".join(f"- {claims.verdict_sentence(r, settings.reference)}" for r in claims_rows)
@@ -208,14 +157,13 @@ class FIRMCLI(LightningCLI):
         self.claims = claims_rows
 
     def run_pareto(self) -> None:
-        federation, out = self._section("federation"), self._prepare_output_dir()
+        self._refuse_federation_algorithm("pareto.algorithms")
+        federation, out = self.components.federation, self._prepare_output_dir()
         settings = self._section("pareto")
         names = self.model.objective_names
         print(f"pareto: {[a.name for a in settings.algorithms]} × preferences {settings.preferences}; writing to {out}/")
         tic = time.perf_counter()
-        rows = run_sweep(
-            self.model, self.datamodule, federation, self._get(self.config, "trainer").as_dict(), settings, _echo
-        )
+        rows = run_sweep(self.model, self.datamodule, federation, self.components.trainer_config, settings, _echo)
         report = front_report(rows, names, settings.reference)
         report["wall_s"] = time.perf_counter() - tic
         write_outputs(rows, names, report, out)
@@ -229,20 +177,20 @@ class FIRMCLI(LightningCLI):
     def run_flower(self) -> None:
         from firm_lightning.flower.launch import launch  # imports flwr only for this command
 
+        settings, federation = self._section("flower"), self.components.federation
+        settings.check(federation)  # before any process starts
         out = self._prepare_output_dir()
-        settings = self._section("flower")
-        print(f"FIRM federation on Flower ({settings.engine}, algorithm {settings.algorithm.name}); writing to {out}/", flush=True)
+        algorithm = federation.algorithm.name if federation.algorithm is not None else "configured weighting"
+        print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {out}/", flush=True)
         self.processes = launch(out / "config.yaml", settings, self.datamodule, _echo)
 
     def run_validate(self) -> None:
-        ckpt_path = self._get(self.config, "ckpt_path")
+        ckpt_path = self._ckpt_path()
         if ckpt_path:
             self.model.load_adapter_state(load_adapter_file(ckpt_path))
-        federation = self._section("federation")
+        federation = self.components.federation
         with quiet_lightning(federation.quiet):
-            trainer = TrainerFactory(
-                {**self._get(self.config, "trainer").as_dict(), "max_steps": 1}, federation.output_dir
-            ).eval_trainer()
+            trainer = TrainerFactory({**self.components.trainer_config, "max_steps": 1}, federation.output_dir).eval_trainer()
             results = trainer.validate(self.model, datamodule=self.datamodule, verbose=False)[0]
         print(f"adapter: {ckpt_path or '(freshly initialised)'}")
         for key, value in results.items():
@@ -250,12 +198,20 @@ class FIRMCLI(LightningCLI):
         self.results = results
 
     def run_generate(self) -> None:
-        ckpt_path = self._get(self.config, "ckpt_path")
+        ckpt_path = self._ckpt_path()
         if ckpt_path:
             self.model.load_adapter_state(load_adapter_file(ckpt_path))
         self.generations = generate(self.model, self._section("generate"), self._device())
         print(f"adapter: {ckpt_path or '(freshly initialised)'}")
         print(format_generations(self.generations))
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"usage: {PROG} <command> --config X.yaml [--group.option value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {command.description}" for name, command in COMMANDS.items()]
+    lines += ["", f"`{PROG} <command> --help` lists every option; `--print_config` shows the resolved config."]
+    return "\n".join(lines)
 
 
 def load_adapter_file(path: str) -> dict:
@@ -268,10 +224,6 @@ def load_adapter_file(path: str) -> dict:
             f"{file} is not a readable safetensors adapter ({error}): it is damaged, truncated or another kind of "
             "file. Pass an adapter written by `fit` (<output_dir>/adapters/round_<r>.safetensors or adapters/final)."
         ) from error
-
-
-def _as_dict(value):
-    return value.as_dict() if hasattr(value, "as_dict") else value
 
 
 def _adapter_file(path: str) -> Path:
@@ -292,20 +244,23 @@ def _echo(message: str) -> None:
 
 
 # Errors a user can fix from the message alone; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, FederationError)
+USER_ERRORS = (ValueError, OSError, FederationError, ArgumentError)
 DEBUG_ENV = "FIRM_DEBUG"
 
 
-def main(args=None) -> None:
+def main(args: Optional[list[str]] = None, run: Callable[[list[str]], object] = FIRMCLI) -> None:
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     try:
-        FIRMCLI(args=args)
+        run(args)
     except USER_ERRORS as error:
         if debug:
             raise
-        print(f"error: {user_message(error)} (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
+        command = f"{PROG} {args[0]}" if args and args[0] in COMMANDS else PROG
+        hint = f"`{command} --help` lists the options" if isinstance(error, ArgumentError) else ""
+        print(f"error: {user_message(error)}" + (f" ({hint})" if hint else "")
+              + f" (--debug or {DEBUG_ENV}=1 shows the traceback)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         if debug:

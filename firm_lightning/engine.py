@@ -29,7 +29,6 @@ import torch
 
 from firm_lightning import checkpoint
 from firm_lightning.adapters import ClientUpdate
-from firm_lightning.algorithms import Algorithm
 from firm_lightning.aggregation import Aggregator, screen_update, with_rule
 from firm_lightning.callbacks import CallbackList
 from firm_lightning.datamodule import PromptDataModule
@@ -74,11 +73,12 @@ class RoundEngine:
         self.module = module
         self.datamodule = datamodule
         self.config = config
-        self.algorithm = config.algorithm or Algorithm()  # null: the model's weighting, one adapter, FedAvg
+        self.algorithm = config.resolved_algorithm
         self.trainers = trainers
         self.echo = echo
         self.uploads_visible = uploads_visible
-        self._refuse_what_hidden_uploads_cannot_do()
+        if not uploads_visible:
+            refuse_for_hidden_uploads(config)
         self.secret = SecretGenerator() if config.privacy is not None else None
         self.aggregator = self._compose_aggregator()
         self.writer = writer or RunWriter(
@@ -218,22 +218,6 @@ class RoundEngine:
                                              clipped_on_client=not self.uploads_visible)
         return aggregator
 
-    def _refuse_what_hidden_uploads_cannot_do(self) -> None:
-        if self.uploads_visible:
-            return
-        reasons = []
-        if self.config.max_update_norm is not None:
-            reasons.append("federation.max_update_norm (screens one upload at a time)")
-        if self.config.aggregator != "fedavg":
-            reasons.append(f"federation.aggregator={self.config.aggregator} (needs every upload, coordinate by coordinate)")
-        if self.config.upload_dtype is not None:
-            reasons.append("federation.upload_dtype (SecAgg+ quantises the uploads itself)")
-        if reasons:
-            raise ValueError(
-                "Secure aggregation (SecAgg+) shows the server only the clients' sum, so it cannot honour "
-                + "; ".join(reasons) + ". Unset these, or turn secure aggregation off."
-            )
-
     def _screen(self, updates: Sequence[ClientUpdate], global_adapter: dict, round_idx: int) -> tuple[list, list[str]]:
         """Uploads fit to merge; the others are logged and dropped (never aggregated)."""
         accepted, rejected = [], []
@@ -356,6 +340,22 @@ class RoundEngine:
             "federation": {k: describe(v) for k, v in federation.items() if k not in RESUMABLE_SETTINGS},
             "data": describe(dict(self.datamodule.hparams)),
         }
+
+
+def refuse_for_hidden_uploads(config: FederationConfig) -> None:
+    """Settings that need to see one upload at a time, refused when the server sees only the sum (SecAgg+)."""
+    reasons = []
+    if config.max_update_norm is not None:
+        reasons.append("federation.max_update_norm (screens one upload at a time)")
+    if config.aggregator != "fedavg":
+        reasons.append(f"federation.aggregator={config.aggregator} (needs every upload, coordinate by coordinate)")
+    if config.upload_dtype is not None:
+        reasons.append("federation.upload_dtype (SecAgg+ quantises the uploads itself)")
+    if reasons:
+        raise ValueError(
+            "Secure aggregation (SecAgg+) shows the server only the clients' sum, so it cannot honour "
+            + "; ".join(reasons) + ". Unset these, or turn flower.secure_aggregation off."
+        )
 
 
 def _weights_signature(model: torch.nn.Module) -> str:

@@ -93,6 +93,11 @@ class FederationConfig:
         return min(self.num_clients, max(self.min_clients, math.ceil(exact)))
 
     @property
+    def resolved_algorithm(self) -> Algorithm:
+        """``algorithm``, or the default (the model's configured weighting, one adapter per client, FedAvg)."""
+        return self.algorithm if self.algorithm is not None else Algorithm()
+
+    @property
     def upload_torch_dtype(self) -> Optional[torch.dtype]:
         return getattr(torch, self.upload_dtype) if self.upload_dtype else None
 

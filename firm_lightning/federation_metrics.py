@@ -48,13 +48,22 @@ def lambda_dispersion(client_lambdas: Sequence[Sequence[float]]) -> float:
 
 
 def client_row(update: ClientUpdate, round_idx: int, global_adapter: Mapping[str, torch.Tensor]) -> dict:
-    """One client's row: its example count, the bytes it received and sent (as sent), its training summary."""
+    """One client's row: its example count, the bytes it received and sent, its training summary.
+
+    ``comm/bytes_*`` count the adapter tensors (numel × element size, as uploaded);
+    ``comm/transport_bytes_*`` what the transport carried for them: the same tensors in-process,
+    Flower's serialised messages (framing included) on Flower, which overrides them.
+    """
+    up, down = sum(payload_bytes(a) for a in update.adapters), payload_bytes(global_adapter)
     return {
         "round": round_idx,
         "client": update.client_id,
         "num_examples": update.num_examples,
-        "comm/bytes_up": sum(payload_bytes(a) for a in update.adapters),
-        "comm/bytes_down": payload_bytes(global_adapter),
+        "comm/bytes_up": up,
+        "comm/bytes_down": down,
+        "comm/transport_bytes_up": up,
+        "comm/transport_bytes_down": down,
+        "comm/messages_up": 1,
         **update.metrics,
     }
 
@@ -77,6 +86,8 @@ def round_metrics(
         "comm/bytes_up": sum(r["comm/bytes_up"] for r in client_rows),
         "comm/bytes_down": sum(r["comm/bytes_down"] for r in client_rows),
         "comm/bytes_up_per_client": client_rows[0]["comm/bytes_up"],
+        "comm/transport_bytes_up": sum(r["comm/transport_bytes_up"] for r in client_rows),
+        "comm/transport_bytes_down": sum(r["comm/transport_bytes_down"] for r in client_rows),
         "clients": len(updates),
     }
     for key in [f"train/reward/{n}" for n in objective_names] + [f"lambda/{n}" for n in objective_names] + ["train/kl"]:

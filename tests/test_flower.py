@@ -8,6 +8,8 @@ records, while it runs, every process descended from it (Ray's, Flower's), by PI
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
 import signal
 import subprocess
@@ -19,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from firm_lightning.cli import main as cli_main
@@ -45,7 +48,7 @@ def _config(tmp_path: Path) -> list[str]:
 class Run:
     """The command in a subprocess; every descendant PID is recorded while it runs."""
 
-    def __init__(self, args: list[str], interrupt_when=None, timeout_s: float = 400) -> None:
+    def __init__(self, args: list[str], interrupt_when=None, timeout_s: float = 400, interrupt=None) -> None:
         self.log = log = tempfile.TemporaryFile("w+")  # a file, not a pipe: Flower and Ray log a lot
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "firm_lightning", *args], cwd=ROOT, stdout=log,
@@ -58,7 +61,11 @@ class Run:
         while self.proc.poll() is None and time.monotonic() < deadline:
             self._record()
             if interrupt_when and not self.interrupted and interrupt_when(self.output_so_far()):
-                self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+                if interrupt is None:
+                    self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+                else:
+                    self._record()
+                    interrupt(self)
                 self.interrupted = True
             time.sleep(0.5)
         if self.proc.poll() is None:
@@ -109,43 +116,89 @@ def _in_process(tmp_path: Path, out: Path, *extra: str) -> None:
     cli_main(["fit", *_config(tmp_path), "--federation.output_dir", str(out), *extra])
 
 
+def _rules_config(tmp: Path) -> list[str]:
+    """SHORT plus the federation rules both transports must honour alike: 3 clients (client 1's
+    reward crashes on its own prompts), coordinate-wise median, an update-norm bound, federation
+    callbacks (early stopping after round 2 of 4: nothing improves by 1.0) and a TensorBoard logger."""
+    from firm_lightning.config import build_components
+
+    data = build_components([*_config(tmp), "--federation.num_clients", "3"]).datamodule
+    data.setup()
+    rules = {
+        "federation": {
+            "num_rounds": 4, "num_clients": 3, "min_clients": 2, "aggregator": "median", "max_update_norm": 100.0,
+            "callbacks": [
+                {"class_path": "firm_lightning.callbacks.EarlyStopping",
+                 "init_args": {"monitor": "eval/reward/a_to_m", "min_delta": 1.0, "patience": 2}},
+                {"class_path": "firm_lightning.callbacks.SaveBestAdapter", "init_args": {"monitor": "eval/reward/n_to_z"}},
+            ],
+        },
+        "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp)}}},
+        "model": {"objectives": [
+            {"class_path": "firm_lightning.rewards.CharsetReward", "init_args": {"name": "a_to_m", "charset": "abcdefghijklm"}},
+            {"class_path": "tests.flower_faults.FailsOnPrompts",
+             "init_args": {"name": "n_to_z", "charset": "nopqrstuvwxyz", "prompts": data.client_prompts(1)}},
+        ]},
+    }
+    path = tmp / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return [*_config(tmp), "--config", str(path)]
+
+
 @pytest.fixture(scope="module")
 def simulation(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("flower_sim")
-    run = Run(["flower", *_config(tmp), "--federation.output_dir", str(tmp / "flower")])
+    run = Run(["flower", *_rules_config(tmp), "--federation.output_dir", str(tmp / "flower")])
     return tmp, run
 
 
-def test_simulation_matches_in_process_orchestrator(simulation):
+def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "federation"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_simulation_honours_every_federation_rule_as_in_process(simulation):
     tmp, run = simulation
     assert run.proc.returncode == 0, run.output[-3000:]
     assert "raylet" in run.names(), "the run did not go through Ray"
     assert run.survivors() == [], f"processes left behind: {run.survivors()}"
-    _in_process(tmp, tmp / "in_process")
-    # Same seeds, same client sampling, each client fit seeded by client_seed(seed, round,
-    # client), one thread per client, aggregation in client order: the global adapters agree.
+    _in_process(tmp, tmp / "in_process", *_rules_config(tmp)[4:])
+    flower_rows, local_rows = _rows(tmp / "flower" / "metrics.csv"), _rows(tmp / "in_process" / "metrics.csv")
+    assert list(flower_rows[0]) == list(local_rows[0])  # the same columns, in the same order
+    # EarlyStopping stopped both after round 2 of 4.
+    assert [r["round"] for r in flower_rows] == [r["round"] for r in local_rows] == ["0", "1", "2"]
+    assert "stopped after round 2/4: EarlyStopping" in run.output
+    # Same seeds, same client sampling, each client fit seeded by (seed, round, client), one
+    # thread per client, the same screening and median in client order: the adapters agree.
     for r in (1, 2):
         flower = load_file(str(tmp / "flower" / "adapters" / f"round_{r:03d}.safetensors"))
         local = load_file(str(tmp / "in_process" / "adapters" / f"round_{r:03d}.safetensors"))
         assert flower.keys() == local.keys()
         for k in local:
-            torch.testing.assert_close(flower[k], local[k], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(flower[k], local[k], rtol=0, atol=1e-6)
     assert not torch.equal(load_file(str(tmp / "flower" / "adapters" / "round_000.safetensors"))[k], flower[k])
-    flower_rows, local_rows = _rows(tmp / "flower" / "metrics.csv"), _rows(tmp / "in_process" / "metrics.csv")
-    assert len(flower_rows) == len(local_rows) == 3
-    for a, b in zip(flower_rows, local_rows):
-        for key in ("eval/reward/a_to_m", "eval/reward/n_to_z", "lambda/a_to_m", "comm/bytes_up"):
-            if a["round"] != "0" or key.startswith("eval/"):  # round 0 has no training metrics
-                assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), key
+    for a, b in zip(flower_rows[1:], local_rows[1:]):
+        assert (a["failed_clients"], a["clients"]) == (b["failed_clients"], b["clients"]) == ("1", "2")  # client 1 left out
+        for key in ("eval/reward/a_to_m", "eval/reward/n_to_z", "lambda/a_to_m", "comm/bytes_up", "update_dispersion"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), key
+    assert "client 1 failed" in run.output and "simulated crash" in run.output
+    for out in (tmp / "flower", tmp / "in_process"):
+        assert {r["client"] for r in _rows(out / "client_metrics.csv")} == {"0", "2"}
+        assert _tensorboard_steps(out, "eval/reward/a_to_m") == [0, 1, 2]  # the round logger fired every round
+    best = [json.loads((tmp / out / "adapters" / "best.json").read_text()) for out in ("flower", "in_process")]
+    assert best[0]["round"] == best[1]["round"] and best[0]["value"] == pytest.approx(best[1]["value"], rel=1e-5)
 
 
 def test_flower_counts_the_adapter_plus_framing(simulation):
     tmp, run = simulation
     rows = _rows(tmp / "flower" / "client_metrics.csv")
-    assert len(rows) == 4  # 2 clients × 2 rounds
+    assert len(rows) == 4  # 2 healthy clients × 2 rounds
     for row in rows:
-        payload, up, down = int(row["comm/bytes_up"]), int(row["flower/bytes_up"]), int(row["flower/bytes_down"])
-        assert int(row["flower/messages_up"]) == 1
+        payload, up, down = int(row["comm/bytes_up"]), int(row["comm/transport_bytes_up"]), int(row["comm/transport_bytes_down"])
+        assert int(row["comm/messages_up"]) == 1
         # Flower sends the same float32 tensors plus its framing (npy headers, keys, object
         # headers, metrics): more than the tensors, by a bounded overhead.
         assert payload < up < 1.2 * payload, (payload, up)
@@ -155,6 +208,65 @@ def test_flower_counts_the_adapter_plus_framing(simulation):
             assert down < payload, (payload, down)
         else:
             assert payload < down < 1.2 * payload, (payload, down)
+    for row in _rows(tmp / "in_process" / "client_metrics.csv"):  # in-process the transport carries the tensors
+        assert row["comm/transport_bytes_up"] == row["comm/bytes_up"]
+
+
+def _kill_tree(run_like) -> None:
+    for process in [psutil.Process(run_like.proc.pid), *run_like.seen.values()]:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+def test_sigkill_mid_round_then_resume_ends_bit_identical(simulation):
+    """Killed (SIGKILL, every process) while round 2 trains, then rerun with resume: the same
+    final adapter, bit for bit, as the uninterrupted run; early stopping stops it at the same round."""
+    tmp, first = simulation
+    assert first.proc.returncode == 0, first.output[-3000:]
+    out = tmp / "killed"
+    args = ["flower", *_rules_config(tmp), "--federation.output_dir", str(out)]
+    killed = Run(args, interrupt_when=lambda text: "round 2/4 | training clients" in text, interrupt=_kill_tree)
+    assert killed.interrupted and killed.proc.returncode != 0, killed.output[-3000:]
+    saved = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert saved["fields"]["round"] == 1  # the last finished round
+    resumed = Run([*args, "--federation.resume", "true"])
+    assert resumed.proc.returncode == 0, resumed.output[-3000:]
+    assert "resume: round 1 of 4 finished" in resumed.output and "stopped after round 2/4" in resumed.output
+    expected = load_file(str(tmp / "flower" / "adapters" / "final" / "adapter_model.safetensors"))
+    final = load_file(str(out / "adapters" / "final" / "adapter_model.safetensors"))
+    assert final.keys() == expected.keys() and all(torch.equal(final[k], expected[k]) for k in expected)
+    assert [r["round"] for r in _rows(out / "metrics.csv")] == ["0", "1", "2"]
+
+
+def test_privacy_and_16_bit_uploads_mean_the_same_on_flower(tmp_path):
+    """federation.privacy on Flower: the same ε (and noise scale) in metrics.csv as in-process; the
+    16-bit upload carries half the bytes."""
+    extra = ["--federation.num_rounds", "1", "--federation.privacy.clipping_norm", "0.1",
+             "--federation.privacy.noise_multiplier", "1.3", "--federation.upload_dtype", "float16"]
+    run = Run(["flower", *_config(tmp_path), "--federation.output_dir", str(tmp_path / "flower"), *extra])
+    assert run.proc.returncode == 0, run.output[-3000:]
+    _in_process(tmp_path, tmp_path / "in_process", *extra)
+    flower, local = _rows(tmp_path / "flower" / "metrics.csv")[-1], _rows(tmp_path / "in_process" / "metrics.csv")[-1]
+    assert float(flower["privacy/epsilon"]) == pytest.approx(float(local["privacy/epsilon"]), rel=1e-12)
+    assert float(flower["privacy/noise_std"]) == float(local["privacy/noise_std"]) == pytest.approx(1.3 * 0.1 / 2)
+    assert 0 < float(flower["privacy/epsilon"]) < math.inf
+    up = [int(r["comm/bytes_up"]) for r in _rows(tmp_path / "flower" / "client_metrics.csv")]
+    adapter_bytes = sum(t.numel() * 4 for t in load_file(str(tmp_path / "flower" / "adapters" / "round_000.safetensors")).values())
+    assert up == [adapter_bytes // 2] * 2  # float16 deltas
+
+
+def test_moved_keys_are_refused_naming_the_new_one(tmp_path, capsys):
+    old = tmp_path / "old.yaml"
+    old.write_text("flower:\n  privacy:\n    class_path: firm_lightning.flower.privacy.DifferentialPrivacy\n")
+    for args, new in ((["--config", str(old)], "federation.privacy"),
+                      (["--flower.algorithm", "firm_lightning.algorithms.FMGDA"], "federation.algorithm"),
+                      (["--federation.dp_clip_norm", "1.0"], "federation.privacy.clipping_norm")):
+        with pytest.raises(SystemExit):
+            cli_main(["flower", *_config(tmp_path), *args])
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "has moved: use " + new in err, err
 
 
 def test_ctrl_c_stops_every_flower_and_ray_process(tmp_path):
@@ -179,7 +291,7 @@ def test_local_deployment_runs_fmgda_with_s_times_the_upload(simulation, capsys)
     tmp_path, firm = simulation
     out = tmp_path / "deployment"
     run = Run(["flower", *_config(tmp_path), "--federation.output_dir", str(out), "--flower.engine", "local-deployment",
-               "--flower.algorithm", "firm_lightning.algorithms.FMGDA"])
+               "--federation.algorithm", "firm_lightning.algorithms.FMGDA"])
     assert run.proc.returncode == 0, run.output[-3000:]
     names = run.names()
     assert names.count("flower-supernode") >= 2 and "flower-superlink" in names and "flwr-clientapp" in names
@@ -194,7 +306,7 @@ def test_local_deployment_runs_fmgda_with_s_times_the_upload(simulation, capsys)
     assert rows[2]["server_lambda/a_to_m"] != ""  # the server's min-norm over the S deltas ran
     fmgda_row, firm_row = _rows(out / "client_metrics.csv")[-1], _rows(tmp_path / "flower" / "client_metrics.csv")[-1]
     assert int(fmgda_row["comm/bytes_up"]) == 2 * int(firm_row["comm/bytes_up"])  # S = 2 adapters
-    ratio = int(fmgda_row["flower/bytes_up"]) / int(firm_row["flower/bytes_up"])
+    ratio = int(fmgda_row["comm/transport_bytes_up"]) / int(firm_row["comm/transport_bytes_up"])
     assert 1.9 < ratio <= 2.0, ratio  # S× the arrays, as Flower counts them; the envelope is paid once
     adapter = out / "adapters" / "round_002.safetensors"
     cli_main(["validate", *_config(tmp_path), "--ckpt_path", str(adapter), "--federation.output_dir", str(tmp_path / "v")])
@@ -208,12 +320,14 @@ def test_secure_aggregation_needs_only_the_weighted_mean(num_objectives):
     """SecAgg+ hands the server only Σ n_i θ_i / Σ n_i (float64, as Flower dequantises it); the
     aggregators are linear in the uploads, so the new global adapter is the one they compute from
     the single uploads."""
-    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from types import SimpleNamespace
+
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
     from firm_lightning.aggregation import FedAvg, MinNormOverObjectives
     from firm_lightning.client import ClientUpdate
     from firm_lightning.flower.secure_aggregation import SecAggStrategy
-    from firm_lightning.flower.strategy import FIRMStrategy, RoundUpdates
+    from firm_lightning.state import FederationState
 
     gen = torch.Generator().manual_seed(0)
     initial = {"a": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen)}
@@ -223,20 +337,31 @@ def test_secure_aggregation_needs_only_the_weighted_mean(num_objectives):
     aggregator = FedAvg(0.5) if num_objectives == 1 else MinNormOverObjectives(0.5)
     expected = aggregator.aggregate(initial, [ClientUpdate(i, u, n, {}) for i, (u, n) in enumerate(zip(uploads, counts))]).adapter
 
+    class Engine:  # the round engine's side of the protocol, recording what it is handed
+        stop_reason = None
+        begin_round = lambda self, state, r: [0, 1, 2]
+        client_started = client_finished = lambda self, *a: None
+
+        def conclude(self, state, round_idx, reports, failures, secure_mean=None, **extras):
+            self.reports, self.failures = reports, failures
+            return FederationState(round_idx, aggregator.aggregate(state.global_adapter, [secure_mean]).adapter)
+
     mean = [sum(n * u[s][k].double().numpy() for u, n in zip(uploads, counts)) / sum(counts)
             for s in range(num_objectives) for k in initial]
     results = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean), n, {"client-id": i, "train/kl": 0.1}))
                for i, n in enumerate(counts)]
-    strategy = FIRMStrategy(aggregator, lambda r: [0, 1, 2], {0: 10, 1: 11, 2: 12}, dict(enumerate(counts)))
-    strategy.rounds[1] = RoundUpdates(global_adapter=initial, uploads_visible=False)
-    parameters, _ = SecAggStrategy(strategy, initial, evaluate_fn=None, timeout_s=1).aggregate_fit(1, results, [])
-
-    new = dict(zip(initial, (torch.from_numpy(a) for a in parameters_to_ndarrays(parameters))))
+    engine = Engine()
+    strategy = SecAggStrategy(engine, FederationState(0, initial), {0: 10, 1: 11, 2: 12}, timeout_s=1)
+    proxies = SimpleNamespace(wait_for=lambda n, timeout: True,
+                              all=lambda: {n: SimpleNamespace(node_id=n) for n in (10, 11, 12)})
+    assert len(strategy.configure_fit(1, ndarrays_to_parameters([]), proxies)) == 3
+    strategy.aggregate_fit(1, results, [])
+    new = strategy.state.global_adapter
     for k in initial:
         assert new[k].dtype == torch.float32
         torch.testing.assert_close(new[k], expected[k], rtol=1e-5, atol=1e-6)
-    record = strategy.rounds[1]
-    assert [u.client_id for u in record.updates] == [0, 1, 2] and record.updates[2].metrics == {"train/kl": 0.1}
+    assert sorted(u.client_id for u in engine.reports) == [0, 1, 2] and engine.reports[2].metrics == {"train/kl": 0.1}
+    assert engine.failures == []
 
 
 def test_an_error_stops_the_whole_process_tree_even_across_sessions(tmp_path):

@@ -28,7 +28,8 @@ class MeasuredGrid:
     """A Flower ``Grid`` that counts ``wire_bytes`` of every message it carries, per round and
     node: training messages, and every extra message a protocol such as SecAgg+ exchanges.
 
-    ``round`` is advanced by whoever drives the rounds (the server's ``evaluate_fn``).
+    ``round`` is set by whoever drives the rounds (the strategy, when it sends a round's messages).
+    Its counts become ``comm/transport_bytes_*`` and ``comm/messages_up`` in the metric rows.
     """
 
     def __init__(self, grid) -> None:
@@ -50,3 +51,13 @@ class MeasuredGrid:
             self.up[(self.round, r.metadata.src_node_id)] += wire_bytes(r)
             self.messages_up[(self.round, r.metadata.src_node_id)] += 1
         return replies
+
+    def client_metrics(self, round_idx: int, node: int) -> dict:
+        key = (round_idx, node)
+        return {"comm/transport_bytes_up": self.up[key], "comm/transport_bytes_down": self.down[key],
+                "comm/messages_up": self.messages_up[key]}
+
+    def round_metrics(self, round_idx: int, nodes) -> dict:
+        """Over every node sampled in the round: a failed client's traffic counts too."""
+        return {"comm/transport_bytes_up": sum(self.up[(round_idx, n)] for n in nodes),
+                "comm/transport_bytes_down": sum(self.down[(round_idx, n)] for n in nodes)}

@@ -14,10 +14,11 @@ from typing import Callable
 import yaml
 
 from firm_lightning.datamodule import PromptDataModule
-from firm_lightning.flower.components import CONFIG_KEY
 from firm_lightning.flower.partition import PARTITION_ID, PROMPTS_FILE, write_partition
+from firm_lightning.flower.records import CONFIG_KEY, SERVER_ERROR
 from firm_lightning.flower.processes import ProcessGroup, flower_env, free_port, wait_for_port
 from firm_lightning.flower.settings import FlowerSettings
+from firm_lightning.state import FederationError
 
 LOCAL_CONNECTION = "firm-local"
 
@@ -30,18 +31,30 @@ def launch(config_path: Path, settings: FlowerSettings, datamodule: PromptDataMo
     work.mkdir(parents=True, exist_ok=True)
     (work / "config.yaml").write_text(text)
     started = time.time()
-    with processes or ProcessGroup() as group:
-        if settings.engine == "simulation":
-            _simulate(group, work)
-        elif settings.engine == "local-deployment":
-            _local_deployment(group, work, text, settings, datamodule, echo)
-        else:
-            _flwr_run(group, write_app(work / "app", text), settings.superlink, flower_env())
+    try:
+        with processes or ProcessGroup() as group:
+            if settings.engine == "simulation":
+                _simulate(group, work)
+            elif settings.engine == "local-deployment":
+                _local_deployment(group, work, text, settings, datamodule, echo)
+            else:
+                _flwr_run(group, write_app(work / "app", text), settings.superlink, flower_env())
+    except RuntimeError as error:
+        _raise_server_error(work, started, error)
+        raise
     summary = work.parent / "summary.txt"  # on this machine unless the SuperLink's ServerApp runs elsewhere
     if settings.engine != "deployment" and (not summary.exists() or summary.stat().st_mtime < started):
         raise RuntimeError(f"The Flower run ended without finishing the federation (no new {summary}); see the log above"
                            + (f" and {work}/*.log." if settings.engine == "local-deployment" else "."))
     return group
+
+
+def _raise_server_error(work: Path, started: float, cause: BaseException) -> None:
+    """The server's own message (e.g. too few clients, a config it refused), when it left one here."""
+    path = work / SERVER_ERROR
+    if path.is_file() and path.stat().st_mtime >= started:
+        kind, _, message = path.read_text().partition("\n")
+        raise (FederationError if kind == "FederationError" else ValueError)(message) from cause
 
 
 def _simulate(group: ProcessGroup, work: Path) -> None:

@@ -8,32 +8,13 @@ same prompts in the same order, shuffled by (seed, client, round).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from torch.utils.data import DataLoader
-
-from firm_lightning.datamodule import PromptDataModule, client_prompt_loader, load_rows
+from firm_lightning.datamodule import ClientData, PromptDataModule, load_rows
 
 PARTITION_ID = "partition-id"  # Flower's node-config key (set by the simulation engine)
 PROMPTS_FILE = "prompts-file"
-
-
-@dataclass
-class ClientData:
-    client_id: int
-    prompts: list[str]
-    groups: Optional[list[str]]
-    batch_size: int
-    seed: int
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.prompts)
-
-    def loader(self, round_idx: int) -> DataLoader:
-        return client_prompt_loader(self.prompts, self.groups, self.batch_size, self.seed, self.client_id, round_idx)
 
 
 def client_data(datamodule: PromptDataModule, node_config: dict) -> ClientData:
@@ -43,11 +24,9 @@ def client_data(datamodule: PromptDataModule, node_config: dict) -> ClientData:
             f"--node-config '{PARTITION_ID}=<client id> {PROMPTS_FILE}=\"<its prompts .jsonl>\"'."
         )
     client_id = int(node_config[PARTITION_ID])
-    if PROMPTS_FILE in node_config:
-        prompts, groups = _read_partition(str(node_config[PROMPTS_FILE]), datamodule)
-    else:
-        prompts = datamodule.client_prompts(client_id)
-        groups = datamodule.train_groups and [datamodule.train_groups[i] for i in datamodule.client_indices[client_id]]
+    if PROMPTS_FILE not in node_config:
+        return datamodule.client_data(client_id)
+    prompts, groups = _read_partition(str(node_config[PROMPTS_FILE]), datamodule)
     return ClientData(client_id, prompts, groups, datamodule.batch_size, datamodule.seed)
 
 

@@ -1,30 +1,34 @@
-"""The Flower ``ServerApp``: Flower's strategy loop drives this library's aggregators.
+"""The Flower ``ServerApp``: find the clients, build the round engine, let Flower carry the rounds.
 
 1. Ask every SuperNode which client it is (a ``query`` message) and wait for all
    ``federation.num_clients`` of them.
-2. ``FIRMStrategy`` (wrapped by the configured privacy strategy, if any) runs
-   ``federation.num_rounds`` rounds with Flower's ``Strategy.start``.
-3. After every round, ``FlowerRounds`` (the ``evaluate_fn``) evaluates the new global adapter
-   on the held-out prompts and writes the same ``metrics.csv``, ``client_metrics.csv``,
-   adapters, plots and summary as ``fit``, plus Flower's byte counts (``flower/bytes_*``).
+2. Build the ``RoundEngine`` from the same config as ``fit`` and ``start()`` it: round 0's
+   evaluation, or a checked resume from ``<output_dir>/checkpoint``.
+3. ``FIRMStrategy`` (or, with ``flower.secure_aggregation``, the SecAgg+ workflow) runs the
+   remaining rounds with Flower; the engine screens, aggregates, evaluates, records,
+   checkpoints and fires the callbacks, exactly as in-process, plus Flower's byte counts.
+4. ``engine.finish``: final adapter, plots, summary.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from firm_lightning.flower.components import CONFIG_KEY, Components, load_components
+from firm_lightning.config import Components, load_components
+from firm_lightning.engine import RoundEngine
 from firm_lightning.flower.accounting import MeasuredGrid
-from firm_lightning.flower.records import CLIENT_ID, METRICS, NUM_EXAMPLES, adapter_record, record_adapter
+from firm_lightning.flower.records import CLIENT_ID, CONFIG_KEY, METRICS, NUM_EXAMPLES, SERVER_ERROR, adapter_record
+from firm_lightning.flower.secure_aggregation import run_secure
+from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.flower.strategy import FIRMStrategy
-from firm_lightning.orchestrator import FederatedOrchestrator, FederationState, quiet_lightning, stays_on_device
-from firm_lightning.trainer_factory import TrainerFactory
+from firm_lightning.memory import steady_memory
+from firm_lightning.state import FederationError, FederationState
+from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning, stays_on_device
 
 
 def server_app(config_text: Optional[str] = None) -> ServerApp:
@@ -35,25 +39,39 @@ def server_app(config_text: Optional[str] = None) -> ServerApp:
         text = config_text if config_text is not None else context.run_config.get(CONFIG_KEY)
         if text is None:
             raise ValueError(f"The run config has no {CONFIG_KEY!r}: start the run with `python -m firm_lightning flower`.")
-        run_server(grid, load_components(str(text)), context)
+        run_server(grid, load_components(str(text), {"flower": FlowerSettings}), context)
 
     return app
 
 
 def run_server(grid: Grid, comps: Components, context: Context, echo: Callable[[str], None] = print) -> FederationState:
-    federation, settings = comps.federation, comps.settings
+    try:
+        return _run_server(grid, comps, context, echo)
+    except (FederationError, ValueError, OSError) as error:  # a user error: the `flower` command prints it
+        path = Path(comps.federation.output_dir) / "flower" / SERVER_ERROR
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{'FederationError' if isinstance(error, FederationError) else 'ValueError'}\n{error}")
+        raise
+
+
+def _run_server(grid: Grid, comps: Components, context: Context, echo: Callable[[str], None]) -> FederationState:
+    federation, settings = comps.federation, comps.sections["flower"]
+    settings.check(federation)
     grid = MeasuredGrid(grid)
     nodes, num_examples = discover_clients(grid, federation.num_clients, settings.timeout_s, echo)
-    records = FlowerRounds(comps, grid, echo)
-    strategy = FIRMStrategy(settings.algorithm.aggregator(federation.server_lr), records.sample_clients, nodes, num_examples)
-    records.strategy = strategy
-    with quiet_lightning(federation.quiet), stays_on_device(comps.module):
-        comps.datamodule.setup("fit")
-        settings.privacy.run(
-            strategy, grid, context, adapter_record(comps.module.adapter_state()), federation.num_rounds,
-            settings.timeout_s, records, len(records.sample_clients(1)),
-        )
-    return records.finish()
+    trainers = TrainerFactory(comps.trainer_config, Path(federation.output_dir))
+    secure = settings.secure_aggregation is not None
+    engine = RoundEngine(comps.module, comps.datamodule, federation, trainers, echo=echo, uploads_visible=not secure)
+    with quiet_lightning(federation.quiet), stays_on_device(comps.module), steady_memory():
+        state = engine.start()
+        if secure:
+            state = run_secure(engine, state, nodes, num_examples, settings.secure_aggregation, grid, context, settings.timeout_s)
+        else:
+            strategy = FIRMStrategy(engine, state, nodes, grid)
+            strategy.start(grid, adapter_record(state.global_adapter), len(engine.remaining_rounds(state)),
+                           timeout=settings.timeout_s)
+            state = strategy.state
+        return engine.finish(state)
 
 
 def discover_clients(grid: Grid, num_clients: int, timeout_s: float, echo=print) -> tuple[dict[int, int], dict[int, int]]:
@@ -81,74 +99,6 @@ def discover_clients(grid: Grid, num_clients: int, timeout_s: float, echo=print)
         )
     echo(f"Flower: {num_clients} clients on nodes {[clients[c] for c in sorted(clients)]}")
     return clients, num_examples
-
-
-class FlowerRounds(FederatedOrchestrator):
-    """The server's records after each Flower round (``Strategy.start``'s ``evaluate_fn``).
-
-    Reuses the in-process orchestrator's evaluation, client sampling, metrics and writer; only
-    the training happens elsewhere (on the SuperNodes, through ``FIRMStrategy``).
-    """
-
-    def __init__(self, comps: Components, grid: MeasuredGrid, echo: Callable[[str], None] = print) -> None:
-        federation = comps.federation
-        trainers = TrainerFactory(comps.trainer_config, Path(federation.output_dir))
-        super().__init__(comps.module, comps.datamodule, federation, trainers, comps.settings.algorithm, echo=echo)
-        self.grid = grid
-        self.strategy: Optional[FIRMStrategy] = None
-        self.state: Optional[FederationState] = None
-        self._started = self._tic = time.perf_counter()
-
-    def __call__(self, server_round: int, arrays) -> MetricRecord:
-        adapter = record_adapter(arrays)
-        self.state = self.initial_state() if server_round == 0 else self._record(server_round, adapter)
-        self._tic = time.perf_counter()
-        self.grid.round = server_round + 1  # what the grid carries next belongs to the next round
-        row = self.state.history[-1]
-        return MetricRecord({k: float(v) for k, v in row.items() if k.startswith("eval/")})
-
-    def _record(self, round_idx: int, adapter: dict) -> FederationState:
-        seen = self.strategy.rounds.get(round_idx)
-        if seen is None or seen.result is None:
-            raise RuntimeError(
-                f"Round {round_idx} produced no aggregate (a privacy wrapper skips aggregation when a client "
-                "reports an error; see the Flower log above)."
-            )
-        nodes = self.strategy.client_nodes
-        client_rows = [
-            {
-                **self._client_row(u, round_idx, seen.global_adapter),
-                "flower/bytes_up": self.grid.up[(round_idx, nodes[u.client_id])],
-                "flower/bytes_down": self.grid.down[(round_idx, nodes[u.client_id])],
-                "flower/messages_up": self.grid.messages_up[(round_idx, nodes[u.client_id])],
-            }
-            for u in seen.updates
-        ]
-        row = {
-            "round": round_idx,
-            **self.evaluate(adapter),
-            **self._round_metrics(seen.updates, seen.result, seen.global_adapter, client_rows),
-            "flower/bytes_up": sum(r["flower/bytes_up"] for r in client_rows),
-            "flower/bytes_down": sum(r["flower/bytes_down"] for r in client_rows),
-            "time/round_s": time.perf_counter() - self._tic,
-        }
-        if not seen.uploads_visible:  # SecAgg+: no single client's update is ever seen
-            row["update_dispersion"] = math.nan
-        state = FederationState(
-            round=round_idx, global_adapter=adapter,
-            history=[*self.state.history, row], client_history=[*self.state.client_history, *client_rows],
-        )
-        self.writer.record_round(state, row, client_rows)
-        evals = " ".join(f"{k.removeprefix('eval/reward/')}={v:.3f}" for k, v in row.items() if k.startswith("eval/reward/"))
-        self.echo(
-            f"round {round_idx}/{self.config.num_rounds} | eval {evals} | up {row['comm/bytes_up']:,} B adapters, "
-            f"{row['flower/bytes_up']:,} B Flower messages | {row['time/round_s']:.1f}s"
-        )
-        return state
-
-    def finish(self) -> FederationState:
-        self.writer.finish(self.state, time.perf_counter() - self._started, self.config)
-        return self.state
 
 
 app = server_app()

@@ -11,21 +11,22 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from firm_lightning.config import load_components
 from firm_lightning.flower.client_app import client_app
-from firm_lightning.flower.components import load_components
 from firm_lightning.flower.server_app import run_server
+from firm_lightning.flower.settings import FlowerSettings
 
 
 def simulate(config_text: str) -> bool:
-    comps = load_components(config_text)
+    comps = load_components(config_text, {"flower": FlowerSettings})
     finished = []
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        finished.append(run_server(grid, load_components(config_text), context))
+        finished.append(run_server(grid, load_components(config_text, {"flower": FlowerSettings}), context))
 
-    settings = comps.settings
+    settings = comps.sections["flower"]
     run_simulation(
         server_app=server,
         client_app=client_app(config_text),

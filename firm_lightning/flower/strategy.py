@@ -1,80 +1,105 @@
-"""``FIRMStrategy``: a Flower Message API strategy around this library's aggregators.
+"""``FIRMStrategy``: a Flower Message API strategy that drives the library's round engine.
 
-``configure_train`` sends the global adapter to the clients the in-process orchestrator would
-sample in this round (seeded by (seed, round)); ``aggregate_train`` turns the replies back into
-``ClientUpdate``s, in client order, and calls the algorithm's aggregator (``FedAvg`` with the
-server learning rate, or FMGDA's ``MinNormOverObjectives``). What it aggregated is kept per
-round for the server's records. Flower's
-strategy wrappers (differential privacy) wrap it like any other strategy.
+Flower's ``Strategy.start`` owns the loop and the messages; every decision is the engine's:
+``configure_train`` asks it which clients train (and fires the client-start hooks as the
+messages go out), ``aggregate_train`` hands it the replies (errors and missing replies become
+failures, left out as in-process, down to ``federation.min_clients``) and returns the adapter
+``engine.conclude`` produced. Flower numbers rounds from 1, so a resumed federation adds the
+rounds it already has; once a callback asks to stop, the remaining rounds send no messages.
 """
 
 from __future__ import annotations
 
 from logging import INFO
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from firm_lightning.aggregation import AggregationResult, Aggregator
-from firm_lightning.client import ClientUpdate
-from firm_lightning.flower.records import ARRAYS, CONFIG, adapter_record, content_update, record_adapter
-
-
-@dataclass
-class RoundUpdates:
-    """One round as the server saw it: the global adapter sent, the uploads, the aggregation."""
-
-    global_adapter: dict
-    updates: list[ClientUpdate] = field(default_factory=list)
-    result: Optional[AggregationResult] = None
-    uploads_visible: bool = True  # False under SecAgg+: the server saw only the clients' mean
+from firm_lightning.adapters import ClientUpdate
+from firm_lightning.engine import RoundEngine
+from firm_lightning.flower.accounting import MeasuredGrid
+from firm_lightning.flower.records import ARRAYS, CONFIG, adapter_record, content_update
+from firm_lightning.state import FederationState
 
 
 class FIRMStrategy(Strategy):
-    def __init__(
-        self,
-        aggregator: Aggregator,
-        sample_clients: Callable[[int], list[int]],
-        client_nodes: dict[int, int],
-        num_examples: dict[int, int],
-    ) -> None:
-        self.aggregator = aggregator
-        self.sample_clients = sample_clients
+    def __init__(self, engine: RoundEngine, state: FederationState, client_nodes: dict[int, int],
+                 grid: Optional[MeasuredGrid] = None) -> None:
+        self.engine = engine
+        self.state = state  # the federation state after the last concluded round
         self.client_nodes = client_nodes  # client id -> Flower node id
-        self.num_examples = num_examples  # client id -> prompts it holds
-        self.rounds: dict[int, RoundUpdates] = {}
+        self.node_clients = {node: client for client, node in client_nodes.items()}
+        self.grid = grid  # counts Flower's bytes per round and node, when measured
+        self.offset = state.round  # Flower's round 1 is the federation's round offset + 1
+        self.sampled: dict[int, list[int]] = {}
+
+    def federation_round(self, server_round: int) -> int:
+        return self.offset + server_round
 
     def summary(self) -> None:
-        log(INFO, "\t├──> FIRM strategy: aggregator %s, clients %s", type(self.aggregator).__name__, sorted(self.client_nodes))
+        log(INFO, "\t├──> FIRM round engine: %s, aggregator %s, clients %s", self.engine.algorithm.name,
+            type(self.engine.aggregator).__name__, sorted(self.client_nodes))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        config["server-round"] = server_round
-        record = self.rounds[server_round] = RoundUpdates(global_adapter=record_adapter(arrays))
+        round_idx = self.federation_round(server_round)
+        if self.engine.stop_reason:  # a callback stopped the federation: no clients for the remaining rounds
+            return []
+        clients = self.sampled[round_idx] = self.engine.begin_round(self.state, round_idx)
+        if self.grid is not None:
+            self.grid.round = round_idx
+        config["server-round"] = round_idx
         messages = []
-        for client in self.sample_clients(server_round):
+        for client in clients:
+            self.engine.client_started(round_idx, client)
             messages.append(Message(
                 RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=self.client_nodes[client], message_type=MessageType.TRAIN
             ))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
-        replies = list(replies)
-        errors = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
-        if errors:
-            raise RuntimeError(f"Round {server_round}: {len(errors)} client(s) failed: " + "; ".join(errors))
-        record = self.rounds[server_round]
-        record.updates = [content_update(message.content) for message in replies]
-        # Sorted by client id: the in-process orchestrator's order, so float sums agree exactly.
-        record.updates.sort(key=lambda u: u.client_id)
-        record.result = self.aggregator.aggregate(record.global_adapter, record.updates)
-        return adapter_record(record.result.adapter), MetricRecord({"clients": len(record.updates)})
+        round_idx = self.federation_round(server_round)
+        if round_idx not in self.sampled:  # stopped before this round
+            return None, None
+        updates, failures = self._read(round_idx, list(replies))
+        self.state = self.engine.conclude(
+            self.state, round_idx, updates, failures,
+            client_extras=self._client_traffic(round_idx, updates), round_extras=self._round_traffic(round_idx),
+        )
+        return adapter_record(self.state.global_adapter), MetricRecord({"clients": len(updates)})
+
+    def _read(self, round_idx: int, replies: list[Message]) -> tuple[list[ClientUpdate], list[str]]:
+        updates, failures, answered = [], [], set()
+        for message in replies:
+            client = self.node_clients.get(message.metadata.src_node_id)
+            answered.add(client)
+            if message.has_error():
+                failures.append(f"client {client} failed: {message.error.reason}")
+                continue
+            update = content_update(message.content)
+            updates.append(update)
+            self.engine.client_finished(round_idx, update)
+        for client in self.sampled[round_idx]:
+            if client not in answered:
+                failures.append(f"client {client} did not reply within flower.timeout_s")
+        for failure in failures:
+            self.engine.echo(f"round {round_idx} | {failure} (left out of this round)")
+        return updates, failures
+
+    def _client_traffic(self, round_idx: int, updates: list[ClientUpdate]) -> dict[int, dict]:
+        if self.grid is None:
+            return {}
+        return {u.client_id: self.grid.client_metrics(round_idx, self.client_nodes[u.client_id]) for u in updates}
+
+    def _round_traffic(self, round_idx: int) -> dict:
+        if self.grid is None:
+            return {}
+        return self.grid.round_metrics(round_idx, [self.client_nodes[c] for c in self.sampled[round_idx]])
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return []  # the server evaluates the global adapter itself, on the held-out prompts
+        return []  # the engine evaluates the global adapter itself, on the held-out prompts
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
         return None

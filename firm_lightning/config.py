@@ -1,0 +1,195 @@
+"""From a config (YAML files and ``--flags``) to the objects a federation runs on.
+
+``build_components(args)`` parses the groups every command shares -- ``model``
+(``FIRMClientModule``), ``data`` (``PromptDataModule`` or a subclass), ``trainer`` (the
+per-client ``Trainer``: ``max_steps`` is the number of local steps K), ``optimizer`` /
+``lr_scheduler`` (the client optimiser) and ``federation`` (``FederationConfig``) -- plus the
+sections a command adds (``compare``, ``pareto``, ``flower``, ``generate``). It stands on
+LightningCLI's public API only (``run=False``, ``add_arguments_to_parser``,
+``before_instantiate_classes``, ``instantiate_classes``, ``parse_arguments``), knows nothing of
+what the command does, and is what the CLI and the Flower apps both build from.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from jsonargparse import Namespace, set_dumper
+from lightning.pytorch import seed_everything
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from firm_lightning.client_optimizer import use_client_optimizer
+from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.federation import MOVED_KEYS, FederationConfig
+from firm_lightning.module import FIRMClientModule
+
+
+class _ConfigDumper(yaml.SafeDumper):
+    """Writes enum values (e.g. Timer's ``interval: Interval.step``) as their plain value.
+
+    Lightning callbacks type some arguments ``str`` but default them to an ``Enum``; jsonargparse
+    leaves such defaults as they are and PyYAML's safe dumper cannot represent them, so saving
+    the resolved config (and ``--print_config``) crashed.
+    """
+
+
+_ConfigDumper.add_multi_representer(enum.Enum, lambda dumper, value: dumper.represent_data(value.value))
+set_dumper("yaml", lambda data: yaml.dump(data, Dumper=_ConfigDumper, default_flow_style=False, allow_unicode=True, sort_keys=False))
+
+
+@dataclass
+class Components:
+    """What a config builds: the module, the data, the federation settings, the trainer config and
+    the command's own sections (by group name), plus the parsed config to save it again."""
+
+    module: FIRMClientModule
+    datamodule: PromptDataModule
+    federation: FederationConfig
+    trainer_config: dict
+    sections: dict[str, Any] = field(default_factory=dict)
+    config: Optional[Namespace] = None
+    parser: Optional[LightningArgumentParser] = None
+
+    def save_config(self, path: Path) -> None:
+        """The resolved config, as YAML that ``--config`` reads back."""
+        self.parser.save(self.config, path, overwrite=True, skip_check=True)
+
+
+class ComponentBuilder(LightningCLI):
+    """LightningCLI without subcommands (``run=False``): parse, seed, instantiate; nothing runs.
+
+    ``sections``: extra groups, ``{group: class}`` (e.g. ``{"compare": CompareSettings}``);
+    ``ckpt_path``: add ``--ckpt_path`` (an adapter file or folder).
+    """
+
+    def __init__(self, args: Sequence[str], sections: Optional[dict[str, type]] = None, ckpt_path: bool = False,
+                 description: Optional[str] = None, prog: Optional[str] = None) -> None:
+        self.sections = dict(sections or {})
+        self.ckpt_path = ckpt_path
+        parser_kwargs = {"exit_on_error": False}  # errors become one message, not a usage dump
+        if description:
+            parser_kwargs["description"] = description
+        if prog:
+            parser_kwargs["prog"] = prog
+        super().__init__(
+            FIRMClientModule,
+            PromptDataModule,
+            save_config_callback=None,  # the run writes config.yaml once, not once per client
+            seed_everything_default=False,  # federation.seed seeds everything instead
+            auto_configure_optimizers=True,  # the optimizer:/lr_scheduler: groups (one optimiser per client fit)
+            load_from_checkpoint_support=False,
+            subclass_mode_data=True,  # PromptDataModule or a subclass such as HHRLHFDataModule
+            parser_kwargs=parser_kwargs,
+            args=list(args),
+            run=False,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(FederationConfig, "federation")
+        parser.link_arguments("federation.num_clients", "data.init_args.num_clients")
+        parser.link_arguments("federation.seed", "data.init_args.seed")
+        for group, cls in self.sections.items():
+            parser.add_class_arguments(cls, group)
+        if self.ckpt_path:
+            parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                                help="The adapter: a .safetensors file written by fit, or a peft adapter folder.")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse ``args`` only: they are the command line here (LightningCLI would warn about sys.argv)."""
+        self.config = parser.parse_args(args)
+
+    def before_instantiate_classes(self) -> None:
+        # Seeds the LoRA initialisation and anything else built from the config.
+        seed_everything(self.config["federation"].seed, workers=True, verbose=False)
+
+    def instantiate_classes(self) -> None:
+        """Model and data once; trainers are built per client (``TrainerFactory``), so none here."""
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.model = self.config_init["model"]
+        self.datamodule = self.config_init["data"]
+        self.trainer = None
+        optimizer, lr_scheduler = (_as_dict(self.config_init.get(k)) for k in ("optimizer", "lr_scheduler"))
+        if lr_scheduler and not optimizer:
+            raise ValueError("lr_scheduler: needs an optimizer: group too, e.g. `--optimizer AdamW --optimizer.lr 0.01`.")
+        if optimizer:
+            use_client_optimizer(self.model, optimizer, lr_scheduler)
+
+    def components(self) -> Components:
+        return Components(
+            module=self.model,
+            datamodule=self.datamodule,
+            federation=self.config_init["federation"],
+            trainer_config=self.config["trainer"].as_dict(),
+            sections={group: self.config_init[group] for group in self.sections},
+            config=self.config,
+            parser=self.parser,
+        )
+
+
+def build_components(args: Sequence[str], sections: Optional[dict[str, type]] = None, ckpt_path: bool = False,
+                     description: Optional[str] = None, prog: Optional[str] = None) -> Components:
+    """The objects ``args`` (``--config X.yaml``, ``--federation.num_rounds 3``, ...) describe."""
+    refuse_moved_keys(args)
+    return ComponentBuilder(args, sections, ckpt_path, description, prog).components()
+
+
+_CACHE: dict[str, Components] = {}
+
+
+def load_components(config_text: str, sections: Optional[dict[str, type]] = None) -> Components:
+    """The objects a saved config describes, built once per process (a Flower app serves many rounds with one model)."""
+    key = hashlib.sha256((config_text + repr(sorted(sections or {}))).encode()).hexdigest()
+    if key not in _CACHE:
+        _CACHE.clear()  # one federation per process: do not keep an old model alive
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(config_text)
+            _CACHE[key] = build_components(["--config", str(path)], sections)
+    return _CACHE[key]
+
+
+def refuse_moved_keys(args: Sequence[str]) -> None:
+    """A key that moved is refused with one line naming its new place (flags and ``--config`` files)."""
+    found = [_flag_key(a) for a in args if a.startswith("--")]
+    for path in _config_files(args):
+        found += _yaml_keys(path)
+    for key in found:
+        for old, new in MOVED_KEYS.items():
+            if key == old or key.startswith(old + "."):
+                raise ValueError(f"{old} has moved: use {new} (see README, configuration).")
+
+
+def _flag_key(arg: str) -> str:
+    return arg[2:].split("=", 1)[0]
+
+
+def _config_files(args: Sequence[str]) -> list[Path]:
+    files = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            files.append(Path(args[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(Path(arg.split("=", 1)[1]))
+    return [f for f in files if f.is_file()]
+
+
+def _yaml_keys(path: Path) -> list[str]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return []  # the parser reports unreadable files itself
+    keys = []
+    for section in ("federation", "flower"):
+        if isinstance(data, dict) and isinstance(data.get(section), dict):
+            keys += [f"{section}.{k}" for k in data[section]]
+    return keys
+
+
+def _as_dict(value):
+    return value.as_dict() if hasattr(value, "as_dict") else value
