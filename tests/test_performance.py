@@ -76,20 +76,34 @@ def test_cheap_lambda_is_a_different_problem_for_conflicting_objectives():
     assert not torch.allclose(exact, cheap, atol=1e-4)  # otherwise the exactness test above proves nothing
 
 
-def test_16bit_upload_round_trips_within_tolerance_and_halves_bytes():
+def test_16bit_uploads_carry_the_update_to_its_own_relative_precision():
+    """The aggregated update of 16-bit uploads equals the float32 one to the 16-bit precision of the
+    *update* (the upload is Δ_i = θ_i − θ); casting θ_i itself (the old upload) loses the update in
+    the rounding of the weights, and moves the global adapter even for a client that did not train."""
     torch.manual_seed(0)
-    global_state = {"a": torch.randn(8, 4), "b": torch.randn(4, 8)}
-    trained = {k: v + 0.01 * torch.randn_like(v) for k, v in global_state.items()}
-    full = ClientUpdate(0, [trained], 10, {})
-    for dtype, tolerance in ((torch.bfloat16, 2**-8), (torch.float16, 2**-11)):
-        sent = full.cast(dtype)
-        assert all(t.dtype == dtype for t in sent.adapters[0].values())
-        assert payload_bytes(sent.adapters[0]) * 2 == payload_bytes(trained)
-        merged = FedAvg(1.0).aggregate(global_state, [sent]).adapter
-        for k, v in merged.items():
-            assert v.dtype == torch.float32
-            assert torch.allclose(v, trained[k], rtol=tolerance, atol=tolerance * trained[k].abs().max())
-    assert full.cast(None) is full
+    global_state = {"a": torch.randn(8, 4), "b": torch.randn(4, 8)}  # |θ| ~ 1, updates ~ 1e-3
+    trained = [{k: v + 1e-3 * torch.randn_like(v) for k, v in global_state.items()} for _ in range(3)]
+    idle = dict(global_state)  # a client that did not train at all
+    uploads = [ClientUpdate(i, [t], 10 + i, {}) for i, t in enumerate([*trained, idle])]
+    exact = FedAvg(1.0).aggregate(global_state, uploads).adapter
+    update = torch.cat([(exact[k] - v).flatten() for k, v in global_state.items()])
+    for dtype, unit in ((torch.bfloat16, 2**-8), (torch.float16, 2**-11)):  # unit roundoff of the format
+        sent = [u.for_upload(global_state, dtype) for u in uploads]
+        assert all(s.delta and all(t.dtype == dtype for t in s.adapters[0].values()) for s in sent)
+        assert payload_bytes(sent[0].adapters[0]) * 2 == payload_bytes(trained[0])
+        assert all(float(t.abs().max()) == 0 for t in sent[3].adapters[0].values())  # the idle client sends zeros
+        merged = FedAvg(1.0).aggregate(global_state, [s.applied_to(global_state) for s in sent]).adapter
+        assert all(v.dtype == torch.float32 for v in merged.values())
+        merged_update = torch.cat([(merged[k] - v).flatten() for k, v in global_state.items()])
+        error = float((merged_update - update).norm() / update.norm())
+        assert error <= unit, (dtype, error)
+        # What casting the weights did instead: the rounding of |θ| ~ 1 swamps a 1e-3 update.
+        cast = [ClientUpdate(u.client_id, [{k: t.to(dtype).float() for k, t in u.adapters[0].items()}], u.num_examples, {})
+                for u in uploads]
+        cast_update = torch.cat([(FedAvg(1.0).aggregate(global_state, cast).adapter[k] - v).flatten()
+                                 for k, v in global_state.items()])
+        assert float((cast_update - update).norm() / update.norm()) > 10 * unit
+    assert uploads[0].for_upload(global_state, None) is uploads[0]
 
 
 def test_federation_upload_dtype_halves_counted_uplink(tmp_path):
