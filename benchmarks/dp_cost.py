@@ -63,8 +63,8 @@ def main_() -> None:
     torch.set_num_threads(1)
     settings = {"no_dp": []}
     for sigma in [0.0, *args.sigmas]:
-        settings[f"clip{args.clip:g}_sigma{sigma:g}"] = [f"--federation.dp_clip_norm={args.clip}",
-                                                         f"--federation.dp_noise_multiplier={sigma}"]
+        settings[f"clip{args.clip:g}_sigma{sigma:g}"] = [f"--federation.privacy.clipping_norm={args.clip}",
+                                                         f"--federation.privacy.noise_multiplier={sigma}"]
     tic = time.perf_counter()
     runs = {name: {s: run(s, dp) for s in args.seeds} for name, dp in settings.items()}
     report = {"seeds": args.seeds, "config": "tests/test_cli.py SHORT (4 clients, 3 rounds, 4 local steps)", "settings": {}}

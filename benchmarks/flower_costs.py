@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DP = ["--flower.privacy", "firm_lightning.flower.privacy.DifferentialPrivacy"]
 RUNS = {
     "fit": ["fit"],
     "simulation": ["flower"],
     "local_deployment": ["flower", "--flower.engine", "local-deployment"],
-    "secagg_plus": ["flower", "--flower.privacy", "firm_lightning.flower.privacy.SecureAggregation"],
-    "dp_z0.1_c2": ["flower", *DP, "--flower.privacy.noise_multiplier", "0.1", "--flower.privacy.clipping_norm", "2.0"],
-    "dp_z0.01_c2": ["flower", *DP, "--flower.privacy.noise_multiplier", "0.01", "--flower.privacy.clipping_norm", "2.0"],
+    "secagg_plus": ["flower", "--flower.secure_aggregation", "firm_lightning.flower.settings.SecureAggregation"],
+    "dp_z0.1_c2": ["flower", "--federation.privacy.noise_multiplier", "0.1", "--federation.privacy.clipping_norm", "2.0"],
+    "dp_z0.01_c2": ["flower", "--federation.privacy.noise_multiplier", "0.01", "--federation.privacy.clipping_norm", "2.0"],
 }
 
 
@@ -56,12 +55,11 @@ def run(name: str, args: list[str], out: Path, rounds: int) -> dict:
         "payload_up_per_client_round": statistics.mean(int(r["comm/bytes_up"]) for r in clients),
         "payload_down_per_client_round": statistics.mean(int(r["comm/bytes_down"]) for r in clients),
     }
-    if "flower/bytes_up" in clients[0]:
-        result.update(
-            flower_up_per_client_round=statistics.mean(int(r["flower/bytes_up"]) for r in clients),
-            flower_down_per_client_round=statistics.mean(int(r["flower/bytes_down"]) for r in clients),
-            flower_messages_up_per_client_round=statistics.mean(int(r["flower/messages_up"]) for r in clients),
-        )
+    result.update(  # what the transport carried: Flower's serialised messages, or the tensors in-process
+        transport_up_per_client_round=statistics.mean(int(r["comm/transport_bytes_up"]) for r in clients),
+        transport_down_per_client_round=statistics.mean(int(r["comm/transport_bytes_down"]) for r in clients),
+        messages_up_per_client_round=statistics.mean(int(r["comm/messages_up"]) for r in clients),
+    )
     return result
 
 

@@ -229,10 +229,10 @@ def tiny_federation(out: Path, num_clients: int, rounds: int, steps: int, algori
 
 
 def orchestration_section(mode: dict) -> dict:
-    from firm_lightning import orchestrator
+    from firm_lightning.engine import RoundEngine
 
     eval_times: list[float] = []  # the first is the initial evaluation, outside every round
-    original = orchestrator.FederatedOrchestrator.evaluate
+    original = RoundEngine.evaluate
 
     def timed_evaluate(self, adapter):
         tic = time.perf_counter()
@@ -241,13 +241,13 @@ def orchestration_section(mode: dict) -> dict:
         finally:
             eval_times.append(time.perf_counter() - tic)
 
-    orchestrator.FederatedOrchestrator.evaluate = timed_evaluate
+    RoundEngine.evaluate = timed_evaluate
     try:
         with tempfile.TemporaryDirectory() as out:
             StepClock.total = 0.0
             _, state = tiny_federation(Path(out), mode["clients"], mode["rounds"], 4, callbacks=[StepClock()])
     finally:
-        orchestrator.FederatedOrchestrator.evaluate = original
+        RoundEngine.evaluate = original
     rounds = state.history[1:]
     round_wall = sum(r["time/round_s"] for r in rounds)
     eval_in_rounds = sum(eval_times[1:])

@@ -97,24 +97,44 @@ class ProcessGroup:
         return proc.returncode
 
     def stop(self) -> None:
-        self._record_descendants()
-        alive = _alive(self.processes.values())
-        for p in alive:
-            _signal(p, signal.SIGTERM)
-        _, alive = psutil.wait_procs(alive, timeout=self.grace_s)
-        for p in alive:
-            _signal(p, signal.SIGKILL)
-        psutil.wait_procs(alive, timeout=self.grace_s)
+        """SIGTERM everything, SIGKILL what is left after the grace period; return only when nothing runs.
+
+        Rescans after every signal: a process may start another while it stops (Ray does), and
+        an orphan re-parented to init is still found by its session.
+        """
+        deadline = time.monotonic() + self.grace_s
+        sig = signal.SIGTERM
+        while True:
+            self._record_descendants()
+            alive = _alive(self.processes.values())
+            if not alive:
+                break
+            if time.monotonic() > deadline:
+                sig = signal.SIGKILL
+            for p in alive:
+                _signal(p, sig)
+            psutil.wait_procs(alive, timeout=0.5)
+            if sig == signal.SIGKILL and time.monotonic() > deadline + self.grace_s:
+                break  # unkillable (e.g. in uninterruptible sleep): give up rather than hang
         for proc in self.started:
             proc.poll()  # reap our direct children
 
     def _record_descendants(self) -> None:
+        """Every process below the started ones, by parent links, and any in their sessions (orphans too)."""
         for p in list(self.processes.values()):
             try:
                 for child in p.children(recursive=True):
                     self._add(child.pid)
             except psutil.Error:
                 pass
+        sessions = {proc.pid for proc in self.started}  # each started process leads a session of its own
+        for p in psutil.process_iter():
+            if p.pid not in self.processes:
+                try:
+                    if os.getsid(p.pid) in sessions:
+                        self._add(p.pid)
+                except OSError:
+                    pass
 
 
 def _interrupt(signum, frame):

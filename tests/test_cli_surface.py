@@ -1,0 +1,92 @@
+"""The command line's behaviour, pinned without running a federation: the commands, their options,
+``--print_config``, the num_clients/seed links, the messages of bad input, and the builder's use
+of LightningCLI's public API only."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch.cli import LightningCLI
+
+from firm_lightning import cli, config
+from firm_lightning.cli import COMMANDS, main
+from firm_lightning.config import build_components
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+
+
+def _exit(args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    captured = capsys.readouterr()
+    return stop.value.code, captured.out, captured.err
+
+
+def test_top_level_help_lists_every_command(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "generate", "compare", "pareto", "flower"):
+        assert f"  {name} " in out
+    assert set(COMMANDS) == {"fit", "validate", "generate", "compare", "pareto", "flower"}
+
+
+def test_an_unknown_command_is_named_with_the_choices(capsys):
+    code, _, err = _exit(["fitt", "--config", CONFIG], capsys)
+    assert code == 1 and "Unknown command 'fitt'" in err and "fit, validate, generate" in err
+
+
+@pytest.mark.parametrize("command, option", [
+    ("fit", "--federation.privacy"), ("validate", "--ckpt_path"), ("generate", "--generate.prompts"),
+    ("compare", "--compare.algorithms"), ("pareto", "--pareto.preferences"), ("flower", "--flower.engine"),
+])
+def test_each_command_has_its_own_options(command, option, capsys):
+    code, out, _ = _exit([command, "--help"], capsys)
+    assert code == 0 and option in out and "--federation.algorithm" in out and "--trainer.max_steps" in out
+    if command == "fit":
+        assert "--flower.engine" not in out and "--ckpt_path" not in out
+
+
+def test_print_config_round_trips_and_links_num_clients_and_seed(tmp_path, capsys):
+    code, out, _ = _exit(["fit", "--config", CONFIG, "--federation.num_clients", "3", "--federation.seed", "7",
+                          "--federation.algorithm", "firm_lightning.algorithms.FIRM", "--federation.algorithm.beta", "0.5",
+                          "--print_config"], capsys)
+    assert code == 0
+    printed = yaml.safe_load(out)
+    assert printed["federation"]["num_clients"] == 3 and printed["federation"]["seed"] == 7
+    assert "num_clients" not in printed["data"]["init_args"]  # a link target: set from federation.num_clients only
+    assert printed["federation"]["algorithm"]["init_args"]["beta"] == 0.5
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(out)
+    again = build_components(["--config", str(saved)])
+    assert again.federation.num_clients == 3 and again.datamodule.num_clients == 3 and again.datamodule.seed == 7
+    assert again.federation.algorithm.beta == 0.5
+
+
+def test_a_misspelt_option_is_one_line_naming_it(capsys):
+    code, out, err = _exit(["fit", "--config", CONFIG, "--federation.num_roundz", "3"], capsys)
+    assert code == 1 and "--federation.num_roundz" in err and "--help" in err
+    assert "usage:" not in err and err.count("\n") == 1
+
+
+def test_a_misspelt_class_path_is_named_without_a_usage_dump(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  objectives:\n    - class_path: firm_lightning.rewards.NoSuchReward\n      init_args: {name: x}\n")
+    code, _, err = _exit(["fit", "--config", CONFIG, "--config", str(bad)], capsys)
+    assert code == 1 and "NoSuchReward" in err and "usage:" not in err
+    assert len(err.splitlines()) <= 3, err
+
+
+def test_the_builder_uses_lightning_cli_public_api_only():
+    """No private LightningCLI member is overridden or called by the builder or the CLI."""
+    private = {name for name in dir(LightningCLI) if name.startswith("_") and not name.startswith("__")}
+    overridden = {name for name, _ in inspect.getmembers(config.ComponentBuilder, inspect.isfunction)
+                  if name in vars(config.ComponentBuilder)}
+    assert not overridden & private, overridden & private
+    for module in (config, cli):
+        tree = ast.parse(inspect.getsource(module))
+        used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+        assert not used & private, (module.__name__, used & private)
