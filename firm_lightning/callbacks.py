@@ -31,22 +31,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from safetensors.torch import save_file
 
 if TYPE_CHECKING:
     from firm_lightning.adapters import ClientUpdate
-    from firm_lightning.algorithms import Algorithm
-    from firm_lightning.federation import FederationConfig
     from firm_lightning.state import FederationState
 
 
 class Federation(Protocol):
-    """What a hook may read and do (the round engine, whichever transport drives it)."""
+    """What a hook may read and do (the round engine, whichever transport drives it).
 
-    config: "FederationConfig"
-    algorithm: "Algorithm"
+    ``config`` is the ``FederationConfig`` and ``algorithm`` the ``Algorithm`` (typed loosely:
+    the config holds the callbacks, so naming its class here would close an import cycle).
+    """
+
+    config: Any
+    algorithm: Any
     objective_names: list[str]
 
     def request_stop(self, reason: str) -> None: ...

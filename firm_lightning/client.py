@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, MutableMapping, Optional
+from typing import Callable, MutableMapping, Optional, Protocol
 
 import lightning as L
 import torch
@@ -26,17 +26,22 @@ from firm_lightning.memory import release_client_memory
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.seeds import client_seed
 from firm_lightning.trainer_factory import TrainerFactory
-from firm_lightning.weighting import LinearScalarization
-
-if TYPE_CHECKING:
-    from firm_lightning.algorithms import Algorithm
+from firm_lightning.weighting import LinearScalarization, Weighting
 
 __all__ = ["ClientUpdate", "fit_client", "ClientProcedure", "SingleAdapter", "AdapterPerObjective"]
 
 
+class ClientAlgorithm(Protocol):
+    """The client's side of an algorithm (``firm_lightning.algorithms.Algorithm``)."""
+
+    def weighting(self, num_objectives: int) -> Optional[Weighting]: ...
+
+    def procedure(self) -> "ClientProcedure": ...
+
+
 def fit_client(
     module: FIRMClientModule,
-    algorithm: "Algorithm",
+    algorithm: ClientAlgorithm,
     global_adapter: dict[str, torch.Tensor],
     data: ClientData,
     round_idx: int,
@@ -73,7 +78,7 @@ def fit_client(
 
 
 @contextmanager
-def algorithm_weighting(module: FIRMClientModule, algorithm: "Algorithm"):
+def algorithm_weighting(module: FIRMClientModule, algorithm: ClientAlgorithm):
     """The algorithm's in-client weighting for one fit; the module's configured one afterwards."""
     configured = module.weighting
     weighting = algorithm.weighting(len(module.objective_names))

@@ -16,17 +16,11 @@ def _module_name(path: Path) -> str:
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """Modules of the package that ``path`` imports at run time (function-level imports included;
-    ``if TYPE_CHECKING:`` blocks excluded: they never run)."""
+    """Modules of the package that ``path`` imports: at module level, inside functions, and under
+    ``if TYPE_CHECKING:`` (a cycle of type names is still a cycle in the design)."""
     tree = ast.parse(path.read_text())
-    skipped = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped.update(id(n) for child in node.body for n in ast.walk(child))
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
