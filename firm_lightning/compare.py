@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from firm_lightning import claims
+from firm_lightning import claims as claims_module  # CompareSettings has an attribute called claims
 from firm_lightning.algorithms import FIRM, FMGDA, Algorithm, Linear, LocalMGDA
+from firm_lightning.claims import Claim
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
@@ -31,6 +33,14 @@ class CompareSettings:
     claims table. ``sweep_preferences`` (extra preferences besides each algorithm's own) are
     trained for the ``sweep_algorithms`` at the ``sweep_alphas``, for every seed: the hypervolume
     of those fronts is the preference-sweep trade-off claim.
+
+    The claims statistics (``firm_lightning/claims.py``): ``claims`` lists the table's rows, each
+    with its claim, metric, predicted side, baselines and whether it is the claim's one
+    ``primary`` metric or fixed ``by_construction`` (default: :func:`claims.default_claims`);
+    ``family_error_rate`` is the family-wise error rate of the verdicts on the primary rows
+    (Holm); ``min_seeds`` the fewest seeds a tested verdict rests on; ``aa_control`` names an
+    algorithm that is an identical copy of the reference under another name (an A/A row that
+    must come out inconclusive).
     """
 
     def __init__(
@@ -42,6 +52,10 @@ class CompareSettings:
         sweep_preferences: Optional[list[list[float]]] = None,
         sweep_algorithms: Optional[list[str]] = None,
         sweep_alphas: Optional[list[float]] = None,
+        claims: Optional[list[Claim]] = None,
+        family_error_rate: float = 0.05,
+        min_seeds: int = 3,
+        aa_control: Optional[str] = None,
     ) -> None:
         self.algorithms = algorithms or [FIRM(beta=1.0), LocalMGDA(), Linear(), FMGDA()]
         self.seeds = seeds or [0]
@@ -62,6 +76,57 @@ class CompareSettings:
                     f"compare.sweep_algorithms: {name!r} is not an algorithm here that takes a preference "
                     f"(FIRM, LocalMGDA or Linear); algorithms: {names}."
                 )
+        if not 0 < family_error_rate < 1:
+            raise ValueError(f"compare.family_error_rate={family_error_rate!r} must be in (0, 1), e.g. 0.05.")
+        if min_seeds < 2:
+            raise ValueError(f"compare.min_seeds={min_seeds!r}: a t-interval needs at least 2 seeds; use 3 or more.")
+        self.family_error_rate, self.min_seeds = family_error_rate, min_seeds
+        self.aa_control = aa_control
+        if aa_control is not None:
+            _check_identical_copy(by_name, self.reference, aa_control)
+        self.claims = [_as_claim(c) for c in claims] if claims is not None else None
+        if self.claims is not None:
+            claims_module.check_claims(self.claims, names, self.reference)
+
+    def claims_for(self, objectives: list[str]) -> list[Claim]:
+        """The configured claims, or the default ones for the baselines present (and the A/A control)."""
+        if self.claims is not None:
+            return self.claims
+        names = [a.name for a in self.algorithms]
+        baselines = tuple(n for n in ("local_mgda", "linear", "fmgda") if n in names and n != self.reference)
+        return claims_module.default_claims(objectives, baselines, self.aa_control)
+
+
+def _as_claim(entry) -> Claim:
+    if isinstance(entry, Claim):
+        return entry
+    if isinstance(entry, dict):
+        try:
+            return Claim(**{**entry, "baselines": tuple(entry.get("baselines", ()))})
+        except TypeError as error:
+            raise ValueError(
+                f"compare.claims entry {entry}: {error}; keys are claim, metric, better, baselines, primary, "
+                "by_construction."
+            ) from error
+    raise ValueError(f"compare.claims entry {entry!r} is not a claim; write a mapping with claim, metric, better, baselines.")
+
+
+def _check_identical_copy(by_name: dict, reference: str, copy_name: str) -> None:
+    """compare.aa_control must name an algorithm with the reference's class and settings under another name."""
+    if copy_name not in by_name or copy_name == reference:
+        raise ValueError(
+            f"compare.aa_control={copy_name!r} is not an algorithm here other than the reference {reference!r}; add "
+            f"a copy of it under another name (e.g. FIRM with init_args name: {reference}_copy) to compare.algorithms."
+        )
+    a, b = by_name[reference], by_name[copy_name]
+    settings_a = {k: v for k, v in vars(a).items() if k != "name"}
+    settings_b = {k: v for k, v in vars(b).items() if k != "name"}
+    if type(a) is not type(b) or settings_a != settings_b:
+        raise ValueError(
+            f"compare.aa_control={copy_name!r} is not an identical copy of the reference {reference!r} "
+            f"({type(b).__name__} {settings_b} vs {type(a).__name__} {settings_a}); give it the reference's class "
+            "and init_args, changing only name."
+        )
 
 
 def run_comparison(
@@ -142,7 +207,7 @@ def _rebuilt(datamodule: PromptDataModule, **changes) -> PromptDataModule:
 
 
 def summarize(rows: list[dict], objectives: list[str]) -> list[dict]:
-    """One row per (algorithm, α): final rewards (mean ± std over seeds) and mean round metrics."""
+    """One row per (algorithm, α): final rewards (mean ± std over seeds), mean round metrics and eval roughness."""
     groups: dict[tuple, list[dict]] = {}
     for r in (r for r in rows if r.get("preference", "default") == "default"):
         groups.setdefault((r["algorithm"], r["alpha"]), []).append(r)
@@ -160,7 +225,7 @@ def summarize(rows: list[dict], objectives: list[str]) -> list[dict]:
         entry["update dispersion"] = _mean_std([_mean(rs[1:], "update_dispersion") for rs in runs])
         if "eval/worst_client/mean" in runs[0][-1]:
             entry["worst client"] = _mean_std([rs[-1]["eval/worst_client/mean"] for rs in runs])
-        entry["smoothness"] = _mean_std([smoothness(rs, objectives) for rs in runs])
+        entry["eval roughness"] = _mean_std([smoothness(rs, objectives) for rs in runs])
         entry["MB up/client"] = statistics.mean(_per_client_total(rs, "comm/bytes_up") for rs in runs) / 1e6
         entry["MB down/client"] = statistics.mean(_per_client_total(rs, "comm/bytes_down") for rs in runs) / 1e6
         table.append(entry)
@@ -168,11 +233,12 @@ def summarize(rows: list[dict], objectives: list[str]) -> list[dict]:
 
 
 def smoothness(run: list[dict], objectives: list[str]) -> float:
-    """Mean absolute round-to-round change of the eval rewards (lower is smoother)."""
-    steps = [
-        abs(b[f"eval/reward/{n}"] - a[f"eval/reward/{n}"]) for a, b in zip(run, run[1:]) for n in objectives
-    ]
-    return statistics.mean(steps) if steps else math.nan
+    """Oscillation of the eval rewards around their trend (:func:`claims.eval_roughness`; lower is smoother).
+
+    The mean of ``|r_t − (r_{t−1} + r_{t+1}) / 2|`` over interior rounds and objectives: a steady
+    ramp scores 0, an alternation of ``±a`` scores ``2a``. NaN with fewer than 3 evaluated rounds.
+    """
+    return claims.eval_roughness(run, objectives)
 
 
 def markdown_table(table: list[dict]) -> str:
@@ -275,12 +341,18 @@ def _mean_curves(rows: list[dict], keys: list[str]) -> dict[str, dict[str, list[
 def claims_report(
     rows: list[dict], objectives: list[str], out: Path, settings: CompareSettings
 ) -> tuple[list[dict], str]:
-    """Paired FIRM − baseline intervals and verdicts (``claims.default_claims``); the markdown text."""
-    names = [a.name for a in settings.algorithms]
-    baselines = tuple(n for n in ("local_mgda", "linear", "fmgda") if n in names)
+    """Paired FIRM − baseline t-intervals, Holm-adjusted verdicts on the primary rows and their MDE; the markdown text.
+
+    The claims are ``settings.claims_for(objectives)`` (by default :func:`claims.default_claims`);
+    the text starts with a paragraph saying how the verdicts were reached (family size included).
+    """
     per_run = claims.per_run_table(rows, objectives, lambda a, alpha, seed: _round_adapters(run_directory(out, a, alpha, seed)))
-    table = claims.claims_table(per_run, settings.reference, claims.default_claims(objectives, baselines))
-    text = claims.markdown(table, settings.reference)
+    table = claims.claims_table(
+        per_run, settings.reference, settings.claims_for(objectives), settings.family_error_rate, settings.min_seeds
+    )
+    text = claims.method_text(table, settings.family_error_rate, settings.min_seeds) + "\n\n" + claims.markdown(
+        table, settings.reference
+    )
     plot_beta_ablation(per_run, settings.algorithms, out / "plots" / "beta_ablation.png")
     return table, text
 
@@ -301,7 +373,7 @@ def _beta_of(algorithm: Algorithm) -> Optional[float]:
 
 
 def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -> Optional[Path]:
-    """Drift and final reward against β, from 0 (local MGDA) to ∞ (linear): mean over seeds ± 95 % bootstrap CI."""
+    """Drift and final reward against β, from 0 (local MGDA) to ∞ (linear): mean over seeds ± 95 % t-interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,7 +392,7 @@ def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -
             means, lows, highs = [], [], []
             for _, name in ladder:
                 values = [m[metric] for (a, al, _), m in per_run.items() if a == name and al == alpha and metric in m]
-                i = claims.bootstrap_interval(values) if values else None
+                i = claims.t_interval(values) if values else None
                 ok = i is not None and i.n > 1 and math.isfinite(i.low)
                 means.append(i.mean if i else math.nan)
                 lows.append(i.mean - i.low if ok else 0.0)
