@@ -9,7 +9,8 @@ the numbers are the old code's own, not a re-implementation: percentile-bootstra
 interval, "fixed by construction" inferred from equal differences. "After" is the current
 ``firm_lightning.claims``: t-intervals, one primary metric per claim, Holm across the table.
 
-Measured, each with its Monte-Carlo standard error ``√(p(1 − p)/R)`` over ``R`` replications:
+Measured, each with its Monte-Carlo standard error ``√(p(1 − p)/R)`` over ``R`` replications and a
+95 % Wilson interval:
 
 - ``coverage``: how often the 95 % interval of a mean difference contains the true mean 0, for
   normal differences at n = 3, 5, 10 seeds;
@@ -52,13 +53,20 @@ def load_before() -> types.ModuleType:
     ).stdout
     source = source.replace("from firm_lightning.pareto import hypervolume", "hypervolume = None")
     module = types.ModuleType("claims_before")
+    sys.modules["claims_before"] = module  # dataclasses look their module up there
     exec(compile(source, f"claims.py@{BEFORE_COMMIT}", "exec"), module.__dict__)
     return module
 
 
 def rate(hits: int, replications: int) -> dict:
-    p = hits / replications
-    return {"rate": round(p, 4), "mc_se": round(math.sqrt(max(p * (1 - p), 1e-12) / replications), 4), "replications": replications}
+    """The rate, its Monte-Carlo standard error and a 95 % Wilson interval (meaningful at 0 or 1 too)."""
+    p, z = hits / replications, 1.96
+    centre = (p + z * z / (2 * replications)) / (1 + z * z / replications)
+    half = z * math.sqrt(p * (1 - p) / replications + z * z / (4 * replications**2)) / (1 + z * z / replications)
+    return {
+        "rate": round(p, 4), "mc_se": round(math.sqrt(p * (1 - p) / replications), 4),
+        "wilson95": [round(centre - half, 4), round(centre + half, 4)], "replications": replications,
+    }
 
 
 def coverage(before, replications: int, n: int, seed: int) -> dict:

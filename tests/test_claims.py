@@ -171,6 +171,7 @@ def test_by_construction_is_declared_on_the_claim_not_inferred_from_equal_differ
     # The same on five seeds, with a value that is not exact in binary: still no spread, still no verdict.
     [row] = claims_table(_two_algorithms([0.3 + 0.1] * 5, [0.3] * 5), "firm", [chance])
     assert row["verdict"] == INCONCLUSIVE and "spread" in row["note"]
+    assert math.isnan(row["mde"]) and "detectable" not in verdict_sentence(row, "firm")  # no test, no MDE
     # Uplink bytes marked by construction: a verdict from the sign, whatever the number of seeds, outside Holm.
     [row] = claims_table(_two_algorithms([100.0, 100.0], [200.0, 200.0]), "firm", [uplink])
     assert (row["role"], row["verdict"], row["interval"]) == (BY_CONSTRUCTION, SUPPORTED, Interval(-100.0, -100.0, -100.0, 2))
