@@ -61,7 +61,7 @@ class TrainerFactory:
     ) -> L.Trainer:
         """``extra_callbacks``: the orchestrator's own per-fit callbacks (e.g. optimiser-state persistence)."""
         log_dir = self.output_dir / "clients"
-        kwargs = {**CLIENT_DEFAULTS, **self.kwargs}
+        kwargs = {**CLIENT_DEFAULTS, **_built(self.kwargs, filename=f"client_{client_id:03d}_round_{round_idx:03d}{tag}")}
         kwargs.update(
             default_root_dir=str(log_dir),
             callbacks=[*(_fresh(c) for c in _as_list(self.callbacks)), *extra_callbacks, FinishWandbRuns()],
@@ -78,7 +78,7 @@ class TrainerFactory:
         return [] if loggers is False else _as_list(loggers)
 
     def eval_trainer(self) -> L.Trainer:
-        kwargs = {k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS}
+        kwargs = _built({k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS})
         with _entry_points_scanned_once():
             return L.Trainer(
                 **kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -160,6 +160,21 @@ def _entry_points_scanned_once():
 _DEVICE_KEYS = ("accelerator", "devices", "precision", "strategy", "num_nodes", "limit_val_batches")
 
 
+def _built(kwargs: dict, **overrides) -> dict:
+    """Trainer arguments given as ``{class_path, init_args}`` (a profiler, plugins, a strategy) built anew
+    for this Trainer, as callbacks and loggers are; ``overrides`` (e.g. a profiler's per-fit ``filename``)
+    go to the classes that accept them and were not set by the user."""
+    def build(value):
+        if isinstance(value, dict) and "class_path" in value:
+            given = value.get("init_args") or {}
+            return _fresh(value, **{k: v for k, v in overrides.items() if k not in given})
+        if isinstance(value, (list, tuple)):
+            return [build(v) for v in value]
+        return value
+
+    return {k: build(v) for k, v in kwargs.items()}
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -208,9 +223,11 @@ def quiet_lightning(enabled: bool):
         yield
         return
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning")]
-    levels = [lg.level for lg in loggers]
+    profilers = logging.getLogger("lightning.pytorch.profilers")  # a configured profiler's table is asked for
+    levels = [lg.level for lg in (*loggers, profilers)]
     for lg in loggers:
         lg.setLevel(logging.WARNING)
+    profilers.setLevel(logging.INFO)
     with warnings.catch_warnings():
         for pattern in (
             ".*does not have many workers.*",
@@ -222,5 +239,5 @@ def quiet_lightning(enabled: bool):
         try:
             yield
         finally:
-            for lg, level in zip(loggers, levels):
+            for lg, level in zip((*loggers, profilers), levels):
                 lg.setLevel(level)
