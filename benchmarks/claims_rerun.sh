@@ -7,9 +7,10 @@
 # preference sweeps, so the halves cost the same), one torch thread each; compare reuses finished
 # runs, so a last pass over all seeds only reads them back and writes summary.md, metrics.csv and
 # plots/. An interrupted run continues where it stopped when started again. The wall time of each
-# stage lands in OUT/wall_time.txt. Estimated (measured on the shared 2-core machine: 5.1 CPU-min
-# per α × seed block of 6 algorithms, 2.9 per seed's preference sweep): about 130 CPU-minutes,
-# ≈ 70 min wall on a quiet machine, up to ≈ 90 min when other jobs share it.
+# stage lands in OUT/wall_time.txt. Measured on the 2-core machine (other jobs light) with a copy of
+# claims.yaml on seeds [0, 1]: runs 4 min 19 s, report pass 15 s; claims_quick.yaml: 7 min 23 s.
+# So claims.yaml (16 seeds) ≈ 8 × 4.3 min + ≈ 2 min report ≈ 37 min; about 2.5× that if other
+# jobs load the machine heavily (the 5-seed × 3-α run of before took 62 min at load 15-19).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/claims}
