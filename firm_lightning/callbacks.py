@@ -33,7 +33,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 if TYPE_CHECKING:
     from firm_lightning.adapters import ClientUpdate
@@ -180,16 +180,41 @@ class SaveBestAdapter(_MonitorsMetric):
         self.filename = filename
 
     def on_federation_start(self, federation, state) -> None:
+        """Round 0, or every round a resumed run already has: the best so far is the best of them all."""
         super().on_federation_start(federation, state)
-        for row in state.history[-1:]:
-            self.on_round_end(federation, state, row)
+        for row in state.history:
+            value = self._value(row)
+            if self._improves(value):
+                self.best, self.best_round = value, int(row["round"])
+        path = self._path(federation)
+        if self.best_round == state.round:
+            self._save(path, state.global_adapter, state.round)
+        elif not self._saved_round(path) == self.best_round:  # the earlier run's file is gone: rebuild it
+            earlier = path.parent / f"round_{self.best_round:03d}.safetensors"
+            if not earlier.is_file():
+                raise FileNotFoundError(
+                    f"SaveBestAdapter: the best round so far is {self.best_round}, but neither {path} nor {earlier} "
+                    "holds its adapter; resume in the output_dir of the original run."
+                )
+            self._save(path, load_file(str(earlier)), self.best_round)
 
     def on_round_end(self, federation, state, row) -> None:
         value = self._value(row)
         if not self._improves(value):
             return
         self.best, self.best_round = value, int(row["round"])
-        path = Path(federation.config.output_dir) / "adapters" / f"{self.filename}.safetensors"
+        self._save(self._path(federation), state.global_adapter, state.round)
+
+    def _path(self, federation) -> Path:
+        return Path(federation.config.output_dir) / "adapters" / f"{self.filename}.safetensors"
+
+    def _saved_round(self, path: Path):
+        try:
+            return json.loads(path.with_suffix(".json").read_text())["round"] if path.is_file() else None
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _save(self, path: Path, adapter: dict, round_idx: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.global_adapter.items()}, str(path), metadata={"round": str(state.round)})
-        path.with_suffix(".json").write_text(json.dumps({"round": state.round, "monitor": self.monitor, "value": value}))
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(path), metadata={"round": str(round_idx)})
+        path.with_suffix(".json").write_text(json.dumps({"round": round_idx, "monitor": self.monitor, "value": self.best}))

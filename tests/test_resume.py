@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -33,6 +34,9 @@ TINY = [
     "--trainer.max_steps=1", "--data.max_prompts=32", "--data.eval_size=4", "--data.batch_size=4",
     "--data.partition=iid", "--model.sampling.max_new_tokens=8", "--model.sampling.num_generations=2",
     "--model.sampling.eval_num_generations=1",
+    # The lowest eval reward: an early round, not the last one, so a resume must remember it.
+    '--federation.callbacks=[{"class_path": "firm_lightning.callbacks.SaveBestAdapter", '
+    '"init_args": {"monitor": "eval/reward/a_to_m", "mode": "min"}}]',
 ]
 
 
@@ -86,6 +90,11 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     assert _rows(killed / "metrics.csv") == _rows(straight / "metrics.csv")
     assert _rows(killed / "client_metrics.csv") == _rows(straight / "client_metrics.csv")
     assert len(_rows(straight / "metrics.csv")) == ROUNDS + 1
+    # SaveBestAdapter kept the same best round and adapter across the resume.
+    best = lambda d: (json.loads((d / "adapters" / "best.json").read_text()), load_file(str(d / "adapters" / "best.safetensors")))
+    (meta_a, best_a), (meta_b, best_b) = best(killed), best(straight)
+    assert meta_a == meta_b and meta_b["round"] < ROUNDS, (meta_a, meta_b)
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_b)
 
 
 def _orchestrator(out, module=None, **federation) -> FederatedOrchestrator:
