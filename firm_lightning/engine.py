@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from firm_lightning import checkpoint
 from firm_lightning.adapters import ClientUpdate
@@ -110,11 +111,27 @@ class RoundEngine:
         """The state to continue from: resumed from the checkpoint, or round 0 evaluated now."""
         self._started = time.perf_counter()
         self.stop_reason = None
+        self.check_settings()
         self.datamodule.setup("fit")
         state = self.resumed_state() if self.config.resume else None
         state = state or self._initial_state()
         self.callbacks.on_federation_start(self, state)
         return state
+
+    def check_settings(self) -> None:
+        """Fail now, once, on what would otherwise fail inside every client of round 1: the client
+        optimiser (e.g. a negative learning rate) and the per-client Trainer's arguments."""
+        try:
+            self.module.configure_optimizers()
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"The client optimiser cannot be built from this config: {error}. Check model.learning_rate, "
+                "model.weight_decay and the optimizer:/lr_scheduler: groups."
+            ) from error
+        try:
+            self.trainers.dry_trainer()
+        except (ValueError, TypeError, MisconfigurationException) as error:
+            raise ValueError(f"The per-client Trainer cannot be built from trainer: {error}") from error
 
     def remaining_rounds(self, state: FederationState) -> range:
         return range(state.round + 1, self.config.num_rounds + 1)

@@ -70,6 +70,14 @@ class TrainerFactory:
         with _entry_points_scanned_once():
             return L.Trainer(**kwargs)
 
+    def dry_trainer(self) -> L.Trainer:
+        """A client Trainer with every configured argument but no logger or callbacks: builds nothing on
+        disk, and fails as a client's would on a bad argument."""
+        kwargs = {**CLIENT_DEFAULTS, **_built(self.kwargs), "logger": False, "callbacks": [],
+                  "default_root_dir": str(self.output_dir)}
+        with _entry_points_scanned_once():
+            return L.Trainer(**kwargs)
+
     def federation_loggers(self) -> list[Logger]:
         """The configured loggers once more, as one run for the federation's round metrics."""
         self._parent_runs = {}
@@ -167,7 +175,7 @@ def _built(kwargs: dict, **overrides) -> dict:
     def build(value):
         if isinstance(value, dict) and "class_path" in value:
             given = value.get("init_args") or {}
-            return _fresh(value, **{k: v for k, v in overrides.items() if k not in given})
+            return _fresh(value, **{k: v for k, v in overrides.items() if given.get(k) is None})
         if isinstance(value, (list, tuple)):
             return [build(v) for v in value]
         return value

@@ -343,3 +343,29 @@ def test_fit_help_explains_fit_and_every_federation_option(capsys):
                    "model.learning_rate", "model.lora.r"):
         help_text = re.search(rf"--{re.escape(option)} \S+ (.*?)\(type:", out).group(1)
         assert len(help_text.split()) >= 3, (option, help_text)
+
+
+def test_profilers_given_by_class_are_built_per_client_and_simple_shows_its_table(tmp_path, capsys, caplog):
+    """A Trainer argument given as a class (here a profiler) is built fresh for every client fit, like
+    callbacks and loggers; `--trainer.profiler simple` prints its table with federation.quiet on."""
+    import logging
+
+    profiles = tmp_path / "profiles"
+    main(["fit", *TINY, "--federation.num_rounds=1", f"--federation.output_dir={tmp_path / 'a'}",
+          "--trainer.profiler", "SimpleProfiler", f"--trainer.profiler.dirpath={profiles}"])
+    written = sorted(p.name for p in profiles.glob("*.txt"))
+    assert written and all("client_00" in name and "round_001" in name for name in written), written
+    assert "Action" in (profiles / written[0]).read_text()  # the profiler's table
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.profilers"):
+        main(["fit", *TINY, "--federation.num_rounds=1", f"--federation.output_dir={tmp_path / 'b'}",
+              "--trainer.profiler", "simple"])
+    assert "Profiler Report" in caplog.text + capsys.readouterr().err
+
+
+def test_a_bad_setting_fails_before_any_client_trains(tmp_path, capsys):
+    out = tmp_path / "bad"
+    with pytest.raises(SystemExit):
+        main(["fit", *TINY, f"--federation.output_dir={out}", "--model.learning_rate", "-1"])
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "learning rate" in captured.err and "model.learning_rate" in captured.err
+    assert "round 1" not in captured.out and not (out / "clients").exists()
