@@ -1,4 +1,4 @@
-# Two commands: `make demo` runs the offline default federation, `make test` runs the test suite.
+# Two commands: `make demo` runs the offline default federation, `make test` builds the docs and runs the test suite.
 # Both create the virtual environment first. torch is pinned before anything that depends on it:
 # an unpinned torch resolves to a multi-GB CUDA build on CPU machines.
 VENV ?= .venv
@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m firm_lightning fit --config $(CONFIG)
 
+# The docs site first (strict: a broken page, link, anchor or reference fails), then the tests;
+# tests/test_docs.py opens the site just built in a headless browser.
 test: install
-	$(PY) -m pytest -q
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir build/site
+	FIRM_DOCS_SITE=build/site $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs

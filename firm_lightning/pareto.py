@@ -69,7 +69,16 @@ def _slices(p: np.ndarray, ref: np.ndarray) -> float:
 
 
 class ParetoSettings:
-    """The ``pareto:`` section: preferences to sweep, algorithms to sweep them with, the reference point."""
+    """The ``pareto:`` section: preferences to sweep, algorithms to sweep them with, the reference point.
+
+    Args:
+        preferences: The preferences p to train one federation each for (every one on the simplex, one weight
+            per objective); default [[0.2, 0.8], [0.5, 0.5], [0.8, 0.2]].
+        algorithms: The algorithms that sweep them, each taking a preference (FIRM, LocalMGDA, Linear, by
+            class_path); default FIRM β = 1 and Linear.
+        reference: The hypervolume's reference point, one reward per objective; null: the initial adapter's
+            eval rewards.
+    """
 
     def __init__(
         self,
