@@ -83,3 +83,93 @@ def test_strict_build_fails_on_an_option_without_a_description(tmp_path):
     result = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
     assert result.returncode != 0
     assert "firm_lightning.policy.TinyPolicy: option 'num_layers' has no description" in result.stderr
+
+
+# ---- the built site in a real browser ----
+
+# (page path, its title in the browser, its h1)
+MAIN_PAGES = [
+    ("", "firm_lightning", "firm_lightning"),
+    ("getting-started/", "Getting started - firm_lightning", "Getting started"),
+    ("concepts/", "Concepts - firm_lightning", "Concepts"),
+    ("configuration/", "Configuration reference - firm_lightning", "Configuration reference"),
+    ("flower/", "Federation on Flower - firm_lightning", "Federation on Flower"),
+    ("reliability/", "Reliability and privacy - firm_lightning", "Reliability and privacy"),
+    ("claims/", "The claims and what we measured - firm_lightning", "What the paper claims, and what we measured"),
+    ("performance/", "Performance - firm_lightning", "Performance"),
+    ("api/", "API reference - firm_lightning", "API reference"),
+]
+NAV_ENTRIES = ["Getting started", "Concepts", "Configuration reference", "Federation on Flower",
+               "Reliability and privacy", "Performance", "API reference"]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture()
+def served(site):
+    """The site on an HTTP server on localhost; yields (base URL, the (path, status) of every request)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    requests: list[tuple[str, int]] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_request(self, code="-", size="-"):
+            requests.append((self.path, int(code)))
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", requests
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def chromium(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not Path(path).is_file():
+            pytest.fail(f"{path} is missing: `apt-get install chromium chromium-driver` (.ci/run does it) for the docs' browser test.")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    # Given the driver's path, Selenium Manager (which would look drivers up online) is not used.
+    return webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+
+
+def test_main_pages_render_with_their_navigation_in_a_headless_browser(served, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    base, requests = served
+    driver = chromium(tmp_path)
+    try:
+        for path, title, heading in MAIN_PAGES:
+            driver.get(base + path)
+            assert driver.title == title, f"/{path}: title {driver.title!r}"
+            assert driver.find_element(By.CSS_SELECTOR, "article h1").text.strip() == heading
+            nav = driver.find_element(By.CSS_SELECTOR, "nav.md-nav--primary")
+            links = [a.get_attribute("textContent").strip() for a in nav.find_elements(By.CSS_SELECTOR, "a.md-nav__link")]
+            missing = [entry for entry in NAV_ENTRIES if entry not in links]
+            assert not missing, f"/{path}: navigation lacks {missing}"
+            # the theme's stylesheet is applied (the header is the palette's indigo, not unstyled)
+            header = driver.find_element(By.CSS_SELECTOR, "header.md-header")
+            assert header.value_of_css_property("background-color") == "rgba(64, 81, 181, 1)"  # indigo, #4051b5
+            # nothing loaded from anywhere but this server
+            resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+            assert all(r.startswith(base) for r in resources), [r for r in resources if not r.startswith(base)]
+            driver.save_screenshot(str(tmp_path / f"{path.strip('/') or 'index'}.png"))
+    finally:
+        driver.quit()
+    failed = [(p, code) for p, code in requests if code >= 400]
+    assert not failed, f"requests that failed: {failed}"
+    assert {p for p, _ in requests} >= {"/" + path for path, _, _ in MAIN_PAGES}
