@@ -173,3 +173,32 @@ def test_main_pages_render_with_their_navigation_in_a_headless_browser(served, t
     failed = [(p, code) for p, code in requests if code >= 400]
     assert not failed, f"requests that failed: {failed}"
     assert {p for p, _ in requests} >= {"/" + path for path, _, _ in MAIN_PAGES}
+
+
+# ---- the README's example ----
+
+
+def python_blocks(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+
+
+def test_readme_python_example_runs_and_matches_the_docs(tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    (example,) = python_blocks(readme)
+    assert example in python_blocks((ROOT / "docs" / "getting-started.md").read_text()), (
+        "the README's example and docs/getting-started.md's differ"
+    )
+    assert len(example.strip().splitlines()) <= 10
+    import re
+
+    targets = re.findall(r"\]\(((?:docs/)?[\w./-]+)\)", readme)
+    assert targets and all((ROOT / t).is_file() for t in targets), [t for t in targets if not (ROOT / t).is_file()]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    state = namespace["state"]
+    assert [row["round"] for row in state.history] == [0, 1, 2]
+    assert (tmp_path / "runs" / "readme" / "adapters" / "final" / "adapter_model.safetensors").is_file()
+    assert "eval/reward/a_to_m" in capsys.readouterr().out
