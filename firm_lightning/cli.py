@@ -14,6 +14,7 @@ ends in one message on stderr that names the problem, and exit code 1; ``--debug
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -31,10 +32,12 @@ from safetensors.torch import load_file
 from firm_lightning import claims
 from firm_lightning.compare import CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize
 from firm_lightning.config import Components, build_components
+from firm_lightning.engine import OBJECTIVE_STATE_FILE, calibrated_statistics
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.generate import GenerateSettings, format_generations, generate
 from firm_lightning.orchestrator import FederatedOrchestrator
 from firm_lightning.pareto import ParetoSettings, front_report, run_sweep, write_outputs
+from firm_lightning.rewards import load_objective_states, stateful, statistics_frozen
 from firm_lightning.state import FederationError
 from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning
 
@@ -184,25 +187,52 @@ class FIRMCLI:
         print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {out}/", flush=True)
         self.processes = launch(out / "config.yaml", settings, self.datamodule, _echo)
 
-    def run_validate(self) -> None:
+    def _read_run(self, trainers: TrainerFactory) -> Optional[Path]:
+        """Load the adapter of --ckpt_path and the run's evaluation statistics, as `fit` evaluated it.
+
+        The statistics come from --objective_state, or ``objective_state.json`` beside the adapter;
+        a freshly initialised adapter is calibrated as `fit` calibrates round 0."""
         ckpt_path = self._ckpt_path()
         if ckpt_path:
             self.model.load_adapter_state(load_adapter_file(ckpt_path))
+        if not needs_statistics(self.model.objectives):
+            return None
+        explicit = self.components.config.get("objective_state")
+        path = Path(explicit) if explicit else objective_state_beside(ckpt_path) if ckpt_path else None
+        if path is None:
+            if ckpt_path:
+                raise FileNotFoundError(
+                    f"No {OBJECTIVE_STATE_FILE} beside {ckpt_path}: normalised rewards need the statistics of the run "
+                    f"that wrote it; pass --objective_state <output_dir>/adapters/{OBJECTIVE_STATE_FILE}."
+                )
+            self.datamodule.setup("validate")
+            load_objective_states(self.model.objectives, calibrated_statistics(self.model, trainers, self.datamodule))
+            return None
+        try:
+            load_objective_states(self.model.objectives, json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"Cannot read the evaluation statistics in {path} ({error}).") from error
+        return path
+
+    def run_validate(self) -> None:
         federation = self.components.federation
         with quiet_lightning(federation.quiet):
-            trainer = TrainerFactory({**self.components.trainer_config, "max_steps": 1}, federation.output_dir).eval_trainer()
-            results = trainer.validate(self.model, datamodule=self.datamodule, verbose=False)[0]
-        print(f"adapter: {ckpt_path or '(freshly initialised)'}")
+            trainers = TrainerFactory({**self.components.trainer_config, "max_steps": 1}, federation.output_dir)
+            statistics = self._read_run(trainers)
+            with statistics_frozen(self.model.objectives):
+                results = trainers.eval_trainer().validate(self.model, datamodule=self.datamodule, verbose=False)[0]
+        print(f"adapter: {self._ckpt_path() or '(freshly initialised)'}" + (f" (statistics: {statistics})" if statistics else ""))
         for key, value in results.items():
             print(f"{key:<32}{value:.4f}")
         self.results = results
 
     def run_generate(self) -> None:
-        ckpt_path = self._ckpt_path()
-        if ckpt_path:
-            self.model.load_adapter_state(load_adapter_file(ckpt_path))
-        self.generations = generate(self.model, self._section("generate"), self._device())
-        print(f"adapter: {ckpt_path or '(freshly initialised)'}")
+        with quiet_lightning(self.components.federation.quiet):
+            statistics = self._read_run(TrainerFactory({**self.components.trainer_config, "max_steps": 1},
+                                                       self.components.federation.output_dir))
+        with statistics_frozen(self.model.objectives):
+            self.generations = generate(self.model, self._section("generate"), self._device())
+        print(f"adapter: {self._ckpt_path() or '(freshly initialised)'}" + (f" (statistics: {statistics})" if statistics else ""))
         print(format_generations(self.generations))
 
 
@@ -212,6 +242,20 @@ def usage() -> str:
     lines += [f"  {name:<{width}}  {command.description}" for name, command in COMMANDS.items()]
     lines += ["", f"`{PROG} <command> --help` lists every option; `--print_config` shows the resolved config."]
     return "\n".join(lines)
+
+
+def needs_statistics(objectives) -> bool:
+    """Whether some objective normalises with statistics a run calibrated (not fixed ones)."""
+    return any(getattr(o, "mode", "fixed") != "fixed" for o in stateful(objectives))
+
+
+def objective_state_beside(ckpt_path: str) -> Optional[Path]:
+    """``objective_state.json`` next to an adapter file, or in/above an adapter folder (adapters/final)."""
+    p = Path(ckpt_path)
+    for folder in ((p, p.parent) if p.is_dir() else (p.parent,)):
+        if (folder / OBJECTIVE_STATE_FILE).is_file():
+            return folder / OBJECTIVE_STATE_FILE
+    return None
 
 
 def load_adapter_file(path: str) -> dict:

@@ -24,6 +24,7 @@ from firm_lightning.client_optimizer import PersistOptimizerState
 from firm_lightning.datamodule import ClientData
 from firm_lightning.memory import release_client_memory
 from firm_lightning.module import FIRMClientModule
+from firm_lightning.rewards import load_objective_states, objective_states, stateful
 from firm_lightning.seeds import client_seed
 from firm_lightning.trainer_factory import TrainerFactory
 from firm_lightning.weighting import LinearScalarization, Weighting
@@ -48,12 +49,15 @@ def fit_client(
     trainers: TrainerFactory,
     seed: int,
     client_states: Optional[MutableMapping[str, dict]] = None,
+    persist_optimizer: bool = False,
     upload_dtype: Optional[torch.dtype] = None,
 ) -> ClientUpdate:
     """Client ``data.client_id``'s fit in round ``round_idx`` from ``global_adapter``; its upload.
 
-    ``client_states``: where a stateful client keeps its optimiser state between its rounds
-    (``federation.client_optimizer_state=persist``); None starts every fit from a fresh optimiser.
+    ``client_states``: where this client keeps what it carries between its rounds: its
+    objectives' statistics (``NormalizedReward``; restored before the fit, saved after it, so no
+    client's statistics depend on which clients trained before it) and, with
+    ``persist_optimizer`` (``federation.client_optimizer_state=persist``), its optimiser state.
     """
     if data.num_examples == 0:
         raise ValueError(f"client {data.client_id} has no prompts (an empty shard); use fewer clients or another partition.")
@@ -61,9 +65,13 @@ def fit_client(
     # does not depend on which clients ran before it, so a resumed run or a client on another
     # machine reproduces it.
     torch.manual_seed(client_seed(seed, round_idx, data.client_id))
+    objectives_key = f"{data.client_id}/objectives"
+    load_objective_states(module.objectives, client_states.get(objectives_key) if client_states is not None else None)
 
     def trainer(tag: str) -> L.Trainer:
-        persist = [] if client_states is None else [PersistOptimizerState(client_states, f"{data.client_id}{tag}")]
+        persist = []
+        if persist_optimizer and client_states is not None:
+            persist = [PersistOptimizerState(client_states, f"{data.client_id}{tag}")]
         return trainers.client_trainer(data.client_id, round_idx, tag, persist)
 
     try:
@@ -74,6 +82,8 @@ def fit_client(
             )
     finally:  # a client that raised must not leave its memory behind either
         release_client_memory()
+    if client_states is not None and stateful(module.objectives):
+        client_states[objectives_key] = objective_states(module.objectives)
     return update.for_upload(global_adapter, upload_dtype)
 
 

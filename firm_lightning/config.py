@@ -96,15 +96,24 @@ class ComponentBuilder(LightningCLI):
         parser.link_arguments("federation.seed", "data.init_args.seed")
         for group, cls in self.sections.items():
             parser.add_class_arguments(cls, group)
+        parser.add_argument(
+            "--reward_models", type=dict[str, str], default={},
+            help="Reward models by objective name, e.g. '{\"helpful\": \"/models/rm-helpful\"}': replaces the "
+                 "name_or_path of that objective's HFRewardModel (a hub name or a local folder).",
+        )
         if self.ckpt_path:
             parser.add_argument("--ckpt_path", type=Optional[str], default=None,
                                 help="The adapter: a .safetensors file written by fit, or a peft adapter folder.")
+            parser.add_argument("--objective_state", type=Optional[str], default=None,
+                                help="The run's evaluation statistics (objective_state.json, written by fit beside "
+                                     "the adapters); default: found beside --ckpt_path.")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse ``args`` only: they are the command line here (LightningCLI would warn about sys.argv)."""
         self.config = parser.parse_args(args)
 
     def before_instantiate_classes(self) -> None:
+        point_reward_models(self.config["model"]["objectives"], self.config.get("reward_models") or {})
         # Seeds the LoRA initialisation and anything else built from the config.
         seed_everything(self.config["federation"].seed, workers=True, verbose=False)
 
@@ -152,6 +161,33 @@ def load_components(config_text: str, sections: Optional[dict[str, type]] = None
             path.write_text(config_text)
             _CACHE[key] = build_components(["--config", str(path)], sections)
     return _CACHE[key]
+
+
+def point_reward_models(objectives: list, paths: dict[str, str]) -> None:
+    """Set ``name_or_path`` of the objective named ``name`` (found at any depth, e.g. inside a
+    ``NormalizedReward``) for every ``name: path`` of ``paths`` (``--reward_models``)."""
+    found = {}
+
+    def visit(node, owner: str | None = None) -> None:
+        if isinstance(node, (Namespace, dict)):
+            args = node.get("init_args")
+            name = args.get("name") if isinstance(args, (Namespace, dict)) else None
+            if name in paths and "name_or_path" in args:
+                args["name_or_path"] = paths[name]
+                found[name] = True
+            for value in (args.values() if isinstance(args, dict) else vars(args).values() if args is not None else []):
+                visit(value, name)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(objectives)
+    missing = sorted(set(paths) - set(found))
+    if missing:
+        raise ValueError(
+            f"--reward_models names {missing}, but no objective of that name has a name_or_path "
+            "(an HFRewardModel); objective names are the `name` of model.objectives."
+        )
 
 
 def refuse_moved_keys(args: Sequence[str]) -> None:

@@ -20,6 +20,7 @@ the current round.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from firm_lightning.federation import RESUMABLE_SETTINGS, FederationConfig
 from firm_lightning.federation_metrics import client_evaluation, client_row, round_metrics
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.privacy import SecretGenerator
+from firm_lightning.rewards import load_objective_states, objective_states, stateful, statistics_frozen
 from firm_lightning.progress import progress_callback
 from firm_lightning.report import RunWriter
 from firm_lightning.round_logging import RoundLogger
@@ -45,6 +47,7 @@ from firm_lightning.state import FederationError, FederationState
 from firm_lightning.trainer_factory import TrainerFactory
 
 _log = logging.getLogger(__name__)
+OBJECTIVE_STATE_FILE = "objective_state.json"  # beside the adapters: the evaluation statistics of the run
 _COSMETIC_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir")
 
 
@@ -90,6 +93,7 @@ class RoundEngine:
         self.round_logger = RoundLogger(trainers.federation_loggers)  # the configured Lightning loggers
         self.callbacks = CallbackList([progress_callback(config.progress, echo), self.round_logger, *config.callbacks])
         self.stop_reason: Optional[str] = None
+        self.eval_objective_state: dict[str, dict] = {}  # calibrated when the federation starts
         self._fingerprint: Optional[dict] = None
         self._started = self._round_tic = time.perf_counter()
 
@@ -113,6 +117,7 @@ class RoundEngine:
         self.stop_reason = None
         self.check_settings()
         self.datamodule.setup("fit")
+        load_objective_states(self.module.objectives, None)  # every run starts from the configured objectives
         state = self.resumed_state() if self.config.resume else None
         state = state or self._initial_state()
         self.callbacks.on_federation_start(self, state)
@@ -258,12 +263,26 @@ class RoundEngine:
     # ---- evaluation ----
 
     def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean reward per objective of ``adapter`` on the held-out prompts (fixed sampling seed)."""
+        """Mean reward per objective of ``adapter`` on the held-out prompts (fixed sampling seed), with the
+        evaluation statistics calibrated when the federation started, never updated by evaluating."""
         self.module.load_adapter_state(adapter)
-        trainer = self.trainers.eval_trainer()
-        results = trainer.validate(self.module, dataloaders=self.datamodule.val_dataloader(), verbose=False)
+        load_objective_states(self.module.objectives, self.eval_objective_state)
+        with statistics_frozen(self.module.objectives):
+            results = self.trainers.eval_trainer().validate(self.module, dataloaders=self.datamodule.val_dataloader(),
+                                                             verbose=False)
         metrics = {k: float(v) for k, v in results[0].items()}
         return {**metrics, **self.client_evaluation(metrics)}
+
+    def calibrate_evaluation(self, adapter: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """The statistics evaluation normalises with (``calibrated_statistics``), also written to
+        ``<output_dir>/adapters/objective_state.json`` for ``validate`` and ``generate``."""
+        self.module.load_adapter_state(adapter)
+        state = calibrated_statistics(self.module, self.trainers, self.datamodule)
+        if state:
+            path = Path(self.config.output_dir) / "adapters" / OBJECTIVE_STATE_FILE
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(state, indent=1))
+        return state
 
     def client_evaluation(self, eval_metrics: dict[str, float]) -> dict[str, float]:
         """The global adapter's eval reward on each client's own prompt distribution (mean and worst)."""
@@ -284,6 +303,7 @@ class RoundEngine:
 
     def _initial_state(self) -> FederationState:
         adapter = self.module.adapter_state()
+        self.eval_objective_state = self.calibrate_evaluation(adapter)
         row = {"round": 0, **self.evaluate(adapter)}
         state = FederationState(round=0, global_adapter=adapter, history=[row])
         self.writer.record_round(state, row, [])
@@ -291,9 +311,8 @@ class RoundEngine:
 
     def save_checkpoint(self, state: FederationState) -> FederationState:
         """Save ``state`` with the reward statistics and RNG states of this moment; return what was saved."""
-        objective_state = {o.name: o.state_dict() for o in self.module.objectives if callable(getattr(o, "state_dict", None))}
         state = dataclasses.replace(
-            state, objective_state=objective_state, rng_state=checkpoint.capture_rng(),
+            state, objective_state=self.eval_objective_state, rng_state=checkpoint.capture_rng(),
             secret_rng_state=self.secret.state_dict() if self.secret is not None else {},
         )
         checkpoint.save_state(self.checkpoint_dir, state, {"fingerprint": self.fingerprint()})
@@ -317,9 +336,7 @@ class RoundEngine:
                 f"Cannot resume: {self.checkpoint_dir} holds {state.round} finished rounds but federation.num_rounds="
                 f"{self.config.num_rounds}; ask for at least {state.round} rounds."
             )
-        for objective in self.module.objectives:
-            if objective.name in state.objective_state:
-                objective.load_state_dict(state.objective_state[objective.name])
+        self.eval_objective_state = state.objective_state  # the clients' own statistics are in client_states
         checkpoint.restore_rng(state.rng_state)
         if self.secret is not None and state.secret_rng_state:
             self.secret.load_state_dict(state.secret_rng_state)
@@ -357,6 +374,21 @@ class RoundEngine:
             "federation": {k: describe(v) for k, v in federation.items() if k not in RESUMABLE_SETTINGS},
             "data": describe(dict(self.datamodule.hparams)),
         }
+
+
+def calibrated_statistics(module: FIRMClientModule, trainers: TrainerFactory, datamodule: PromptDataModule) -> dict[str, dict]:
+    """The configured objectives' statistics after scoring the module's current adapter on the first
+    held-out batch, sampled with a seed apart from every evaluation's (round 0 is then not zero by
+    construction); {} when no objective has statistics."""
+    if not stateful(module.objectives):
+        return {}
+    load_objective_states(module.objectives, None)
+    module.calibrating_evaluation = True
+    try:
+        trainers.eval_trainer(limit_val_batches=1).validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    finally:
+        module.calibrating_evaluation = False
+    return objective_states(module.objectives)
 
 
 def refuse_for_hidden_uploads(config: FederationConfig) -> None:

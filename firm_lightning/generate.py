@@ -44,7 +44,8 @@ class GenerateSettings:
 class Generation:
     prompt: str
     response: str
-    rewards: dict[str, float]  # objective name -> reward
+    rewards: dict[str, float]  # objective name -> reward (normalised, for a NormalizedReward)
+    raw_rewards: dict[str, float] = field(default_factory=dict)  # objective name -> raw score, where normalised
 
 
 @torch.no_grad()
@@ -65,8 +66,10 @@ def generate(module: FIRMClientModule, settings: GenerateSettings, device: str |
         for k, v in saved.items():
             setattr(sampling, k, v)
     rewards = score_all(module.objectives, rollout.prompts, rollout.responses)
+    raw = {o.name: o.last_raw for o in module.objectives if getattr(o, "last_raw", None) is not None}
     return [
-        Generation(p, r, {n: float(rewards[s, i]) for s, n in enumerate(module.objective_names)})
+        Generation(p, r, {n: float(rewards[s, i]) for s, n in enumerate(module.objective_names)},
+                   {n: float(values[i]) for n, values in raw.items()})
         for i, (p, r) in enumerate(zip(rollout.prompts, rollout.responses))
     ]
 
@@ -77,4 +80,6 @@ def format_generations(generations: list[Generation]) -> str:
         lines.append(f"[{i}] prompt:   {g.prompt!r}")
         lines.append(f"    response: {g.response!r}")
         lines.append("    rewards:  " + "  ".join(f"{n}={v:.4f}" for n, v in g.rewards.items()))
+        if g.raw_rewards:
+            lines.append("    raw:      " + "  ".join(f"{n}={v:.4f}" for n, v in g.raw_rewards.items()))
     return "\n".join(lines)

@@ -34,6 +34,9 @@ from firm_lightning.sequences import USER_MESSAGES, Rollout, sample, token_logpr
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
+CALIBRATION_SEED_OFFSET = 7919  # eval_seed + this: the sample that calibrates evaluation statistics
+
+
 @dataclass
 class SamplingSettings:
     """How responses are sampled, in training and in evaluation.
@@ -241,6 +244,7 @@ class FIRMClientModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.objective_names = check_objective_names(objectives)
+        self.calibrating_evaluation = False  # set by the round engine while it calibrates evaluation statistics
         self.objectives = list(objectives)
         self.weighting = weighting if weighting is not None else RegularizedMinNorm()
         self.sampling = sampling
@@ -452,12 +456,19 @@ class FIRMClientModule(L.LightningModule):
         """Rewards of the current adapter on held-out prompts, sampled with a fixed seed."""
         devices = [self.device] if self.device.type == "cuda" else []
         greedy = self.sampling.eval_greedy
+        # A calibration pass (the federation's evaluation statistics) samples apart from every evaluation.
+        seed = self.sampling.eval_seed + batch_idx + (CALIBRATION_SEED_OFFSET if self.calibrating_evaluation else 0)
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.sampling.eval_seed + batch_idx)
+            torch.manual_seed(seed)
             rollout = self.rollout(batch["prompt"], 1 if greedy else self.sampling.eval_num_generations, greedy)
         rewards = score_all(self.objectives, rollout.prompts, rollout.responses)
         for name, value in zip(self.objective_names, rewards.mean(dim=1)):
             self.log(f"eval/reward/{name}", value, on_epoch=True, batch_size=len(rollout.responses))
+        for objective in self.objectives:  # a normalised objective: its raw score beside the normalised one
+            raw = getattr(objective, "last_raw", None)
+            if raw is not None:
+                self.log(f"eval/raw_reward/{objective.name}", raw.mean().to(self.device), on_epoch=True,
+                         batch_size=len(rollout.responses))
         if "group" in batch:  # per-group means: the orchestrator turns them into per-client rewards
             groups = [g for g in batch["group"] for _ in range(rollout.group_size)]
             for group in sorted(set(groups)):

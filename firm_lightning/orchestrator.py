@@ -66,7 +66,7 @@ class FederatedOrchestrator:
             state = engine.start()
             for round_idx in engine.remaining_rounds(state):
                 clients = engine.begin_round(state, round_idx)
-                client_states = dict(state.client_states)  # the persisting clients update their entries
+                client_states = dict(state.client_states)  # each client's statistics (and optimiser, persisted)
                 updates, failures = self.train_clients(state.global_adapter, clients, round_idx, client_states)
                 state = engine.conclude(state, round_idx, updates, failures, client_states=client_states)
                 if engine.stop_reason:
@@ -93,10 +93,10 @@ class FederatedOrchestrator:
     ) -> ClientUpdate:
         """One client's fit and upload, with the client hooks around it."""
         self.engine.client_started(round_idx, client_id)
-        persist = client_states if self.config.client_optimizer_state == "persist" else None
         update = fit_client(
             self.module, self.engine.algorithm, global_adapter, self.datamodule.client_data(client_id), round_idx,
-            self.trainers, self.config.seed, client_states=persist, upload_dtype=self.config.upload_torch_dtype,
+            self.trainers, self.config.seed, client_states=client_states,
+            persist_optimizer=self.config.client_optimizer_state == "persist", upload_dtype=self.config.upload_torch_dtype,
         )
         self.engine.client_finished(round_idx, update)
         return update

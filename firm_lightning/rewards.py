@@ -3,12 +3,19 @@
 The interface is deliberately tiny (as in TRL): an object with a ``name`` and a call from
 ``(prompts, responses)`` to a float tensor of shape ``(len(responses),)``. The name becomes
 the metric suffix (``train/reward/<name>``, ``lambda/<name>``, ``eval/reward/<name>``).
+
+A *stateful* objective (``NormalizedReward``'s statistics) also has ``state_dict()``,
+``load_state_dict(state)`` and ``reset()`` (back to its state as configured), and honours a
+``frozen`` flag (score without updating its state). The federation keeps one state per client
+(saved and restored around each client's fit) and one for evaluation, calibrated once when the
+federation starts and frozen afterwards (``statistics_frozen``).
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Literal, Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 
@@ -213,9 +220,13 @@ class NormalizedReward(RewardFunction):
 
     ``mode``: ``"calibration"`` freezes the statistics of the first batch it scores;
     ``"running"`` keeps updating them with every batch (Welford); ``"fixed"`` uses the given
-    ``mean`` and ``std``. A constant reward maps to 0, never NaN. Evaluation logs the
-    normalised value too: with ``"running"``, eval rewards of different rounds use different
-    statistics, so prefer ``"calibration"`` or ``"fixed"`` to compare rounds.
+    ``mean`` and ``std``. A reward that is constant up to round-off (std at most ``eps`` or 1e3
+    float32 ulps of the largest |reward| seen) maps to exactly 0, never NaN nor amplified noise.
+
+    In a federation every client keeps its own statistics, and evaluation uses statistics
+    calibrated once on the initial adapter and frozen (``frozen``), so eval rewards of every
+    round and every run of a comparison share one scale. ``last_raw`` holds the raw rewards of
+    the last batch (evaluation logs them as ``eval/raw_reward/<name>``).
     """
 
     def __init__(
@@ -233,6 +244,11 @@ class NormalizedReward(RewardFunction):
         self.count = 0 if mode != "fixed" else 1
         self.mean = 0.0 if mean is None else float(mean)
         self._m2 = 0.0 if std is None else float(std) ** 2
+        self._scale = 0.0  # the largest |reward| the statistics have seen: sets the round-off floor
+        self._configured = self.state_dict()
+        # Private: a run's fingerprint describes the public attributes, and these change every call.
+        self._frozen = False  # score without updating the statistics (evaluation)
+        self._last_raw: Optional[torch.Tensor] = None
 
     def to(self, device: torch.device | str) -> "NormalizedReward":
         if callable(getattr(self.reward, "to", None)):
@@ -246,16 +262,42 @@ class NormalizedReward(RewardFunction):
     def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         raw = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float64).flatten()
         check_rewards(self.name, raw, responses)  # before a bad batch can poison the statistics
-        if self.mode == "running" or (self.mode == "calibration" and self.count == 0):
+        self._last_raw = raw.float()
+        if not self._frozen and (self.mode == "running" or (self.mode == "calibration" and self.count == 0)):
             self._update(raw)
-        return ((raw - self.mean) / max(self.std, self.eps)).float()
+        if self.std <= self.floor:  # constant up to round-off: no signal to scale up
+            return torch.zeros_like(raw, dtype=torch.float32)
+        return ((raw - self.mean) / self.std).float()
+
+    @property
+    def frozen(self) -> bool:
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        self._frozen = bool(value)
+
+    @property
+    def last_raw(self) -> Optional[torch.Tensor]:
+        """The raw rewards of the last batch scored."""
+        return self._last_raw
+
+    @property
+    def floor(self) -> float:
+        """Spreads at or below this are round-off: ``eps``, or 1e3 float32 ulps of the rewards' scale."""
+        return max(self.eps, 1e3 * torch.finfo(torch.float32).eps * max(self._scale, abs(self.mean)))
 
     def state_dict(self) -> dict[str, float]:
         """The statistics gathered so far (what a resumed federation must restore)."""
-        return {"count": self.count, "mean": self.mean, "_m2": self._m2}
+        return {"count": self.count, "mean": self.mean, "_m2": self._m2, "scale": self._scale}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.count, self.mean, self._m2 = int(state["count"]), float(state["mean"]), float(state["_m2"])
+        self._scale = float(state.get("scale", 0.0))
+
+    def reset(self) -> None:
+        """Back to the statistics as configured (none, or the fixed ones)."""
+        self.load_state_dict(self._configured)
 
     def _update(self, batch: torch.Tensor) -> None:
         """Chan et al.'s parallel update of count, mean and sum of squared deviations."""
@@ -266,6 +308,42 @@ class NormalizedReward(RewardFunction):
         self.mean += delta * n / total
         self._m2 += m2 + delta**2 * self.count * n / total
         self.count = total
+        self._scale = max(self._scale, float(batch.abs().max()))
+
+
+def stateful(objectives: Iterable[RewardFunction]) -> list[RewardFunction]:
+    """The objectives that carry state (statistics) between calls."""
+    return [o for o in objectives if callable(getattr(o, "state_dict", None))]
+
+
+def objective_states(objectives: Iterable[RewardFunction]) -> dict[str, dict]:
+    return {o.name: o.state_dict() for o in stateful(objectives)}
+
+
+def load_objective_states(objectives: Iterable[RewardFunction], states: Optional[dict[str, dict]]) -> None:
+    """Each stateful objective to its state in ``states``, or back to its configured state."""
+    for objective in stateful(objectives):
+        if states and objective.name in states:
+            objective.load_state_dict(states[objective.name])
+        elif callable(getattr(objective, "reset", None)):
+            objective.reset()
+        else:
+            raise TypeError(f"Objective {objective.name!r} has a state_dict but no reset(): a stateful objective "
+                            "must be able to return to its configured state (see firm_lightning.rewards).")
+
+
+@contextmanager
+def statistics_frozen(objectives: Iterable[RewardFunction]):
+    """Score without updating any objective's statistics (evaluation)."""
+    touched = [o for o in stateful(objectives) if hasattr(o, "frozen")]
+    before = [o.frozen for o in touched]
+    for o in touched:
+        o.frozen = True
+    try:
+        yield
+    finally:
+        for o, was in zip(touched, before):
+            o.frozen = was
 
 
 def score_all(

@@ -20,13 +20,15 @@ class FederationState:
     global_adapter: dict[str, torch.Tensor]
     history: list[dict[str, float]] = field(default_factory=list)  # one row per round
     client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round
-    objective_state: dict[str, dict] = field(default_factory=dict)  # e.g. NormalizedReward statistics
+    # The statistics evaluation normalises with (NormalizedReward), calibrated when the run started;
+    # each client's own statistics are in client_states["<client>/objectives"].
+    objective_state: dict[str, dict] = field(default_factory=dict)
     rng_state: dict[str, Any] = field(default_factory=dict)  # global RNGs when the round ended
     # The server's secret generator (differential privacy): its state, so that resume stays exact.
     # Never derived from federation.seed; keep the checkpoint as private as the server itself.
     secret_rng_state: dict[str, Any] = field(default_factory=dict)
-    # Per client (key "<client>" or "<client>_<objective>"): what a stateful client keeps between its
-    # rounds, e.g. {"optimizer": ...} with federation.client_optimizer_state=persist (CPU tensors).
+    # What clients keep between their rounds: "<client>/objectives" their objectives' statistics;
+    # "<client>" or "<client>_<objective>" their optimiser state with federation.client_optimizer_state=persist.
     client_states: dict[str, dict] = field(default_factory=dict)
 
 

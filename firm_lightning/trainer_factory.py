@@ -85,8 +85,8 @@ class TrainerFactory:
         self._parent_runs = {"mlflow.parentRunId": lg.run_id for lg in _as_list(loggers) if isinstance(lg, MLFlowLogger)}
         return [] if loggers is False else _as_list(loggers)
 
-    def eval_trainer(self) -> L.Trainer:
-        kwargs = _built({k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS})
+    def eval_trainer(self, **overrides) -> L.Trainer:
+        kwargs = {**_built({k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS}), **overrides}
         with _entry_points_scanned_once():
             return L.Trainer(
                 **kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,

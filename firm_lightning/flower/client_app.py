@@ -67,16 +67,16 @@ def fit_round(comps: Components, data: ClientData, content: RecordDict, node_con
     round_idx = int(content[CONFIG]["server-round"])
     global_adapter = record_adapter(content[ARRAYS])
     output_dir = Path(str(node_config.get(OUTPUT_DIR, federation.output_dir)))
-    store = None
-    if federation.client_optimizer_state == "persist":  # this client's own state, on its own disk
-        store = ClientStateFiles(output_dir / "clients" / f"client_{data.client_id:03d}" / "state", round_idx)
+    # This client's own state (its objectives' statistics; its optimiser with persist), on its own disk.
+    store = ClientStateFiles(output_dir / "clients" / f"client_{data.client_id:03d}" / "state", round_idx)
     with quiet_lightning(federation.quiet), stays_on_device(comps.module):
         update = fit_client(
             comps.module, federation.resolved_algorithm, global_adapter, data, round_idx,
-            TrainerFactory(comps.trainer_config, output_dir), federation.seed,
-            client_states=store, upload_dtype=_upload_dtype(federation.upload_dtype),
+            TrainerFactory(comps.trainer_config, output_dir), federation.seed, client_states=store,
+            persist_optimizer=federation.client_optimizer_state == "persist",
+            upload_dtype=_upload_dtype(federation.upload_dtype),
         )
-    if store is not None:
+    if store.states:
         store.save()
     if secure and federation.privacy is not None:
         # The server only sees the secure sum, so clipping moves here; equal weights (one each).

@@ -1,0 +1,136 @@
+"""Reward statistics (NormalizedReward) per client and for evaluation: no client depends on which
+clients trained before it, evaluation never updates statistics, every run of a comparison starts
+from the same ones, and `validate`/`generate` read a run with the statistics `fit` used."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import make_datamodule, make_module
+from firm_lightning.algorithms import FIRM, Linear
+from firm_lightning.cli import FIRMCLI
+from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
+from firm_lightning.policy import TinyPolicy
+from firm_lightning.rewards import CharsetReward, NormalizedReward, objective_states
+from firm_lightning.module import PolicyGradientSettings
+from firm_lightning.trainer_factory import TrainerFactory
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _normalized(mode: str):
+    return [NormalizedReward(CharsetReward("a_to_m", "abcdefghijklm"), mode=mode),
+            NormalizedReward(CharsetReward("n_to_z", "nopqrstuvwxyz"), mode=mode)]
+
+
+def _orchestrator(tmp_path, mode="running", algorithm=None, whiten=False) -> FederatedOrchestrator:
+    torch.manual_seed(0)
+    module = make_module(objectives=_normalized(mode), loss=PolicyGradientSettings(whiten_advantages=whiten))
+    config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path), algorithm=algorithm)
+    return FederatedOrchestrator(module, make_datamodule(2), config,
+                                 TrainerFactory({"max_steps": 2, "accelerator": "cpu", "logger": False}, tmp_path),
+                                 echo=lambda _: None)
+
+
+def test_a_clients_update_does_not_depend_on_who_trained_before_it(tmp_path):
+    orch = _orchestrator(tmp_path)
+    state = orch.engine.start()
+    theta = state.global_adapter
+    alone = orch.train_one(theta, 1, 1, client_states={})
+    shared: dict = {}
+    orch.train_one(theta, 0, 1, shared)  # client 0 first, in the same round
+    after_other = orch.train_one(theta, 1, 1, shared)
+    for k in theta:
+        assert torch.equal(alone.adapters[0][k], after_other.adapters[0][k]), k
+    assert set(shared) == {"0/objectives", "1/objectives"}
+    assert shared["0/objectives"] != shared["1/objectives"]  # each client gathered its own statistics
+
+
+def test_evaluation_never_updates_statistics_and_round_0_is_not_zero_by_construction(tmp_path):
+    orch = _orchestrator(tmp_path, mode="calibration")
+    state = orch.engine.start()
+    calibrated = orch.engine.eval_objective_state
+    assert all(s["count"] > 0 for s in calibrated.values())
+    again = orch.evaluate(state.global_adapter)
+    assert orch.engine.eval_objective_state == calibrated and objective_states(orch.module.objectives) == calibrated
+    row = state.history[0]
+    assert {k: v for k, v in again.items()} == {k: v for k, v in row.items() if k != "round"}
+    # calibrated on another sample than the evaluation's: the normalised round 0 is near 0, not 0
+    assert any(row[f"eval/reward/{n}"] != 0.0 for n in ("a_to_m", "n_to_z"))
+    for n in ("a_to_m", "n_to_z"):
+        raw, stats = row[f"eval/raw_reward/{n}"], calibrated[n]
+        std = (stats["_m2"] / stats["count"]) ** 0.5
+        assert row[f"eval/reward/{n}"] == pytest.approx((raw - stats["mean"]) / std, abs=1e-5)
+
+
+def test_every_run_of_a_comparison_starts_from_the_same_statistics(tmp_path):
+    first = _orchestrator(tmp_path / "firm", mode="running", algorithm=FIRM(beta=1.0))
+    start = first.module.adapter_state()
+    a = first.run()
+    second = FederatedOrchestrator(first.module, first.datamodule,
+                                   FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path / "linear"),
+                                                    algorithm=Linear()),
+                                   first.trainers, echo=lambda _: None)
+    first.module.load_adapter_state(start)
+    b = second.run()
+    assert a.history[0] == b.history[0]  # the same initial adapter scores the same, whatever ran before
+
+
+@pytest.fixture(scope="module")
+def normalized_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("normalized")
+    objectives = {"model": {"objectives": [
+        {"class_path": "firm_lightning.rewards.NormalizedReward", "init_args": {"mode": mode, "reward": {
+            "class_path": "firm_lightning.rewards.CharsetReward", "init_args": {"name": name, "charset": chars}}}}
+        for mode, name, chars in (("calibration", "a_to_m", "abcdefghijklm"), ("running", "n_to_z", "nopqrstuvwxyz"))]}}
+    extra = out / "normalized.yaml"
+    extra.write_text(yaml.safe_dump(objectives))
+    args = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(extra), "--federation.num_clients=2",
+            "--trainer.max_steps=2", "--data.max_prompts=48", "--data.eval_size=8", "--data.batch_size=4",
+            "--model.sampling.max_new_tokens=6", "--model.sampling.eval_num_generations=1", "--federation.num_rounds=2",
+            f"--federation.output_dir={out / 'run'}"]
+    FIRMCLI(["fit", *args])
+    with open(out / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return out / "run", args, rows
+
+
+def test_validate_prints_what_fit_recorded_for_the_same_adapter(normalized_run):
+    run, args, rows = normalized_run
+    assert (run / "adapters" / "objective_state.json").is_file()
+    for r in (1, 2):
+        results = FIRMCLI(["validate", *args, f"--ckpt_path={run / 'adapters' / f'round_{r:03d}.safetensors'}"]).results
+        for key in ("eval/reward/a_to_m", "eval/reward/n_to_z", "eval/raw_reward/a_to_m", "eval/raw_reward/n_to_z"):
+            assert results[key] == pytest.approx(float(rows[r][key]), abs=1e-4), (r, key)
+    final = FIRMCLI(["validate", *args, f"--ckpt_path={run / 'adapters' / 'final'}"]).results
+    assert final["eval/reward/a_to_m"] == pytest.approx(float(rows[-1]["eval/reward/a_to_m"]), abs=1e-4)
+
+
+def test_validate_needs_the_runs_statistics_and_says_where_they_are(normalized_run, tmp_path):
+    run, args, _ = normalized_run
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((run / "adapters" / "round_001.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match="--objective_state"):
+        FIRMCLI(["validate", *args, f"--ckpt_path={lone}"])
+    named = FIRMCLI(["validate", *args, f"--ckpt_path={lone}",
+                     f"--objective_state={run / 'adapters' / 'objective_state.json'}"]).results
+    assert named["eval/reward/a_to_m"] != 0.0
+
+
+def test_generate_scores_with_the_runs_statistics_and_shows_raw_scores(normalized_run, capsys):
+    run, args, _ = normalized_run
+    cli = FIRMCLI(["generate", *args, f"--ckpt_path={run / 'adapters' / 'final'}", "--generate.num_responses=4",
+                   '--generate.prompts=["Tell me about rivers."]'])
+    out = capsys.readouterr().out
+    assert "raw:" in out
+    stats = {n: s for n, s in __import__("json").loads((run / "adapters" / "objective_state.json").read_text()).items()}
+    for g in cli.generations:
+        s = stats["a_to_m"]
+        expected = (g.raw_rewards["a_to_m"] - s["mean"]) / (s["_m2"] / s["count"]) ** 0.5
+        assert g.rewards["a_to_m"] == pytest.approx(expected, abs=1e-5)  # not z-scores of its own batch
+    assert abs(sum(g.rewards["a_to_m"] for g in cli.generations)) > 1e-3
