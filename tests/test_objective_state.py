@@ -134,3 +134,35 @@ def test_generate_scores_with_the_runs_statistics_and_shows_raw_scores(normalize
         expected = (g.raw_rewards["a_to_m"] - s["mean"]) / (s["_m2"] / s["count"]) ** 0.5
         assert g.rewards["a_to_m"] == pytest.approx(expected, abs=1e-5)  # not z-scores of its own batch
     assert abs(sum(g.rewards["a_to_m"] for g in cli.generations)) > 1e-3
+
+
+def test_a_reward_constant_up_to_round_off_normalises_to_zero():
+    class Ulp(CharsetReward):
+        def __call__(self, prompts, responses):  # 4.0 and its float32 neighbour: one ulp of spread
+            return torch.tensor([4.0, float(torch.nextafter(torch.tensor(4.0), torch.tensor(5.0)))] * (len(responses) // 2))
+
+    flat = NormalizedReward(Ulp("u", "a"), mode="calibration")
+    assert torch.equal(flat(["p"] * 4, ["x"] * 4), torch.zeros(4))
+    real = NormalizedReward(CharsetReward("c", "a"), mode="calibration")
+    scored = real(["p"] * 4, ["a", "b", "a", "b"])
+    assert scored.std(unbiased=False) == pytest.approx(1.0)
+
+
+def test_reward_models_are_pointed_at_local_folders_from_the_command_line(tmp_path):
+    from firm_lightning.config import build_components
+
+    config = tmp_path / "rm.yaml"
+    config.write_text(yaml.safe_dump({"model": {"objectives": [
+        {"class_path": "firm_lightning.rewards.NormalizedReward", "init_args": {"reward": {
+            "class_path": "firm_lightning.rewards.HFRewardModel",
+            "init_args": {"name": "helpful", "name_or_path": "Ray2333/gpt2-large-helpful-reward_model"}}}},
+        {"class_path": "firm_lightning.rewards.HFRewardModel",
+         "init_args": {"name": "harmless", "name_or_path": "Ray2333/gpt2-large-harmless-reward_model"}},
+    ]}}))
+    base = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--config", str(config)]
+    paths = '{"helpful": "/models/help", "harmless": "/models/harm"}'
+    module = build_components([*base, "--reward_models", paths]).module
+    assert module.objectives[0].reward.name_or_path == "/models/help"
+    assert module.objectives[1].name_or_path == "/models/harm"
+    with pytest.raises(ValueError, match=r"--reward_models names \['helpfull'\]"):
+        build_components([*base, "--reward_models", '{"helpfull": "/models/help"}'])
