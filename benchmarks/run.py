@@ -392,22 +392,32 @@ def trl_section(model: str, mode: dict) -> dict:
 
 
 def summary(result: dict) -> dict:
-    """The flat keys the issue names, from the tiny model's sections (mid-size beside them)."""
-    tiny = result["local_step"]["tiny"]
-    flat = {k: tiny[k]["median"] for k in ("update_ratio_s2", "update_ratio_s3", "update_floor_ratio_s2", "step_ratio_s2")}
-    flat["orchestration_overhead"] = result["orchestration"]["orchestration_overhead"]
-    flat["rss_ratio_32_vs_2"] = result["memory"].get("rss_ratio_32_vs_2")
-    comm = result["communication"]
-    flat.update({k: comm[k] for k in ("adapter_bytes", "uplink_bytes_firm_s2", "uplink_bytes_fmgda_s2")})
-    flat["trl_grpo_tokens_per_s"] = result["trl"].get("trl_grpo_tokens_per_s")
-    flat["firm_s2_tokens_per_s"] = tiny["firm_s2_tokens_per_s"]
-    flat["firm_s1_tokens_per_s"] = tiny["firm_s1_tokens_per_s"]
+    """The flat keys the issue names, from the tiny model's sections; a section that did not run
+    (``--sections``) or was skipped (TRL not installed) leaves its keys None."""
+    flat: dict = {}
+    tiny = result.get("local_step", {}).get("tiny", {})
+    for k in ("update_ratio_s2", "update_ratio_s3", "update_floor_ratio_s2", "step_ratio_s2"):
+        flat[k] = tiny[k]["median"] if k in tiny else None
+    flat["orchestration_overhead"] = result.get("orchestration", {}).get("orchestration_overhead")
+    flat["rss_ratio_32_vs_2"] = result.get("memory", {}).get("rss_ratio_32_vs_2")
+    comm = result.get("communication", {})
+    flat.update({k: comm.get(k) for k in ("adapter_bytes", "uplink_bytes_firm_s2", "uplink_bytes_fmgda_s2")})
+    flat["trl_grpo_tokens_per_s"] = result.get("trl", {}).get("trl_grpo_tokens_per_s")
+    flat["firm_s2_tokens_per_s"] = tiny.get("firm_s2_tokens_per_s")
+    flat["firm_s1_tokens_per_s"] = tiny.get("firm_s1_tokens_per_s")
     return flat
+
+
+def _cell(value) -> str:
+    """A table cell: a number, or why there is none (a section that was skipped or not run)."""
+    if value is None:
+        return "skipped"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def print_table(result: dict) -> None:
     print(f"{'measure':<34}{'model':>6}{'min':>10}{'median':>10}{'max':>10}")
-    for model, section in result["local_step"].items():
+    for model, section in result.get("local_step", {}).items():
         for key in ("update_ratio_s2", "update_floor_ratio_s2", "update_ratio_s3", "update_floor_ratio_s3",
                     "step_ratio_s2", "step_ratio_s3", "update_over_floor_s2", "sampling_share_s2"):
             s = section[key]
@@ -415,8 +425,9 @@ def print_table(result: dict) -> None:
     flat = result["summary"]
     for key in ("orchestration_overhead", "rss_ratio_32_vs_2", "adapter_bytes", "uplink_bytes_firm_s2",
                 "uplink_bytes_fmgda_s2", "trl_grpo_tokens_per_s", "firm_s1_tokens_per_s", "firm_s2_tokens_per_s"):
-        value = flat[key]
-        print(f"{key:<34}{'tiny':>6}{'':>10}{value if value is None else round(value, 4):>10}")
+        print(f"{key:<34}{'tiny':>6}{'':>10}{_cell(flat[key]):>10}")
+    if "skipped" in result.get("trl", {}):
+        print(f"trl: skipped ({result['trl']['skipped']})")
 
 
 def main(argv=None) -> dict:
@@ -425,7 +436,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="the smallest mode: tiny model, 2 repetitions")
     parser.add_argument("--json", help="also write the JSON result to this path")
     parser.add_argument("--sections", nargs="+", help="run only these sections (local_step, orchestration, memory, "
-                        "communication, trl); the flat summary then needs all of them")
+                        "communication, trl); the summary's keys of the others are None")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: immune to a busy machine)")
     parser.add_argument("--_rss_child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_rounds", type=int, default=2, help=argparse.SUPPRESS)
@@ -451,11 +462,9 @@ def main(argv=None) -> dict:
     for name, run in sections.items():
         if not args.sections or name in args.sections:
             result["section_wall_s"][name], result[name] = timed(run)
-    if not args.sections:
-        result["summary"] = summary(result)
+    result["summary"] = summary(result)
     result["wall_s"] = time.perf_counter() - tic
-    if "summary" in result:
-        print_table(result)
+    print_table(result)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
