@@ -58,7 +58,7 @@ class Components:
 
     def save_config(self, path: Path) -> None:
         """The resolved config, as YAML that ``--config`` reads back."""
-        self.parser.save(self.config, path, overwrite=True, skip_check=True)
+        self.parser.save(self.config, path, overwrite=True, skip_validation=True)
 
 
 class ComponentBuilder(LightningCLI):
@@ -113,13 +113,16 @@ class ComponentBuilder(LightningCLI):
         self.config = parser.parse_args(args)
 
     def before_instantiate_classes(self) -> None:
+        if self.config["federation"].quiet:  # loading bars of every weight file and data map: not the run's lines
+            quiet_hugging_face()
         point_reward_models(self.config["model"]["objectives"], self.config.get("reward_models") or {})
         # Seeds the LoRA initialisation and anything else built from the config.
         seed_everything(self.config["federation"].seed, workers=True, verbose=False)
 
     def instantiate_classes(self) -> None:
         """Model and data once; trainers are built per client (``TrainerFactory``), so none here."""
-        self.config_init = self.parser.instantiate_classes(self.config)
+        instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes  # renamed in 4.49
+        self.config_init = instantiate(self.config)
         self.model = self.config_init["model"]
         self.datamodule = self.config_init["data"]
         self.trainer = None
@@ -161,6 +164,17 @@ def load_components(config_text: str, sections: Optional[dict[str, type]] = None
             path.write_text(config_text)
             _CACHE[key] = build_components(["--config", str(path)], sections)
     return _CACHE[key]
+
+
+def quiet_hugging_face() -> None:
+    """No per-file progress bars from transformers, datasets and the hub (``federation.quiet``)."""
+    import datasets
+    import huggingface_hub
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def point_reward_models(objectives: list, paths: dict[str, str]) -> None:

@@ -67,8 +67,15 @@ class PretrainedPolicy(PolicyBuilder):
             ) from error
         if self.gradient_checkpointing:
             # Trade compute for activation memory; inputs must require grad for a frozen base + LoRA.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+            model.config.use_cache = False  # no KV cache in training forwards (generate keeps its own setting)
+        # from_pretrained returns eval mode; dropout is off anyway (disable_dropout), so train mode
+        # changes nothing numerically and Lightning need not warn about modules in eval mode every fit.
+        model.train()
         return model, prepare_tokenizer(tokenizer)
 
 

@@ -147,7 +147,9 @@ def _save_tiny_models(root: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("config, arch", [("hh_rlhf_gpt2.yaml", "gpt2"), ("hh_rlhf_qwen.yaml", "qwen")])
-def test_the_real_config_runs_offline_with_every_name_replaced_by_a_local_path(tmp_path, hh_folder, config, arch):
+def test_the_real_config_runs_offline_with_every_name_replaced_by_a_local_path(tmp_path, hh_folder, config, arch, capfd):
+    import warnings
+
     from firm_lightning.cli import main
 
     paths = _save_tiny_models(tmp_path / "models")
@@ -161,17 +163,27 @@ def test_the_real_config_runs_offline_with_every_name_replaced_by_a_local_path(t
     local_config = tmp_path / config
     local_config.write_text(text)
     out = tmp_path / "out"
-    main([
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # as a user's shell shows them (the suite's conftest hides them)
+        main([
         "fit", "--config", str(local_config), f"--federation.output_dir={out}",
         # CPU-sized: the config's GPU sizes stay as they are, only these shrink
         "--trainer.accelerator=cpu", "--trainer.max_steps=1",  # precision stays bf16-mixed (CPU autocast)
         "--federation.num_rounds=1", "--federation.num_clients=2", "--model.sampling.max_new_tokens=8",
         "--model.lora.target_modules=[c_attn]" if arch == "gpt2" else "--model.lora.target_modules=[q_proj, v_proj]",
         "--data.init_args.eval_size=4", "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=4",
-    ])
+        "--federation.num_rounds=2",  # two rounds x two clients: a per-fit warning would show four times
+        ])
+    err = capfd.readouterr().err
+    for noise in ("module(s) in eval mode", "gradient_checkpointing_enable", "args parameter", "Loading weights",
+                  "examples/s"):
+        assert noise not in err, (noise, err[-2000:])
+    repeated = [line for line in set(err.splitlines()) if "Warning" in line and err.count(line) > 1]
+    assert not repeated, repeated
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["round"] for r in rows] == ["0", "1"]
+    assert [r["round"] for r in rows] == ["0", "1", "2"]
     assert all(torch.isfinite(torch.tensor(float(rows[-1][f"eval/reward/{n}"]))) for n in ("helpful", "harmless"))
     assert (out / "adapters" / "final" / "adapter_model.safetensors").is_file()
 
