@@ -111,9 +111,12 @@ def test_compare_settings_need_unique_names():
         CompareSettings(algorithms=[FIRM(beta=1.0), FIRM(beta=1.0)])
 
 
-def test_smoothness_is_the_mean_absolute_round_to_round_change():
-    run = [{"eval/reward/a": 0.0}, {"eval/reward/a": 0.4}, {"eval/reward/a": 0.2}]
+def test_smoothness_is_the_oscillation_around_the_trend_not_the_learning():
+    # mean |r_t − (r_{t−1} + r_{t+1})/2| over the inner rounds: 0.4 − (0 + 0.2)/2 = 0.3
+    run = [{"round": r, "eval/reward/a": v} for r, v in enumerate([0.0, 0.4, 0.2])]
     assert smoothness(run, ["a"]) == pytest.approx(0.3)
+    ramp = [{"round": r, "eval/reward/a": 0.05 * r} for r in range(6)]  # steady learning is not roughness
+    assert smoothness(ramp, ["a"]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_compare_cli_writes_every_output_with_one_row_per_algorithm(tmp_path, capsys):
