@@ -106,6 +106,10 @@ class FederatedOrchestrator:
     def aggregator(self):
         return self.engine.aggregator
 
+    @property
+    def clients_per_round(self) -> int:
+        return self.config.clients_per_round
+
     def sample_clients(self, round_idx: int) -> list[int]:
         return self.engine.sample_clients(round_idx)
 
