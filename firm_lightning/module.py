@@ -13,13 +13,20 @@
 
 Optimisation is manual because the update is a combination of ``S`` gradients, not the
 gradient of one loss.
+
+Memory: ``sampling.generation_batch_size`` samples step 1 in chunks of sequences;
+``loss.micro_batch_size`` runs steps 4-6 a micro-batch of sequences at a time, adding each
+micro-batch's ``S`` gradients into ``S`` accumulators (its losses carry the whole batch's
+normalisers), so steps 7-9 see the whole batch's gradients: the same step, with activation
+memory bounded by the micro-batch instead of ``B·G``.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import lightning as L
 import torch
@@ -30,7 +37,7 @@ from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import leave_one_out_advantages
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
-from firm_lightning.sequences import USER_MESSAGES, Rollout, sample, token_logprobs
+from firm_lightning.sequences import USER_MESSAGES, Rollout, micro_batches, sample, token_logprobs
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
@@ -57,6 +64,10 @@ class SamplingSettings:
             HH-RLHF's format ("\\n\\nHuman: Q\\n\\nAssistant:") is sent as Q alone, the template supplying
             the roles; prompt: the prompt text as is (markup included). Other prompts are sent as is.
             The rewards always score the prompt as given.
+        generation_batch_size: Sequences (of the B·G, or of the evaluation's) per generate call, to bound
+            sampling memory; null: all at once. Greedy decoding gives the same tokens either way; with
+            temperature sampling each call draws its own random numbers, so a seed gives other (equally
+            distributed) responses than one call would (firm_lightning.sequences.sample).
     """
 
     num_generations: int = 4  # G responses per prompt (>= 2 for the leave-one-out baseline)
@@ -71,6 +82,7 @@ class SamplingSettings:
     system_prompt: Optional[str] = None  # a system message, with the chat template
     eval_greedy: bool = False  # evaluate the most likely response (top-1): no sampling noise at all
     user_message: Literal["question", "prompt"] = "question"  # with the chat template: HH prompts as the question alone
+    generation_batch_size: Optional[int] = None  # sequences per generate call; None: all at once
 
 
 @dataclass
@@ -128,6 +140,10 @@ class PolicyGradientSettings:
         max_grad_norm: Clip the norm of the combined direction d = Σ λ_s g_s; null disables clipping.
         gram_from: Gradients the Gram matrix is built from: parameters (exact, S backward passes over the
             adapter), or hidden / logits (cheap: gradients at the head's input or output, then one full backward).
+        micro_batch_size: Sequences (of the B·G) per forward/backward pass, to bound activation memory; null:
+            the whole batch. The S per-objective gradients are summed over the micro-batches, then the Gram
+            matrix, λ and the step are computed once: the same step as the whole batch (the normalisers are
+            the whole batch's). With gram_from hidden / logits, micro-batches cost a second forward pass.
     """
 
     kl_coef: float = 0.05  # κ: the same KL-to-reference penalty inside every L_s
@@ -145,6 +161,7 @@ class PolicyGradientSettings:
     # objectives are proportional and is an approximation otherwise (benchmarks/run.py measures
     # how far it is).
     gram_from: Literal["parameters", "hidden", "logits"] = "parameters"
+    micro_batch_size: Optional[int] = None  # sequences per forward/backward; None: the whole batch
 
 
 KL_ESTIMATORS = ("k2", "sequence", "k3")
@@ -159,6 +176,10 @@ def check_loss_settings(loss: PolicyGradientSettings) -> None:
         raise ValueError(f"loss.aggregation={loss.aggregation!r} is unknown; use one of {list(AGGREGATIONS)}.")
     if loss.ppo_epochs < 1:
         raise ValueError(f"loss.ppo_epochs must be >= 1 (optimiser steps per batch of rollouts); got {loss.ppo_epochs}.")
+    if loss.micro_batch_size is not None and loss.micro_batch_size < 1:
+        raise ValueError(
+            f"loss.micro_batch_size must be >= 1 sequences, or null for the whole batch; got {loss.micro_batch_size}."
+        )
 
 
 def policy_gradient_losses(
@@ -169,12 +190,18 @@ def policy_gradient_losses(
     mask: torch.Tensor,
     settings: PolicyGradientSettings,
     max_new_tokens: int,
+    num_rows: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-objective losses ``L_s`` (shape (S,)) and the logged KL (k3, mean per token of each response).
 
     ``logprobs``/``old_logprobs``/``ref_logprobs``/``mask``: (N, T) over response tokens;
     ``advantages``: (S, N). See ``PolicyGradientSettings`` for the estimators and their gradients.
+
+    ``num_rows``: the rows of the whole batch when these N rows are one micro-batch of it. Every
+    normaliser is then the whole batch's, so the losses and the KL are this micro-batch's share:
+    summed over the micro-batches they are the whole batch's values (and so are the gradients).
     """
+    num_rows = mask.shape[0] if num_rows is None else num_rows
     if mask.shape[-1] > max_new_tokens:
         raise ValueError(
             f"Responses of {mask.shape[-1]} tokens but max_new_tokens={max_new_tokens}: the token_sum "
@@ -195,20 +222,23 @@ def policy_gradient_losses(
             later = delta.detach().flip(-1).cumsum(-1).flip(-1) - delta.detach()  # Σ_{t'>t} δ_t'
             penalty = penalty + ratio * later
     tokens = -surrogate + settings.kl_coef * penalty  # (S, N, T)
-    losses = _aggregate(tokens, mask, settings.aggregation, max_new_tokens)
+    losses = _aggregate(tokens, mask, settings.aggregation, max_new_tokens, num_rows)
 
     log_ratio_ref = (ref_logprobs - logprobs).detach()
     kl_tokens = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3: >= 0, unbiased value of KL(π‖π_ref)
-    kl = _sequence_mean(kl_tokens, mask).mean()
+    kl = _sequence_mean(kl_tokens, mask).sum() / num_rows
     return losses, kl
 
 
-def _aggregate(tokens: torch.Tensor, mask: torch.Tensor, aggregation: str, max_new_tokens: int) -> torch.Tensor:
-    """(S, N, T) token terms -> (S,): see ``PolicyGradientSettings.aggregation``."""
+def _aggregate(
+    tokens: torch.Tensor, mask: torch.Tensor, aggregation: str, max_new_tokens: int, num_rows: int
+) -> torch.Tensor:
+    """(S, N, T) token terms -> (S,): see ``PolicyGradientSettings.aggregation``. ``num_rows``: the
+    whole batch's rows (B·G), also when these N rows are one micro-batch of it."""
     if aggregation == "token_sum":
         # A constant normaliser: the response lengths (random, policy-dependent) never reweight tokens.
-        return (tokens * mask).sum(dim=(-1, -2)) / (mask.shape[0] * max_new_tokens)
-    return _sequence_mean(tokens, mask).mean(dim=-1)
+        return (tokens * mask).sum(dim=(-1, -2)) / (num_rows * max_new_tokens)
+    return _sequence_mean(tokens, mask).sum(dim=-1) / num_rows
 
 
 class FIRMClientModule(L.LightningModule):
@@ -263,6 +293,11 @@ class FIRMClientModule(L.LightningModule):
                 f"sampling.user_message={sampling.user_message!r} is unknown; use one of {list(USER_MESSAGES)}."
             )
         check_loss_settings(loss)
+        if sampling.generation_batch_size is not None and sampling.generation_batch_size < 1:
+            raise ValueError(
+                f"sampling.generation_batch_size must be >= 1 sequences, or null for one generate call; "
+                f"got {sampling.generation_batch_size}."
+            )
 
     # ---- adapter exchange (what the orchestrator sends and receives) ----
 
@@ -311,17 +346,36 @@ class FIRMClientModule(L.LightningModule):
 
         Returns the last epoch's ``λ``, ``‖d‖`` and KL. Each epoch is one optimiser step; the
         last batch of a fit runs only the steps left before ``trainer.max_steps``.
+
+        With ``loss.micro_batch_size`` the rows go through the model a micro-batch at a time (the
+        reference log-probs too); each micro-batch's losses carry the whole batch's normalisers, so
+        the per-objective gradients summed over the micro-batches are the whole batch's.
         """
         advantages = leave_one_out_advantages(rewards, rollout.group_size, self.loss_settings.whiten_advantages)
+        num_rows = len(rollout.responses)
+        chunks = micro_batches(num_rows, self.loss_settings.micro_batch_size)
+        parts = [rollout] if len(chunks) == 1 else [rollout.rows(rows) for rows in chunks]
         with torch.no_grad(), self.policy.disable_adapter():
-            reference = token_logprobs(self.policy, rollout)
-        old = None
+            reference = torch.cat([token_logprobs(self.policy, part) for part in parts])
+        old = None  # the first epoch's log-probs: the PPO ratio's denominator on later epochs
         for _ in range(self._epochs_left()):
-            with self._representation() as representation:
-                logprobs = token_logprobs(self.policy, rollout)
-            old = logprobs.detach() if old is None else old
-            losses, kl = self.objective_losses(logprobs, old, reference, advantages, rollout.response_mask)
-            lambdas, norm = self.weighted_step(losses, representation.get("tensor"))
+            fresh, kls = torch.empty_like(reference), {}
+
+            def forward(i: int, part: Rollout, rows: slice, old=old, fresh=fresh, kls=kls):
+                with self._representation() as representation:
+                    logprobs = token_logprobs(self.policy, part)
+                fresh[rows] = logprobs.detach()
+                previous = logprobs.detach() if old is None else old[rows]
+                losses, kls[i] = self.objective_losses(
+                    logprobs, previous, reference[rows], advantages[:, rows], part.response_mask, num_rows=num_rows
+                )
+                return losses, representation.get("tensor")
+
+            lambdas, norm = self._weighted_step(
+                [functools.partial(forward, i, part, rows) for i, (part, rows) in enumerate(zip(parts, chunks))]
+            )
+            old = fresh if old is None else old
+            kl = sum(kls.values())  # each micro-batch's share of the batch mean
         return lambdas, norm, kl.detach()
 
     def _epochs_left(self) -> int:
@@ -378,10 +432,13 @@ class FIRMClientModule(L.LightningModule):
         ref_logprobs: torch.Tensor,
         advantages: torch.Tensor,
         mask: torch.Tensor,
+        num_rows: Optional[int] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-objective losses ``L_s`` (shape (S,)) and the KL they share (k3 value, for logging)."""
+        """Per-objective losses ``L_s`` (shape (S,)) and the KL they share (k3 value, for logging);
+        ``num_rows``: the whole batch's rows when these are one micro-batch (``policy_gradient_losses``)."""
         return policy_gradient_losses(
-            logprobs, old_logprobs, ref_logprobs, advantages, mask, self.loss_settings, self.sampling.max_new_tokens
+            logprobs, old_logprobs, ref_logprobs, advantages, mask, self.loss_settings, self.sampling.max_new_tokens,
+            num_rows,
         )
 
     def weighted_step(
@@ -400,21 +457,50 @@ class FIRMClientModule(L.LightningModule):
         ``d × scale`` is written, which Lightning's precision plugin unscales before the step;
         a non-finite gradient makes the scaler skip the step and lower its scale.
         """
+        return self._weighted_step([lambda: (losses, representation)])
+
+    def _weighted_step(self, forwards: list[Callable[[], tuple]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``weighted_step`` over micro-batches: each of ``forwards`` runs one micro-batch's forward
+        pass and returns its ``(losses, representation or None)``; the losses of all of them add
+        up to the batch's ``L_s``.
+
+        Exact gradients: the ``S`` per-objective gradients of each micro-batch are added into ``S``
+        accumulators (its graph is freed by its last backward pass, before the next forward), then
+        the Gram matrix, λ and ``d`` once. With a representation: the Gram matrix is the sum of
+        the micro-batches' Gram matrices (their representation rows are disjoint), then, λ known,
+        each micro-batch runs its forward again for its share of ``∇ Σ λ_s L_s`` (one micro-batch
+        keeps its graph instead).
+        """
         params = self.trainable_parameters()
         scaler = self._grad_scaler()
-        if scaler is not None:
-            losses = scaler.scale(losses)  # the official way in: also starts the scaler's state
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        scale = lambda: float(scaler.get_scale()) if scaler is not None else 1.0  # noqa: E731 (set by the first scale())
         optimizer = self.optimizers()
         optimizer.zero_grad()
+        keep_graph = len(forwards) == 1  # one batch: its graph also serves the direction's backward pass
+        grads = gram = finite = kept = None
+        for forward in forwards:
+            losses, representation = forward()
+            if scaler is not None:
+                losses = scaler.scale(losses)  # the official way in: also starts the scaler's state
+            last = len(losses) - 1
+            with torch.autocast(self.device.type, enabled=False):
+                if representation is None:  # (S, P): the exact per-objective gradients
+                    part = torch.stack(
+                        [self._flat_grad(loss, params, retain_graph=s < last) for s, loss in enumerate(losses)]
+                    ).float() / scale()
+                    grads = part if grads is None else grads.add_(part)
+                    part_finite = torch.isfinite(part).all(dim=1)
+                else:  # (S, R): gradients with respect to the representation
+                    part = torch.stack([
+                        torch.autograd.grad(loss, representation, retain_graph=keep_graph or s < last)[0].flatten()
+                        for s, loss in enumerate(losses)
+                    ]).float() / scale()
+                    gram = part @ part.T if gram is None else gram + part @ part.T
+                    part_finite = torch.isfinite(part).all(dim=1)
+                    kept = losses if keep_graph else None
+            finite = part_finite if finite is None else finite & part_finite
+        num_objectives = len(finite)
         with torch.autocast(self.device.type, enabled=False):
-            if representation is None:
-                grads = torch.stack([self._flat_grad(loss, params) for loss in losses]).float() / scale  # (S, P)
-            else:
-                grads = torch.stack(
-                    [torch.autograd.grad(loss, representation, retain_graph=True)[0].flatten() for loss in losses]
-                ).float() / scale  # (S, R): gradients with respect to the representation
-            finite = torch.isfinite(grads).all(dim=1)
             if scaler is None and not finite.all():
                 bad = [n for n, ok in zip(self.objective_names, finite.tolist()) if not ok]
                 raise FloatingPointError(
@@ -422,21 +508,32 @@ class FIRMClientModule(L.LightningModule):
                     "Check the rewards' scale (NormalizedReward), lower the learning rate, or use 32-true precision."
                 )
             if not finite.all():  # fp16 overflow: the scaler sees it, skips this step and lowers its scale
-                _write_grad(params, torch.full((sum(p.numel() for p in params),), float("nan"), device=grads.device))
+                _write_grad(params, torch.full((sum(p.numel() for p in params),), float("nan"), device=finite.device))
                 optimizer.step()
                 self._step_schedulers()  # a step the scaler skipped still counts: schedulers follow step calls
-                nan = torch.full((len(losses),), float("nan"), device=grads.device)
-                return nan, torch.tensor(float("nan"), device=grads.device)
-            gram = grads @ grads.T
-            lambdas = self.weighting(gram.detach()).to(grads)
-            if representation is None:
+                nan = torch.full((num_objectives,), float("nan"), device=finite.device)
+                return nan, torch.tensor(float("nan"), device=finite.device)
+            if grads is not None:
+                gram = grads @ grads.T
+            lambdas = self.weighting(gram.detach()).to(gram)
+            direction = None
+            if grads is not None:
                 direction = lambdas @ grads
-            else:
-                direction = self._flat_grad((lambdas * losses).sum(), params, retain_graph=False).float() / scale
+            elif kept is not None:
+                direction = self._flat_grad((lambdas * kept).sum(), params, retain_graph=False).float() / scale()
+        if direction is None:
+            for forward in forwards:  # the micro-batches again, now that λ is known (the Trainer's autocast on)
+                losses, _ = forward()
+                if scaler is not None:
+                    losses = scaler.scale(losses)
+                with torch.autocast(self.device.type, enabled=False):
+                    part = self._flat_grad((lambdas * losses).sum(), params, retain_graph=False).float() / scale()
+                direction = part if direction is None else direction.add_(part)
+        with torch.autocast(self.device.type, enabled=False):
             norm = direction.norm()
             if self.loss_settings.max_grad_norm is not None:  # as clip_grad_norm_, on the unscaled d
                 direction = direction * (self.loss_settings.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            _write_grad(params, direction * scale)
+            _write_grad(params, direction * scale())
         optimizer.step()
         self._step_schedulers()
         return lambdas.detach(), norm.detach()
@@ -481,7 +578,7 @@ class FIRMClientModule(L.LightningModule):
         return sample(
             self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
             s.max_prompt_length, s.temperature, 1 if greedy else s.top_k, s.top_p,  # top-1 sampling is greedy
-            s.chat_template, s.system_prompt, s.user_message,
+            s.chat_template, s.system_prompt, s.user_message, s.generation_batch_size,
         )
 
     # ---- client metrics (read by the orchestrator after a fit) ----

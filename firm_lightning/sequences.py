@@ -65,6 +65,52 @@ class Rollout:
     def num_prompts(self) -> int:
         return len(self.prompts) // self.group_size
 
+    def rows(self, rows: slice) -> "Rollout":
+        """The rows ``rows`` (a micro-batch of sequences), same columns: ``P`` and ``T`` are kept, so
+        token positions and the loss's normalisers mean the same as in the whole rollout."""
+        return Rollout(
+            prompts=self.prompts[rows], responses=self.responses[rows], sequences=self.sequences[rows],
+            attention_mask=self.attention_mask[rows], response_mask=self.response_mask[rows],
+            prompt_length=self.prompt_length, group_size=self.group_size, temperature=self.temperature,
+            top_k=self.top_k, top_p=self.top_p, support=None if self.support is None else self.support[rows],
+        )
+
+
+def micro_batches(num_rows: int, size: Optional[int]) -> list[slice]:
+    """Consecutive row slices of at most ``size`` rows (``None``: one slice of every row)."""
+    if size is not None and size < 1:
+        raise ValueError(f"A micro-batch needs at least one row; got size {size}.")
+    size = max(1, num_rows) if size is None else size
+    return [slice(start, min(start + size, num_rows)) for start in range(0, num_rows, size)]
+
+
+def concat_rollouts(parts: list["Rollout"], pad_token_id: int, group_size: int) -> "Rollout":
+    """Rollouts sampled separately as one: the prompts re-padded on the left to the widest ``P``,
+    the responses on the right to the longest ``T`` (pad id, attention 0, response mask 0), as one
+    ``generate`` call lays them out. Support positions added on the right are the whole vocabulary:
+    they lie after every EOS (masked out) and keep those log-probs finite."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p.prompt_length for p in parts)
+    T = max(p.response_mask.shape[1] for p in parts)
+    sequences, attention, responses, supports = [], [], [], []
+    for part in parts:
+        left, right = P - part.prompt_length, T - part.response_mask.shape[1]
+        pad = lambda x, value: torch.nn.functional.pad(x, (left, right), value=value)  # noqa: E731
+        sequences.append(pad(part.sequences, pad_token_id))
+        attention.append(pad(part.attention_mask, 0))
+        responses.append(torch.nn.functional.pad(part.response_mask, (0, right), value=0))
+        if part.support is not None:
+            supports.append(torch.nn.functional.pad(part.support, (0, 0, 0, right), value=255))
+    first = parts[0]
+    return Rollout(
+        prompts=[p for part in parts for p in part.prompts],
+        responses=[r for part in parts for r in part.responses],
+        sequences=torch.cat(sequences), attention_mask=torch.cat(attention), response_mask=torch.cat(responses),
+        prompt_length=P, group_size=group_size, temperature=first.temperature, top_k=first.top_k,
+        top_p=first.top_p, support=torch.cat(supports) if supports else None,
+    )
+
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, matching what ``generate`` uses."""
@@ -280,13 +326,46 @@ def sample(
     chat_template: Optional[bool] = None,
     system_prompt: Optional[str] = None,
     user_message_mode: str = "question",
+    generation_batch_size: Optional[int] = None,
 ) -> Rollout:
     """Sample ``group_size`` responses per prompt from ``model`` (in eval mode, no grad).
 
     ``Rollout.prompts`` holds the prompts as given (what the rewards score), whatever the
-    chat template made of them."""
-    device = next(model.parameters()).device
+    chat template made of them.
+
+    ``generation_batch_size``: sequences (of the ``B·G``) per ``generate`` call; ``None``: all in
+    one. The chunks are laid out as one call would (``concat_rollouts``). What is identical to
+    one call: greedy decoding (top-1) gives the same tokens, a rollout's layout and everything
+    computed from it (log-probs, losses) are the same, and the same seed with the same chunk
+    size gives the same rollout. What is not: with temperature sampling, each call draws its
+    own random numbers from the global generator (one ``multinomial`` per chunk per token), so
+    the same seed gives other (equally distributed) responses than one call would.
+    """
     repeated = [p for p in prompts for _ in range(group_size)]
+    settings = (max_new_tokens, max_prompt_length, temperature, top_k, top_p, chat_template, system_prompt,
+                user_message_mode)
+    parts = [_generate(model, tokenizer, repeated[rows], group_size, *settings)
+             for rows in micro_batches(len(repeated), generation_batch_size)]
+    return concat_rollouts(parts, tokenizer.pad_token_id, group_size)
+
+
+@torch.no_grad()
+def _generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    repeated: list[str],
+    group_size: int,
+    max_new_tokens: int,
+    max_prompt_length: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    chat_template: Optional[bool],
+    system_prompt: Optional[str],
+    user_message_mode: str,
+) -> Rollout:
+    """One ``generate`` call over rows that are already repeated ``group_size`` times."""
+    device = next(model.parameters()).device
     encoded = encode_prompts(
         tokenizer, repeated, max_prompt_length, device, chat_template, system_prompt, user_message_mode
     )
