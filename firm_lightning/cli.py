@@ -219,8 +219,13 @@ class FIRMCLI:
         with quiet_lightning(federation.quiet):
             trainers = TrainerFactory({**self.components.trainer_config, "max_steps": 1}, federation.output_dir)
             statistics = self._read_run(trainers)
-            with statistics_frozen(self.model.objectives):
-                results = trainers.eval_trainer().validate(self.model, datamodule=self.datamodule, verbose=False)[0]
+            from firm_lightning.evaluation import EvaluationProtocol
+
+            if isinstance(self.datamodule, EvaluationProtocol):  # e.g. the HH-RLHF protocol (configs/hh_rlhf_eval.yaml)
+                results = self.datamodule.run(self.model, self._device())
+            else:
+                with statistics_frozen(self.model.objectives):
+                    results = trainers.eval_trainer().validate(self.model, datamodule=self.datamodule, verbose=False)[0]
         print(f"adapter: {self._ckpt_path() or '(freshly initialised)'}" + (f" (statistics: {statistics})" if statistics else ""))
         for key, value in results.items():
             print(f"{key:<32}{value:.4f}")
