@@ -18,6 +18,7 @@ from firm_lightning.client import fit_client
 from firm_lightning.config import build_components
 from firm_lightning.datamodule import ClientData, PromptDataModule
 from firm_lightning.engine import RoundEngine
+from firm_lightning.evaluation import HHRLHFEvaluation
 from firm_lightning.federation import FederationConfig
 from firm_lightning.hh_rlhf import HHRLHFDataModule
 from firm_lightning.module import FIRMClientModule, PolicyGradientSettings, SamplingSettings
@@ -33,7 +34,7 @@ __all__ = [
     # the client
     "FIRMClientModule", "SamplingSettings", "PolicyGradientSettings", "LoRASettings", "TinyPolicy", "PretrainedPolicy",
     # data
-    "PromptDataModule", "HHRLHFDataModule", "ClientData",
+    "PromptDataModule", "HHRLHFDataModule", "ClientData", "HHRLHFEvaluation",
     # objectives and weighting
     "RewardFunction", "CharsetReward", "HFRewardModel", "NormalizedReward",
     "Weighting", "RegularizedMinNorm", "LinearScalarization",

@@ -32,7 +32,9 @@ from safetensors.torch import load_file
 from firm_lightning import claims
 from firm_lightning.compare import CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize
 from firm_lightning.config import Components, build_components
+from firm_lightning.distributed import launch_ranks
 from firm_lightning.engine import OBJECTIVE_STATE_FILE, calibrated_statistics
+from firm_lightning.evaluation import EvaluationProtocol
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.generate import GenerateSettings, format_generations, generate
 from firm_lightning.orchestrator import FederatedOrchestrator
@@ -125,15 +127,24 @@ class FIRMCLI:
     # ---- commands ----
 
     def run_fit(self) -> None:
-        federation, output_dir = self.components.federation, self._prepare_output_dir()
-        algorithm = federation.algorithm.name if federation.algorithm is not None else f"weighting {self.model.weighting!r}"
-        print(
-            f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
-            f"objectives {self.model.objective_names}, {algorithm}; writing to {output_dir}/",
-            flush=True,
-        )
-        trainers = TrainerFactory(self.components.trainer_config, output_dir)
-        self.state = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo).run()
+        federation = self.components.federation
+        # trainer.strategy=ddp with k devices: ranks 1..k-1 are this command again and only serve the client
+        # fits that rank 0 announces; rank 0 runs the federation and alone writes (firm_lightning/distributed.py).
+        with launch_ranks(self.components.trainer_config) as ranks:
+            if ranks.rank > 0:
+                trainers = TrainerFactory(self.components.trainer_config, federation.output_dir)
+                FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=lambda _: None).serve()
+                return
+            output_dir = self._prepare_output_dir()
+            algorithm = federation.algorithm.name if federation.algorithm is not None else f"weighting {self.model.weighting!r}"
+            print(
+                f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
+                f"objectives {self.model.objective_names}, {algorithm}; writing to {output_dir}/"
+                + (f"; {ranks.world} devices per client (ddp)" if ranks.world > 1 else ""),
+                flush=True,
+            )
+            trainers = TrainerFactory(self.components.trainer_config, output_dir)
+            self.state = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo).run()
 
     def run_compare(self) -> None:
         self._refuse_federation_algorithm("compare.algorithms")
@@ -218,12 +229,13 @@ class FIRMCLI:
         federation = self.components.federation
         with quiet_lightning(federation.quiet):
             trainers = TrainerFactory({**self.components.trainer_config, "max_steps": 1}, federation.output_dir)
-            statistics = self._read_run(trainers)
-            from firm_lightning.evaluation import EvaluationProtocol
-
             if isinstance(self.datamodule, EvaluationProtocol):  # e.g. the HH-RLHF protocol (configs/hh_rlhf_eval.yaml)
+                statistics = None  # a protocol scores raw reward-model logits: no run statistics involved
+                if self._ckpt_path():
+                    self.model.load_adapter_state(load_adapter_file(self._ckpt_path()))
                 results = self.datamodule.run(self.model, self._device())
             else:
+                statistics = self._read_run(trainers)
                 with statistics_frozen(self.model.objectives):
                     results = trainers.eval_trainer().validate(self.model, datamodule=self.datamodule, verbose=False)[0]
         print(f"adapter: {self._ckpt_path() or '(freshly initialised)'}" + (f" (statistics: {statistics})" if statistics else ""))
