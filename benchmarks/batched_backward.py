@@ -1,6 +1,7 @@
 """S separate backward passes against one batched (vmap, ``is_grads_batched``) backward pass.
 
-    python benchmarks/batched_backward.py
+    python benchmarks/batched_backward.py                      # tiny and mid
+    python benchmarks/batched_backward.py --models gpt2_124m   # GPT-2 124M shape (8 sequences)
 
 The per-objective gradients need S vector-Jacobian products through the same graph. PyTorch
 can batch them with ``torch.autograd.grad(..., is_grads_batched=True)``; this measures whether
@@ -10,6 +11,7 @@ interleaved repetitions and the batched/separate ratio, per model size and S.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -19,20 +21,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import BATCH, GROUP, MODELS, build_module, prompts  # noqa: E402
+from run import SHAPES, build_module, prompts  # noqa: E402
 
 from firm_lightning.sequences import token_logprobs  # noqa: E402
 
 
-def main(reps: int = 5) -> dict:
+def main(models=("tiny", "mid"), reps: int = 5) -> dict:
     torch.set_num_threads(1)
-    batch = prompts(BATCH)
     result = {}
-    for model in MODELS:
+    for model in models:
+        num_prompts, group = SHAPES[model]
         module = build_module(model, 1, 16)
         params = module.trainable_parameters()
         torch.manual_seed(0)
-        rollout = module.rollout(batch, GROUP)
+        rollout = module.rollout(prompts(num_prompts), group)
 
         def separate(s):
             logprobs = token_logprobs(module.policy, rollout)
@@ -58,4 +60,8 @@ def main(reps: int = 5) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["tiny", "mid"], choices=list(SHAPES))
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    main(args.models, args.reps)

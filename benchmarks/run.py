@@ -1,17 +1,25 @@
 """Performance benchmark: where a FIRM round spends its time, against its floor and its peers.
 
-    python benchmarks/run.py              # tiny and mid-size models, 7 interleaved repetitions
-    python benchmarks/run.py --quick      # about a minute: fewer repetitions, smaller sweeps
-    python benchmarks/run.py --smoke      # the smallest mode (the test suite runs it)
+    python benchmarks/run.py              # tiny, mid-size and GPT-2 124M shapes, 7 interleaved repetitions
+    python benchmarks/run.py --quick      # under ~10 minutes on 2 busy CPU cores: fewer repetitions
+    python benchmarks/run.py --smoke      # the smallest mode (the test suite runs it): tiny model only
     python benchmarks/run.py --json out.json
 
 Every speed number is a ratio or a rate measured inside this one run; variants are interleaved
 (S = 1, 2, 3 in turn within each repetition) and ratios are taken per repetition, then
 reported as min / median / max. Sections:
 
-1. Local step cost: FIRM's sampling, scoring and update with S = 1, 2, 3 objectives on the
-   same rollouts, and the floor: one forward plus S backward passes of the bare LoRA model
-   (plain torch, none of this project's code).
+1. Local step cost: FIRM's sampling, scoring and update with S = 1, 2, 3 objectives (S = 1, 2
+   on the GPT-2 124M shape) on the same rollouts, and the floor: one forward (logits for the
+   response positions only) plus S backward passes of the bare LoRA model (plain torch, none
+   of this project's code). FIRM's update also runs the reference forward (no grad, adapter
+   off: spec step 4), which the floor does not; it is timed on its own, so
+   ``update_over_floor_with_reference_s2`` and ``overhead_beyond_floor_and_reference_s2`` say
+   what is left once it is accounted for. ``floor_step_ratio_s2`` is the floor's own step
+   ratio (the same sampling and scoring, the floor instead of the update).
+   Shapes: ``tiny`` (2 layers, 64 wide) and ``mid`` (4 layers, 256 wide) with the character
+   tokenizer; ``gpt2_124m``: GPT-2's 12 layers, 768 wide, random weights, a byte-level BPE
+   tokenizer of 50,257 tokens built in code (benchmarks/shapes.py).
 2. Orchestration overhead: a round's wall time (evaluation excluded) against the clients' time
    inside ``training_step``: Trainer construction, adapter swaps, aggregation and logging.
 3. Memory against clients: peak RSS of a whole federation with 2, 8 and 32 clients (one
@@ -19,7 +27,14 @@ reported as min / median / max. Sections:
 4. Communication: bytes up and down per client per round for FIRM and FMGDA at S = 2 and 3,
    and the 16-bit upload (``federation.upload_dtype``) with its effect on the eval reward.
 5. The peer: TRL's GRPO trainer (one objective) on the same model, prompts, B, G and
-   response length, in tokens per second, beside FIRM with S = 1 and S = 2.
+   response length, in tokens per second, beside FIRM with S = 1 and S = 2 (tiny, and the
+   GPT-2 124M shape outside smoke mode). "skipped" when TRL is not installed.
+6. Memory against micro-batch size (GPT-2 124M shape, S = 2): one process per
+   ``loss.micro_batch_size`` loads the same saved rollout, then runs one update. Measured:
+   resident memory before the update (weights, rollout, imports) and the peak during it
+   (VmHWM, reset through /proc/self/clear_refs just before it): the update's own peak working
+   set, as the OS sees it (CPU; torch's allocator caches nothing on CPU). The same for
+   sampling against ``sampling.generation_batch_size``.
 """
 
 from __future__ import annotations
@@ -30,7 +45,6 @@ import io
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,22 +66,34 @@ from firm_lightning.module import FIRMClientModule, PolicyGradientSettings, Samp
 from firm_lightning.orchestrator import FederationConfig, run_federation  # noqa: E402
 from firm_lightning.policy import LoRASettings, TinyPolicy  # noqa: E402
 from firm_lightning.rewards import CharsetReward, score_all  # noqa: E402
-from firm_lightning.sequences import position_ids  # noqa: E402
+from firm_lightning.sequences import position_ids, token_logprobs  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from shapes import GPT2ShapePolicy  # noqa: E402
 
 MODELS = {
     "tiny": dict(num_layers=2, hidden_size=64, num_heads=4),
     "mid": dict(num_layers=4, hidden_size=256, num_heads=4),
+    "gpt2_124m": None,  # GPT2ShapePolicy
 }
 # No LoRA on lm_head: TRL computes log-probs from lm_head.weight directly and refuses it, and
 # the comparison needs the same trainable parameters on both sides.
 LORA = LoRASettings(target_modules=["c_attn", "c_proj", "c_fc"])
 OBJECTIVES = (("a_to_m", "abcdefghijklm"), ("n_to_z", "nopqrstuvwxyz"), ("vowels", "aeiou"))
 BATCH, GROUP = 8, 4  # B prompts per step, G responses per prompt
+# B, G on the GPT-2 124M shape: one CPU update of 8 sequences takes seconds there.
+SHAPES = {"tiny": (BATCH, GROUP), "mid": (BATCH, GROUP), "gpt2_124m": (4, 2)}
+MICRO_SHAPE = (4, 4)  # B, G of the memory-vs-micro-batch section (16 sequences)
 
 MODES = {
-        "smoke": dict(reps=2, models=["tiny"], tokens=16, rss_clients=[2, 8, 32], rounds=1, clients=2, trl_steps=2, cast_rounds=1),
-    "quick": dict(reps=3, models=["tiny", "mid"], tokens=16, rss_clients=[2, 8, 32], rounds=2, clients=4, trl_steps=3, cast_rounds=2),
-    "full": dict(reps=7, models=["tiny", "mid"], tokens=32, rss_clients=[2, 8, 32], rounds=3, clients=4, trl_steps=6, cast_rounds=4),
+    "smoke": dict(reps=2, models=["tiny"], tokens=16, rss_clients=[2, 8, 32], rounds=1, clients=2, trl_steps=2,
+                  cast_rounds=1, trl_models=["tiny"], micro_sizes=[], generation_sizes=[]),
+    "quick": dict(reps=3, models=["tiny", "mid", "gpt2_124m"], tokens=16, rss_clients=[2, 8, 32], rounds=2, clients=4,
+                  trl_steps=3, cast_rounds=2, trl_models=["tiny", "gpt2_124m"], micro_sizes=[None, 4, 1],
+                  generation_sizes=[None, 4]),
+    "full": dict(reps=7, models=["tiny", "mid", "gpt2_124m"], tokens=32, rss_clients=[2, 8, 32], rounds=3, clients=4,
+                 trl_steps=6, cast_rounds=4, trl_models=["tiny", "mid", "gpt2_124m"], micro_sizes=[None, 8, 4, 2, 1],
+                 generation_sizes=[None, 8, 4]),
 }
 
 
@@ -94,12 +120,18 @@ def prompts(n: int) -> list[str]:
     return data.client_prompts(0)[:n]
 
 
-def build_module(model: str, num_objectives: int, max_new_tokens: int, gram_from: str = "parameters") -> FIRMClientModule:
+def policy_for(model: str):
+    return GPT2ShapePolicy(seed=0) if model == "gpt2_124m" else TinyPolicy(**MODELS[model], seed=0)
+
+
+def build_module(model: str, num_objectives: int, max_new_tokens: int, gram_from: str = "parameters",
+                 **settings) -> FIRMClientModule:
     torch.manual_seed(0)  # the same LoRA initialisation for every S
+    sampling = {k: settings.pop(k) for k in list(settings) if k in ("generation_batch_size",)}
     module = FIRMClientModule(
-        objectives(num_objectives), policy=TinyPolicy(**MODELS[model], seed=0), lora=LORA,
-        sampling=SamplingSettings(num_generations=GROUP, max_new_tokens=max_new_tokens),
-        loss=PolicyGradientSettings(kl_coef=0.05, gram_from=gram_from), learning_rate=1e-3,
+        objectives(num_objectives), policy=policy_for(model), lora=LORA,
+        sampling=SamplingSettings(num_generations=SHAPES[model][1], max_new_tokens=max_new_tokens, **sampling),
+        loss=PolicyGradientSettings(kl_coef=0.05, gram_from=gram_from, **settings), learning_rate=1e-3,
     )
     optimizer = module.configure_optimizers()
     module.optimizers = lambda: optimizer  # outside a Trainer: the optimiser Lightning would hand over
@@ -107,12 +139,14 @@ def build_module(model: str, num_objectives: int, max_new_tokens: int, gram_from
 
 
 def floor_update(module: FIRMClientModule, rollout, num_objectives: int, coefficients: torch.Tensor) -> None:
-    """One forward and S backward passes of the bare LoRA model: no project code in the loop."""
+    """One forward and S backward passes of the bare LoRA model: no project code in the loop.
+    Logits for the response positions only (``logits_to_keep``), as a careful implementation would."""
     model, params = module.policy, module.trainable_parameters()
+    T = rollout.sequences.shape[1] - rollout.prompt_length
     logits = model(
         input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
-        position_ids=position_ids(rollout.attention_mask),
-    ).logits[:, rollout.prompt_length - 1 : -1]
+        position_ids=position_ids(rollout.attention_mask), logits_to_keep=T + 1,
+    ).logits[:, :-1]
     targets = rollout.sequences[:, rollout.prompt_length :]
     logprobs = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None]).squeeze(-1)
     losses = (logprobs[None] * coefficients[:num_objectives]).sum(dim=(1, 2))
@@ -123,19 +157,33 @@ def floor_update(module: FIRMClientModule, rollout, num_objectives: int, coeffic
 # --------------------------------------------------------------------------- 1. local step
 
 
+def with_objectives(module: FIRMClientModule, num: int) -> FIRMClientModule:
+    """The same module (one copy of the weights, which matters at 124M) with the first ``num`` objectives."""
+    module.objectives = objectives(num)
+    module.objective_names = [o.name for o in module.objectives]
+    return module
+
+
+def reference_forward(module: FIRMClientModule, rollout) -> None:
+    with torch.no_grad(), module.policy.disable_adapter():
+        token_logprobs(module.policy, rollout)
+
+
 def local_step_section(model: str, mode: dict) -> dict:
-    modules = {s: build_module(model, s, mode["tokens"]) for s in (1, 2, 3)}
-    initial = modules[1].adapter_state()
-    batch = prompts(BATCH)
+    variants = (1, 2) if model == "gpt2_124m" else (1, 2, 3)
+    module = build_module(model, max(variants), mode["tokens"])
+    initial = module.adapter_state()
+    num_prompts, group = SHAPES[model]
+    batch = prompts(num_prompts)
     torch.manual_seed(0)
-    fixed = modules[1].rollout(batch, GROUP)  # the same rollouts for every variant
+    fixed = module.rollout(batch, group)  # the same rollouts for every variant
     coefficients = torch.randn(3, *fixed.response_mask.shape) * fixed.response_mask
     times: dict[str, list[float]] = {}
     for _ in range(mode["reps"]):
-        for s, module in modules.items():
-            module.load_adapter_state(initial)
+        for s in variants:
+            with_objectives(module, s).load_adapter_state(initial)
             torch.manual_seed(1)
-            t_sample, rollout = timed(lambda: module.rollout(batch, GROUP))
+            t_sample, rollout = timed(lambda: module.rollout(batch, group))
             t_score, _ = timed(lambda: score_all(module.objectives, rollout.prompts, rollout.responses))
             rewards = score_all(module.objectives, fixed.prompts, fixed.responses)
             t_update, _ = timed(lambda: module.update(fixed, rewards))
@@ -143,44 +191,61 @@ def local_step_section(model: str, mode: dict) -> dict:
             for key, value in (("sampling", t_sample), ("scoring", t_score), ("update", t_update), ("floor", t_floor)):
                 times.setdefault(f"{key}_s{s}", []).append(value)
             times.setdefault(f"step_s{s}", []).append(t_sample + t_score + t_update)
+            times.setdefault(f"floor_step_s{s}", []).append(t_sample + t_score + t_floor)
+        times.setdefault("reference_forward", []).append(timed(lambda: reference_forward(module, fixed))[0])
     ratio = lambda key, s: [a / b for a, b in zip(times[f"{key}_s{s}"], times[f"{key}_s1"])]  # noqa: E731
+    per_rep = lambda fn, *keys: stats([fn(*v) for v in zip(*(times[k] for k in keys))])  # noqa: E731
     tokens = int(fixed.response_mask.sum())
     result = {
         "model": model,
+        "batch": {"prompts": num_prompts, "generations": group, "max_new_tokens": mode["tokens"]},
         "response_tokens_per_step": tokens,
         "sequence_shape": list(fixed.sequences.shape),
+        "vocab_size": len(module.tokenizer),
+        "parameters": sum(p.numel() for p in module.policy.parameters()),
+        "trainable_parameters": sum(p.numel() for p in module.trainable_parameters()),
         "seconds": {k: stats(v) for k, v in times.items()},
         "update_ratio_s2": stats(ratio("update", 2)),
-        "update_ratio_s3": stats(ratio("update", 3)),
         "update_floor_ratio_s2": stats(ratio("floor", 2)),
-        "update_floor_ratio_s3": stats(ratio("floor", 3)),
         "step_ratio_s2": stats(ratio("step", 2)),
-        "step_ratio_s3": stats(ratio("step", 3)),
-        "update_over_floor_s2": stats([u / f for u, f in zip(times["update_s2"], times["floor_s2"])]),
-        "sampling_share_s2": stats([a / b for a, b in zip(times["sampling_s2"], times["step_s2"])]),
-        "cheap_weighting": cheap_weighting(model, mode, modules, initial, fixed),
+        "floor_step_ratio_s2": stats(ratio("floor_step", 2)),
+        "step_ratio_s2_over_floor_step_ratio": per_rep(lambda a, b, c, d: (a / b) / (c / d),
+                                                       "step_s2", "step_s1", "floor_step_s2", "floor_step_s1"),
+        "update_over_floor_s2": per_rep(lambda u, f: u / f, "update_s2", "floor_s2"),
+        "update_over_floor_with_reference_s2": per_rep(lambda u, f, r: u / (f + r), "update_s2", "floor_s2",
+                                                       "reference_forward"),
+        "reference_share_of_update_s2": per_rep(lambda r, u: r / u, "reference_forward", "update_s2"),
+        "overhead_beyond_floor_and_reference_s2": per_rep(lambda u, f, r: (u - f - r) / f, "update_s2", "floor_s2",
+                                                          "reference_forward"),
+        "step_split_s2": {k: per_rep(lambda a, b: a / b, f"{k}_s2", "step_s2") for k in ("sampling", "scoring", "update")},
+        "sampling_share_s2": per_rep(lambda a, b: a / b, "sampling_s2", "step_s2"),
     }
+    if 3 in variants:
+        result.update({"update_ratio_s3": stats(ratio("update", 3)), "update_floor_ratio_s3": stats(ratio("floor", 3)),
+                       "step_ratio_s3": stats(ratio("step", 3))})
+        result["cheap_weighting"] = cheap_weighting(model, mode, module, initial, fixed)
     for s in (1, 2):
         result[f"firm_s{s}_tokens_per_s"] = tokens / statistics.median(times[f"step_s{s}"])
     return result
 
 
-def cheap_weighting(model: str, mode: dict, modules: dict, initial: dict, fixed) -> dict:
+def cheap_weighting(model: str, mode: dict, base: FIRMClientModule, initial: dict, fixed) -> dict:
     """``gram_from`` hidden / logits against the exact λ: update time and λ distance, S = 2.
 
     The distance is measured on fresh rollouts (one per repetition) from the same adapter, as
     ``|λ_cheap − λ_exact|`` on the first objective's weight (S = 2: the whole difference).
     """
-    exact = modules[2]
-    variants = {"single": modules[1], "parameters": exact,
-                **{g: build_module(model, 2, mode["tokens"], g) for g in ("hidden", "logits")}}
+    cheap = {g: build_module(model, 2, mode["tokens"], g) for g in ("hidden", "logits")}
+    variants = {"single": 1, "parameters": 2, **cheap}
     times: dict[str, list[float]] = {}
     lambdas: dict[str, list[float]] = {}
-    batch = prompts(BATCH)
+    num_prompts, group = SHAPES[model]
+    batch = prompts(num_prompts)
     for rep in range(mode["reps"]):
         torch.manual_seed(100 + rep)
-        rollout = exact.rollout(batch, GROUP) if rep else fixed
-        for name, module in variants.items():
+        rollout = with_objectives(base, 2).rollout(batch, group) if rep else fixed
+        for name, variant in variants.items():
+            module = variant if isinstance(variant, FIRMClientModule) else with_objectives(base, variant)
             module.load_adapter_state(initial)
             rewards = score_all(module.objectives, rollout.prompts, rollout.responses)
             t, (lam, _, _) = timed(lambda: module.update(rollout, rewards))
@@ -325,29 +390,93 @@ def communication_section(mode: dict) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- 6. memory vs micro-batch
+
+
+def _clear_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def micro_child(path: str, kind: str, size: int | None, threads: int) -> dict:
+    """One process, one setting: the update (or the sampling) of a saved rollout on the 124M shape."""
+    torch.set_num_threads(threads)
+    saved = torch.load(path, weights_only=False)
+    key = "micro_batch_size" if kind == "update" else "generation_batch_size"
+    module = build_module("gpt2_124m", 2, saved["max_new_tokens"], **{key: size})
+    rollout, rewards = saved["rollout"], saved["rewards"]
+    before = _proc_status_mb("VmRSS")
+    reset = _clear_peak()
+    if kind == "update":
+        seconds, _ = timed(lambda: module.update(rollout, rewards))
+    else:
+        torch.manual_seed(0)
+        seconds, _ = timed(lambda: module.rollout(saved["prompts"], rollout.group_size))
+    peak = _proc_status_mb("VmHWM")
+    return {key: size, "rss_before_mb": before, "peak_rss_mb": peak, "peak_above_before_mb": peak - before,
+            "seconds": seconds, "peak_reset": reset}
+
+
+def micro_memory_section(mode: dict, threads: int) -> dict:
+    if not mode["micro_sizes"]:
+        return {"skipped": "not in this mode (--quick or the full run)"}
+    num_prompts, group = MICRO_SHAPE
+    module = build_module("gpt2_124m", 2, mode["tokens"])
+    batch = prompts(num_prompts)
+    torch.manual_seed(0)
+    rollout = module.rollout(batch, group)
+    rewards = score_all(module.objectives, rollout.prompts, rollout.responses)
+    del module
+    result = {"batch": {"prompts": num_prompts, "generations": group, "max_new_tokens": mode["tokens"]},
+              "sequence_shape": list(rollout.sequences.shape), "update": [], "sampling": []}
+    with tempfile.TemporaryDirectory() as out:
+        path = Path(out) / "rollout.pt"
+        torch.save({"rollout": rollout, "rewards": rewards, "prompts": batch, "max_new_tokens": mode["tokens"]}, path)
+        runs = [("update", m) for m in mode["micro_sizes"]] + [("sampling", g) for g in mode["generation_sizes"]]
+        for kind, size in runs:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--_micro_child", str(path), "--_kind", kind, "--_size", str(size),
+                 "--threads", str(threads)],
+                capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            )
+            result[kind].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return result
+
+
 # --------------------------------------------------------------------------- 5. TRL GRPO
 
 
-def trl_section(model: str, mode: dict) -> dict:
+def trl_models_section(mode: dict) -> dict:
     try:
-        from datasets import Dataset
-        from peft import LoraConfig
-        from trl import GRPOConfig, GRPOTrainer
+        import trl  # noqa: F401
     except ImportError:
         return {"skipped": "trl is not installed: pip install -e '.[bench]'"}
-    base, tokenizer = TinyPolicy(**MODELS[model], seed=0).build()
+    return {model: trl_section(model, mode) for model in mode["trl_models"]}
+
+
+def trl_section(model: str, mode: dict) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    base, tokenizer = policy_for(model).build()
     reward = objectives(1)[0]
 
     def reward_fn(prompts, completions, **_):
         return reward(list(prompts), list(completions)).tolist()
 
     reward_fn.__name__ = reward.name
-    batch = prompts(BATCH)
+    num_prompts, group = SHAPES[model]
+    batch = prompts(num_prompts)
     steps = mode["trl_steps"] + 1  # the first step warms up and is discarded
-    dataset = Dataset.from_dict({"prompt": (batch * (steps + 1))[: BATCH * (steps + 1)]})
+    dataset = Dataset.from_dict({"prompt": (batch * (steps + 1))[: num_prompts * (steps + 1)]})
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
-            output_dir=out, per_device_train_batch_size=BATCH * GROUP, num_generations=GROUP,
+            output_dir=out, per_device_train_batch_size=num_prompts * group, num_generations=group,
             max_completion_length=mode["tokens"], temperature=1.0, beta=0.05, learning_rate=1e-3,
             max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False, fp16=False,
             save_strategy="no", disable_tqdm=True, seed=0, shuffle_dataset=False,
@@ -392,19 +521,43 @@ def trl_section(model: str, mode: dict) -> dict:
 
 
 def summary(result: dict) -> dict:
-    """The flat keys the issue names, from the tiny model's sections; a section that did not run
-    (``--sections``) or was skipped (TRL not installed) leaves its keys None."""
+    """The flat keys: the tiny model's under their plain names (the smoke test's), every shape's
+    under ``<key>_<model>``, and the issue's targets, each with its value and whether it is met.
+    A section that did not run (``--sections``) or was skipped (TRL missing) leaves its keys None."""
     flat: dict = {}
-    tiny = result.get("local_step", {}).get("tiny", {})
+    local = result.get("local_step", {})
+    tiny = local.get("tiny", {})
     for k in ("update_ratio_s2", "update_ratio_s3", "update_floor_ratio_s2", "step_ratio_s2"):
         flat[k] = tiny[k]["median"] if k in tiny else None
     flat["orchestration_overhead"] = result.get("orchestration", {}).get("orchestration_overhead")
     flat["rss_ratio_32_vs_2"] = result.get("memory", {}).get("rss_ratio_32_vs_2")
     comm = result.get("communication", {})
     flat.update({k: comm.get(k) for k in ("adapter_bytes", "uplink_bytes_firm_s2", "uplink_bytes_fmgda_s2")})
-    flat["trl_grpo_tokens_per_s"] = result.get("trl", {}).get("trl_grpo_tokens_per_s")
+    trl = result.get("trl", {})
+    flat["trl_grpo_tokens_per_s"] = trl.get("tiny", {}).get("trl_grpo_tokens_per_s")
     flat["firm_s2_tokens_per_s"] = tiny.get("firm_s2_tokens_per_s")
     flat["firm_s1_tokens_per_s"] = tiny.get("firm_s1_tokens_per_s")
+    for model, section in local.items():
+        for k in ("update_over_floor_s2", "update_over_floor_with_reference_s2", "reference_share_of_update_s2",
+                  "step_ratio_s2", "floor_step_ratio_s2", "step_ratio_s2_over_floor_step_ratio"):
+            flat[f"{k}_{model}"] = section[k]["median"]
+        flat[f"firm_s2_tokens_per_s_{model}"] = section["firm_s2_tokens_per_s"]
+        if model in trl:
+            flat[f"trl_grpo_tokens_per_s_{model}"] = trl[model]["trl_grpo_tokens_per_s"]
+    for row in result.get("micro_memory", {}).get("update", []):
+        flat[f"update_peak_above_before_mb_micro_{row['micro_batch_size']}"] = row["peak_above_before_mb"]
+    targets = []
+    for model in ("mid", "gpt2_124m"):
+        if f"update_over_floor_s2_{model}" in flat:
+            targets.append(("update_over_floor_s2", model, flat[f"update_over_floor_s2_{model}"], "<= 1.10",
+                            flat[f"update_over_floor_s2_{model}"] <= 1.10))
+    if flat["orchestration_overhead"] is not None:
+        targets.append(("orchestration_overhead", "tiny", flat["orchestration_overhead"], "<= 0.03",
+                        flat["orchestration_overhead"] <= 0.03))
+    for model in local:
+        value = flat[f"step_ratio_s2_over_floor_step_ratio_{model}"]
+        targets.append(("step_ratio_s2 / floor_step_ratio_s2", model, value, "within 5 %", abs(value - 1) <= 0.05))
+    flat["targets"] = [dict(zip(("measure", "model", "value", "target", "met"), t)) for t in targets]
     return flat
 
 
@@ -415,36 +568,64 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+LOCAL_ROWS = ("update_ratio_s2", "update_floor_ratio_s2", "update_ratio_s3", "update_floor_ratio_s3", "step_ratio_s2",
+              "floor_step_ratio_s2", "step_ratio_s2_over_floor_step_ratio", "step_ratio_s3", "update_over_floor_s2",
+              "update_over_floor_with_reference_s2", "reference_share_of_update_s2",
+              "overhead_beyond_floor_and_reference_s2", "sampling_share_s2")
+
+
 def print_table(result: dict) -> None:
-    print(f"{'measure':<34}{'model':>6}{'min':>10}{'median':>10}{'max':>10}")
+    print(f"{'measure':<40}{'model':>10}{'min':>10}{'median':>10}{'max':>10}")
     for model, section in result.get("local_step", {}).items():
-        for key in ("update_ratio_s2", "update_floor_ratio_s2", "update_ratio_s3", "update_floor_ratio_s3",
-                    "step_ratio_s2", "step_ratio_s3", "update_over_floor_s2", "sampling_share_s2"):
-            s = section[key]
-            print(f"{key:<34}{model:>6}{s['min']:>10.3f}{s['median']:>10.3f}{s['max']:>10.3f}")
+        for key in LOCAL_ROWS:
+            if key in section:
+                s = section[key]
+                print(f"{key:<40}{model:>10}{s['min']:>10.3f}{s['median']:>10.3f}{s['max']:>10.3f}")
+        for key in ("update", "scoring"):
+            s = section["step_split_s2"][key]
+            print(f"{key + '_share_s2':<40}{model:>10}{s['min']:>10.3f}{s['median']:>10.3f}{s['max']:>10.3f}")
     flat = result["summary"]
     for key in ("orchestration_overhead", "rss_ratio_32_vs_2", "adapter_bytes", "uplink_bytes_firm_s2",
                 "uplink_bytes_fmgda_s2", "trl_grpo_tokens_per_s", "firm_s1_tokens_per_s", "firm_s2_tokens_per_s"):
-        print(f"{key:<34}{'tiny':>6}{'':>10}{_cell(flat[key]):>10}")
+        print(f"{key:<40}{'tiny':>10}{'':>10}{_cell(flat[key]):>10}")
+    for model in result.get("local_step", {}):
+        if model != "tiny":
+            for key in ("firm_s2_tokens_per_s", "trl_grpo_tokens_per_s"):
+                print(f"{key:<40}{model:>10}{'':>10}{_cell(flat.get(f'{key}_{model}')):>10}")
     if "skipped" in result.get("trl", {}):
         print(f"trl: skipped ({result['trl']['skipped']})")
+    micro = result.get("micro_memory", {})
+    for kind, key in (("update", "micro_batch_size"), ("sampling", "generation_batch_size")):
+        for row in micro.get(kind, []):
+            print(f"{kind} peak RSS, {key}={row[key]!s:<5} gpt2_124m: before {row['rss_before_mb']:.0f} MB, "
+                  f"peak {row['peak_rss_mb']:.0f} MB, peak above before {row['peak_above_before_mb']:.0f} MB, "
+                  f"{row['seconds']:.1f} s")
+    for t in flat["targets"]:
+        print(f"target {t['measure']:<36}{t['model']:>10} {t['value']:.3f} ({t['target']}): {'met' if t['met'] else 'NOT met'}")
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="about a minute: fewer repetitions")
+    parser.add_argument("--quick", action="store_true", help="under ~10 minutes: fewer repetitions")
     parser.add_argument("--smoke", action="store_true", help="the smallest mode: tiny model, 2 repetitions")
     parser.add_argument("--json", help="also write the JSON result to this path")
     parser.add_argument("--sections", nargs="+", help="run only these sections (local_step, orchestration, memory, "
-                        "communication, trl); the summary's keys of the others are None")
+                        "communication, trl, micro_memory); the summary's keys of the others are None")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: immune to a busy machine)")
     parser.add_argument("--_rss_child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_rounds", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_micro_child", help=argparse.SUPPRESS)
+    parser.add_argument("--_kind", help=argparse.SUPPRESS)
+    parser.add_argument("--_size", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     if args._rss_child:
         print(json.dumps(rss_child(args._rss_child, args._rounds)))
+        return {}
+    if args._micro_child:
+        size = None if args._size == "None" else int(args._size)
+        print(json.dumps(micro_child(args._micro_child, args._kind, size, args.threads)))
         return {}
     torch.set_num_threads(args.threads)
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -456,7 +637,8 @@ def main(argv=None) -> dict:
         "orchestration": lambda: orchestration_section(mode),
         "memory": lambda: memory_section(mode),
         "communication": lambda: communication_section(mode),
-        "trl": lambda: trl_section("tiny", mode),
+        "trl": lambda: trl_models_section(mode),
+        "micro_memory": lambda: micro_memory_section(mode, args.threads),
     }
     result["section_wall_s"] = {}
     for name, run in sections.items():

@@ -194,3 +194,22 @@ def test_client_garbage_is_freed_inside_steady_memory_and_gc_is_unfrozen_after()
         release_client_memory()
         assert alive() is None
     assert gc.get_freeze_count() == 0
+
+
+def test_gpt2_shape_has_gpt2s_vocabulary_and_parameter_count():
+    """The benchmark's GPT-2 124M shape: 50,257 byte-level BPE tokens (id 50256 ends a text, id 0 is "!"),
+    and GPT-2's 124,439,808 parameters (counted on the meta device: no weights are allocated)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from shapes import GPT2_VOCAB, gpt2_tokenizer
+
+    tokenizer = gpt2_tokenizer()
+    assert len(tokenizer) == GPT2_VOCAB == 50257 and tokenizer.eos_token_id == 50256
+    assert tokenizer.convert_ids_to_tokens(0) == "!" and tokenizer.padding_side == "left"
+    text = "How do I keep snails away from my zucchini? Ünïcödé & emoji 🙂"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text and len(ids) < len(text.encode())  # byte-level and merging
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB))
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808
