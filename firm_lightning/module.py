@@ -19,6 +19,11 @@ Memory: ``sampling.generation_batch_size`` samples step 1 in chunks of sequences
 micro-batch's ``S`` gradients into ``S`` accumulators (its losses carry the whole batch's
 normalisers), so steps 7-9 see the whole batch's gradients: the same step, with activation
 memory bounded by the micro-batch instead of ``B·G``.
+
+Several devices per client (``trainer.strategy: ddp``, firm_lightning/distributed.py): each rank
+samples its share of the batch's prompts, every rank scores the whole gathered rollout, and the
+``S`` gradient accumulators are summed over the ranks before step 7, so every rank takes the
+same step.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import leave_one_out_advantages
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
-from firm_lightning.sequences import USER_MESSAGES, Rollout, micro_batches, sample, token_logprobs
+from firm_lightning.distributed import all_gather_objects, all_reduce_sum, shares
+from firm_lightning.sequences import USER_MESSAGES, Rollout, concat_rollouts, micro_batches, sample, token_logprobs
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
@@ -284,7 +290,8 @@ class FIRMClientModule(L.LightningModule):
         base, self.tokenizer = (policy or TinyPolicy()).build()
         self.policy = add_lora(base, lora)
         self.client_metrics = torch.nn.ModuleDict(
-            {_metric_key(k): MeanMetric() for k in self._summary_names()}
+            # Under DDP every rank records the same (whole-batch) values: nothing to synchronise.
+            {_metric_key(k): MeanMetric(sync_on_compute=False) for k in self._summary_names()}
         )
         if sampling.num_generations < 2:
             raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
@@ -334,12 +341,37 @@ class FIRMClientModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         with self._profile("sampling"):
-            rollout = self.rollout(batch["prompt"], self.sampling.num_generations)
-        with self._profile("scoring"):
+            rollout = self._sample_batch(list(batch["prompt"]))
+        with self._profile("scoring"):  # under DDP every rank scores the whole batch: identical rewards and statistics
             rewards = score_all(self.objectives, rollout.prompts, rollout.responses).to(self.device)
         with self._profile("update"):
             lambdas, norm, kl = self.update(rollout, rewards)
         self._record(rewards.mean(dim=1), lambdas, kl, norm, rollout)
+
+    def _ranks(self) -> Optional[tuple[int, int]]:
+        """``(rank, world size)`` when this client's fit spans several ranks (``trainer.strategy=ddp``), else None."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        return trainer.global_rank, trainer.world_size
+
+    def _sample_batch(self, prompts: list[str]) -> Rollout:
+        """Step 1 for the batch. Under DDP (firm_lightning.distributed) each rank samples its share of
+        the prompts, then every rank holds the whole rollout, laid out as one process would."""
+        group = self.sampling.num_generations
+        ranks = self._ranks()
+        if ranks is None:
+            return self.rollout(prompts, group)
+        rank, world = ranks
+        mine = prompts[shares(len(prompts), world)[rank]]
+        # One draw from the shared generator keeps the ranks in step; each samples with its own numbers
+        # (the same numbers on every rank would correlate the responses to different prompts).
+        seed = int(torch.randint(0, 2**62, ()))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed + rank)
+            local = self.rollout(mine, group).to("cpu") if mine else None
+        parts = [part for part in all_gather_objects(local) if part is not None]
+        return concat_rollouts(parts, self.tokenizer.pad_token_id, group).to(self.device)
 
     def update(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 3-9 on scored rollouts: advantages, log-probs, per-objective losses, weighted step(s).
@@ -349,33 +381,45 @@ class FIRMClientModule(L.LightningModule):
 
         With ``loss.micro_batch_size`` the rows go through the model a micro-batch at a time (the
         reference log-probs too); each micro-batch's losses carry the whole batch's normalisers, so
-        the per-objective gradients summed over the micro-batches are the whole batch's.
+        the per-objective gradients summed over the micro-batches are the whole batch's. Under DDP
+        each rank takes the rows of its share of the prompts and the sums run over the ranks too.
         """
         advantages = leave_one_out_advantages(rewards, rollout.group_size, self.loss_settings.whiten_advantages)
         num_rows = len(rollout.responses)
-        chunks = micro_batches(num_rows, self.loss_settings.micro_batch_size)
-        parts = [rollout] if len(chunks) == 1 else [rollout.rows(rows) for rows in chunks]
+        ranks = self._ranks()
+        mine = slice(0, num_rows)  # this rank's rows: all of them, or its share of the prompts' groups under DDP
+        if ranks is not None:
+            prompts = shares(num_rows // rollout.group_size, ranks[1])[ranks[0]]
+            mine = slice(prompts.start * rollout.group_size, prompts.stop * rollout.group_size)
+        local = micro_batches(mine.stop - mine.start, self.loss_settings.micro_batch_size)  # rows within mine
+        whole = len(local) == 1 and local[0] == slice(0, num_rows)
+        parts = [rollout] if whole else [rollout.rows(slice(mine.start + c.start, mine.start + c.stop)) for c in local]
         with torch.no_grad(), self.policy.disable_adapter():
-            reference = torch.cat([token_logprobs(self.policy, part) for part in parts])
+            reference = torch.cat([token_logprobs(self.policy, part) for part in parts]) if parts else None
         old = None  # the first epoch's log-probs: the PPO ratio's denominator on later epochs
         for _ in range(self._epochs_left()):
-            fresh, kls = torch.empty_like(reference), {}
+            fresh, kls = (torch.empty_like(reference) if parts else None), {}
 
             def forward(i: int, part: Rollout, rows: slice, old=old, fresh=fresh, kls=kls):
                 with self._representation() as representation:
                     logprobs = token_logprobs(self.policy, part)
                 fresh[rows] = logprobs.detach()
                 previous = logprobs.detach() if old is None else old[rows]
+                batch_rows = slice(mine.start + rows.start, mine.start + rows.stop)
                 losses, kls[i] = self.objective_losses(
-                    logprobs, previous, reference[rows], advantages[:, rows], part.response_mask, num_rows=num_rows
+                    logprobs, previous, reference[rows], advantages[:, batch_rows], part.response_mask,
+                    num_rows=num_rows,
                 )
                 return losses, representation.get("tensor")
 
             lambdas, norm = self._weighted_step(
-                [functools.partial(forward, i, part, rows) for i, (part, rows) in enumerate(zip(parts, chunks))]
+                [functools.partial(forward, i, part, rows) for i, (part, rows) in enumerate(zip(parts, local))],
+                num_objectives=len(advantages),
             )
             old = fresh if old is None else old
-            kl = sum(kls.values())  # each micro-batch's share of the batch mean
+            kl = sum(kls.values(), torch.zeros((), device=advantages.device))  # each micro-batch's share of the mean
+            if ranks is not None:
+                kl = all_reduce_sum(kl.detach().float())  # every rank's share
         return lambdas, norm, kl.detach()
 
     def _epochs_left(self) -> int:
@@ -459,7 +503,9 @@ class FIRMClientModule(L.LightningModule):
         """
         return self._weighted_step([lambda: (losses, representation)])
 
-    def _weighted_step(self, forwards: list[Callable[[], tuple]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _weighted_step(
+        self, forwards: list[Callable[[], tuple]], num_objectives: Optional[int] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``weighted_step`` over micro-batches: each of ``forwards`` runs one micro-batch's forward
         pass and returns its ``(losses, representation or None)``; the losses of all of them add
         up to the batch's ``L_s``.
@@ -470,7 +516,12 @@ class FIRMClientModule(L.LightningModule):
         the micro-batches' Gram matrices (their representation rows are disjoint), then, λ known,
         each micro-batch runs its forward again for its share of ``∇ Σ λ_s L_s`` (one micro-batch
         keeps its graph instead).
+
+        Under DDP the accumulators (or the Gram matrix, then ``d``) are summed over the ranks before
+        anything is computed from them, so every rank computes the same λ and step; a rank without
+        rows (fewer prompts than ranks) adds zeros.
         """
+        ranks = self._ranks()
         params = self.trainable_parameters()
         scaler = self._grad_scaler()
         scale = lambda: float(scaler.get_scale()) if scaler is not None else 1.0  # noqa: E731 (set by the first scale())
@@ -499,6 +550,16 @@ class FIRMClientModule(L.LightningModule):
                     part_finite = torch.isfinite(part).all(dim=1)
                     kept = losses if keep_graph else None
             finite = part_finite if finite is None else finite & part_finite
+        if ranks is not None:  # the whole batch's gradients (or Gram matrix): the sum of every rank's share
+            representation_mode = self.loss_settings.gram_from != "parameters"
+            if representation_mode:
+                gram = gram if gram is not None else torch.zeros(num_objectives, num_objectives, device=self.device)
+                gram = all_reduce_sum(gram)
+                finite = torch.isfinite(gram.diagonal())  # ‖g_s‖² is non-finite on every rank if anywhere
+            else:
+                size = sum(p.numel() for p in params)
+                grads = all_reduce_sum(grads if grads is not None else torch.zeros(num_objectives, size, device=self.device))
+                finite = torch.isfinite(grads).all(dim=1)
         num_objectives = len(finite)
         with torch.autocast(self.device.type, enabled=False):
             if scaler is None and not finite.all():
@@ -529,6 +590,11 @@ class FIRMClientModule(L.LightningModule):
                 with torch.autocast(self.device.type, enabled=False):
                     part = self._flat_grad((lambdas * losses).sum(), params, retain_graph=False).float() / scale()
                 direction = part if direction is None else direction.add_(part)
+            if ranks is not None:
+                size = sum(p.numel() for p in params)
+                direction = all_reduce_sum(direction if direction is not None else torch.zeros(size, device=self.device))
+        elif kept is not None and ranks is not None:
+            direction = all_reduce_sum(direction)
         with torch.autocast(self.device.type, enabled=False):
             norm = direction.norm()
             if self.loss_settings.max_grad_norm is not None:  # as clip_grad_norm_, on the unscaled d

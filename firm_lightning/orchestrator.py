@@ -21,6 +21,7 @@ from firm_lightning.adapters import ClientUpdate
 from firm_lightning.algorithms import Algorithm
 from firm_lightning.client import fit_client
 from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.distributed import announce_client_fit, serve_client_fits
 from firm_lightning.engine import RoundEngine
 from firm_lightning.federation import FederationConfig
 from firm_lightning.memory import steady_memory
@@ -93,13 +94,27 @@ class FederatedOrchestrator:
     ) -> ClientUpdate:
         """One client's fit and upload, with the client hooks around it."""
         self.engine.client_started(round_idx, client_id)
-        update = fit_client(
+        # trainer.strategy=ddp: the other ranks run this same fit with rank 0 (firm_lightning/distributed.py).
+        announce_client_fit(global_adapter, client_id, round_idx, client_states)
+        update = self.fit(global_adapter, client_id, round_idx, client_states)
+        self.engine.client_finished(round_idx, update)
+        return update
+
+    def fit(
+        self, global_adapter: dict, client_id: int, round_idx: int, client_states: Optional[dict] = None
+    ) -> ClientUpdate:
+        """The client fit itself: what every rank runs for a client under DDP (``serve_client_fits``)."""
+        return fit_client(
             self.module, self.engine.algorithm, global_adapter, self.datamodule.client_data(client_id), round_idx,
             self.trainers, self.config.seed, client_states=client_states,
             persist_optimizer=self.config.client_optimizer_state == "persist", upload_dtype=self.config.upload_torch_dtype,
         )
-        self.engine.client_finished(round_idx, update)
-        return update
+
+    def serve(self) -> int:
+        """A rank > 0 under DDP: run the client fits rank 0 announces until it releases this rank; how many ran."""
+        self.datamodule.setup("fit")
+        with quiet_lightning(True), stays_on_device(self.module), steady_memory():
+            return serve_client_fits(self.fit)
 
     # What tests, notebooks and benchmarks call on the loop; the engine owns them.
     @property

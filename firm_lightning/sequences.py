@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,12 @@ class Rollout:
     @property
     def num_prompts(self) -> int:
         return len(self.prompts) // self.group_size
+
+    def to(self, device) -> "Rollout":
+        """The same rollout with its tensors on ``device``."""
+        moved = {f: getattr(self, f).to(device) for f in ("sequences", "attention_mask", "response_mask")}
+        support = None if self.support is None else self.support.to(device)
+        return dataclasses.replace(self, **moved, support=support)
 
     def rows(self, rows: slice) -> "Rollout":
         """The rows ``rows`` (a micro-batch of sequences), same columns: ``P`` and ``T`` are kept, so

@@ -28,6 +28,8 @@ from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, WandbLogger
 from lightning.pytorch.trainer.connectors import callback_connector
 
+from firm_lightning import distributed
+
 # Per-client fits neither validate nor checkpoint: the orchestrator evaluates and saves the
 # global adapter itself.
 CLIENT_DEFAULTS = dict(
@@ -55,6 +57,7 @@ class TrainerFactory:
                 "trainer.max_steps sets the number of local steps K per client per round and must be > 0 "
                 f"(got {max_steps}), e.g. `--trainer.max_steps 8`."
             )
+        distributed.check_strategy(self.kwargs)  # auto or ddp (several devices per client): firm_lightning/distributed.py
 
     def client_trainer(
         self, client_id: int, round_idx: int, tag: str = "", extra_callbacks: Sequence[Callback] = ()
@@ -62,6 +65,7 @@ class TrainerFactory:
         """``extra_callbacks``: the orchestrator's own per-fit callbacks (e.g. optimiser-state persistence)."""
         log_dir = self.output_dir / "clients"
         kwargs = {**CLIENT_DEFAULTS, **_built(self.kwargs, filename=f"client_{client_id:03d}_round_{round_idx:03d}{tag}")}
+        kwargs = distributed.client_trainer_kwargs(kwargs)  # ddp: FIRM's DDP strategy, the whole batch on every rank
         kwargs.update(
             default_root_dir=str(log_dir),
             callbacks=[*(_fresh(c) for c in _as_list(self.callbacks)), *extra_callbacks, FinishWandbRuns()],
@@ -75,6 +79,7 @@ class TrainerFactory:
         disk, and fails as a client's would on a bad argument."""
         kwargs = {**CLIENT_DEFAULTS, **_built(self.kwargs), "logger": False, "callbacks": [],
                   "default_root_dir": str(self.output_dir)}
+        kwargs = distributed.client_trainer_kwargs(kwargs)
         with _entry_points_scanned_once():
             return L.Trainer(**kwargs)
 
@@ -87,6 +92,7 @@ class TrainerFactory:
 
     def eval_trainer(self, **overrides) -> L.Trainer:
         kwargs = {**_built({k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS}), **overrides}
+        kwargs = distributed.single_device_kwargs(kwargs)  # under DDP rank 0 evaluates alone (distributed.py)
         with _entry_points_scanned_once():
             return L.Trainer(
                 **kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
