@@ -588,10 +588,13 @@ def print_table(result: dict) -> None:
     for key in ("orchestration_overhead", "rss_ratio_32_vs_2", "adapter_bytes", "uplink_bytes_firm_s2",
                 "uplink_bytes_fmgda_s2", "trl_grpo_tokens_per_s", "firm_s1_tokens_per_s", "firm_s2_tokens_per_s"):
         print(f"{key:<40}{'tiny':>10}{'':>10}{_cell(flat[key]):>10}")
+    trl = result.get("trl", {})
     for model in result.get("local_step", {}):
         if model != "tiny":
             for key in ("firm_s2_tokens_per_s", "trl_grpo_tokens_per_s"):
-                print(f"{key:<40}{model:>10}{'':>10}{_cell(flat.get(f'{key}_{model}')):>10}")
+                value = flat.get(f"{key}_{model}")
+                cell = "not run" if value is None and key.startswith("trl") and "skipped" not in trl else _cell(value)
+                print(f"{key:<40}{model:>10}{'':>10}{cell:>10}")
     if "skipped" in result.get("trl", {}):
         print(f"trl: skipped ({result['trl']['skipped']})")
     micro = result.get("micro_memory", {})
