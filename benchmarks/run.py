@@ -86,7 +86,7 @@ SHAPES = {"tiny": (BATCH, GROUP), "mid": (BATCH, GROUP), "gpt2_124m": (4, 2)}
 MICRO_SHAPE = (4, 4)  # B, G of the memory-vs-micro-batch section (16 sequences)
 
 MODES = {
-    "smoke": dict(reps=2, models=["tiny"], tokens=16, rss_clients=[2, 8, 32], rounds=1, clients=2, trl_steps=2,
+    "smoke": dict(reps=2, models=["tiny"], tokens=16, rss_clients=[2, 32], rounds=1, clients=2, trl_steps=2,
                   cast_rounds=1, trl_models=["tiny"], micro_sizes=[], generation_sizes=[]),
     "quick": dict(reps=3, models=["tiny", "mid", "gpt2_124m"], tokens=16, rss_clients=[2, 8, 32], rounds=2, clients=4,
                   trl_steps=3, cast_rounds=2, trl_models=["tiny", "gpt2_124m"], micro_sizes=[None, 4, 1],
