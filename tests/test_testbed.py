@@ -84,6 +84,6 @@ def test_objectives_conflict_in_some_topics_and_agree_in_others():
 
 def test_topic_skew_makes_local_mgda_clients_disagree():
     """Local MGDA's λ dispersion at Dirichlet α = 0.1 is ≥ 5× that at α = 100 (benchmarks/heterogeneity.py, 5 seeds)."""
-    result = dispersion_by_alpha(seeds=[0, 1, 2], rounds=2, steps=2, batch_size=16)
-    skewed, mixed = (sum(result[a].values()) / 3 for a in (0.1, 100.0))
-    assert skewed >= 5 * mixed, result  # measured 22× and 27× in two runs of these settings
+    result = dispersion_by_alpha(seeds=[0, 1], rounds=1, steps=2, batch_size=16)
+    skewed, mixed = (sum(result[a].values()) / 2 for a in (0.1, 100.0))
+    assert skewed >= 5 * mixed, result  # measured 59× with these settings (22× and 27× with 3 seeds × 2 rounds)
