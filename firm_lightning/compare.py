@@ -89,8 +89,19 @@ class CompareSettings:
             claims_module.check_claims(self.claims, names, self.reference)
 
     def claims_for(self, objectives: list[str]) -> list[Claim]:
-        """The configured claims, or the default ones for the baselines present (and the A/A control)."""
+        """The configured claims, or the default ones for the baselines present (and the A/A control).
+
+        A configured ``final/<objective>`` metric must name one of ``objectives`` (or ``mean``): a typo
+        would otherwise leave its row out of the table without a word.
+        """
         if self.claims is not None:
+            allowed = ["mean", *objectives]
+            for i, c in enumerate(self.claims):
+                if c.metric.startswith("final/") and c.metric.split("/", 1)[1] not in allowed:
+                    raise ValueError(
+                        f"compare.claims[{i}] ({c.claim!r}): metric {c.metric!r} names no objective of this run; "
+                        f"use one of {['final/' + n for n in allowed]}."
+                    )
             return self.claims
         names = [a.name for a in self.algorithms]
         baselines = tuple(n for n in ("local_mgda", "linear", "fmgda") if n in names and n != self.reference)
@@ -142,6 +153,7 @@ def run_comparison(
     Main runs have ``preference == "default"``; sweep runs the preference they were trained with.
     """
     out = Path(federation.output_dir)
+    settings.claims_for(module.objective_names)  # a bad claim fails before anything trains
     initial = module.adapter_state()
     alphas = settings.dirichlet_alphas or [datamodule.hparams["dirichlet_alpha"]]
     rows = []

@@ -385,6 +385,10 @@ def test_compare_settings_check_the_aa_control_and_claims():
         CompareSettings(algorithms, claims=[{**mine[0], "baselines": ["linear"]}])
     with pytest.raises(ValueError, match=r"compare.claims entry .*keys are claim, metric"):
         CompareSettings(algorithms, claims=[{**mine[0], "primay": True}])
+    typo = CompareSettings(algorithms, claims=[{**mine[0], "metric": "final/a_to_n", "by_construction": False}])
+    with pytest.raises(ValueError, match=r"compare.claims\[0\].*'final/a_to_n' names no objective.*'final/obj1'"):
+        typo.claims_for(list(OBJECTIVES))  # a typo is refused, not a row silently left out of the table
+    assert CompareSettings(algorithms, claims=[{**mine[0], "metric": "final/mean"}]).claims_for(list(OBJECTIVES))
 
 
 def _compare_section(path: Path):
