@@ -206,9 +206,9 @@ class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
                 torch.manual_seed(self.seed + index)
                 if arm == "base":
                     with module.policy.disable_adapter():
-                        rollout = module.rollout(prompts, 1)
+                        rollout = module.rollout(prompts, 1, for_loss=False)
                 else:
-                    rollout = module.rollout(prompts, 1)
+                    rollout = module.rollout(prompts, 1, for_loss=False)
             outputs[arm] = (rollout.responses, score_all(objectives, rollout.prompts, rollout.responses))
         rows = []
         for j, prompt in enumerate(prompts):

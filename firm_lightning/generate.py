@@ -61,7 +61,7 @@ def generate(module: FIRMClientModule, settings: GenerateSettings, device: str |
             setattr(sampling, k, v)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(settings.seed)
-            rollout = module.rollout(settings.prompts, settings.num_responses)
+            rollout = module.rollout(settings.prompts, settings.num_responses, for_loss=False)
     finally:
         for k, v in saved.items():
             setattr(sampling, k, v)

@@ -623,7 +623,7 @@ class FIRMClientModule(L.LightningModule):
         seed = self.sampling.eval_seed + batch_idx + (CALIBRATION_SEED_OFFSET if self.calibrating_evaluation else 0)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            rollout = self.rollout(batch["prompt"], 1 if greedy else self.sampling.eval_num_generations, greedy)
+            rollout = self.rollout(batch["prompt"], 1 if greedy else self.sampling.eval_num_generations, greedy, for_loss=False)
         rewards = score_all(self.objectives, rollout.prompts, rollout.responses)
         for name, value in zip(self.objective_names, rewards.mean(dim=1)):
             self.log(f"eval/reward/{name}", value, on_epoch=True, batch_size=len(rollout.responses))
@@ -639,12 +639,14 @@ class FIRMClientModule(L.LightningModule):
                 for name, value in zip(self.objective_names, rewards[:, rows].mean(dim=1)):
                     self.log(f"eval/group/{group}/{name}", value, on_epoch=True, batch_size=int(rows.sum()))
 
-    def rollout(self, prompts: list[str], group_size: int, greedy: bool = False) -> Rollout:
+    def rollout(self, prompts: list[str], group_size: int, greedy: bool = False, for_loss: bool = True) -> Rollout:
+        """``group_size`` responses per prompt; ``for_loss``: keep the top-k/top-p kept sets a loss needs
+        (rollouts that are only scored pass False: the responses are the same, without N·T·V/8 bytes)."""
         s = self.sampling
         return sample(
             self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
             s.max_prompt_length, s.temperature, 1 if greedy else s.top_k, s.top_p,  # top-1 sampling is greedy
-            s.chat_template, s.system_prompt, s.user_message, s.generation_batch_size,
+            s.chat_template, s.system_prompt, s.user_message, s.generation_batch_size, record_support=for_loss,
         )
 
     # ---- client metrics (read by the orchestrator after a fit) ----

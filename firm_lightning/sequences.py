@@ -309,13 +309,14 @@ def unpack_support(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class _RecordedWarper(LogitsProcessor):
     """Temperature, top-k and top-p as ``generate`` applies them, recording each step's kept set."""
 
-    def __init__(self, temperature: float, top_k: int, top_p: float) -> None:
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+    def __init__(self, temperature: float, top_k: int, top_p: float, record: bool = True) -> None:
+        self.temperature, self.top_k, self.top_p, self.record = temperature, top_k, top_p, record
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         warped = warp(scores, self.temperature, self.top_k, self.top_p)
-        self.steps.append(pack_support(torch.isfinite(warped)))
+        if self.record:
+            self.steps.append(pack_support(torch.isfinite(warped)))
         return warped
 
 
@@ -334,8 +335,13 @@ def sample(
     system_prompt: Optional[str] = None,
     user_message_mode: str = "question",
     generation_batch_size: Optional[int] = None,
+    record_support: bool = True,
 ) -> Rollout:
     """Sample ``group_size`` responses per prompt from ``model`` (in eval mode, no grad).
+
+    ``record_support``: keep the top-k/top-p kept set per position in ``Rollout.support`` (N·T·V/8
+    bytes) for a loss to renormalise over; rollouts that are only scored (evaluation,
+    ``generate``) pass False. The responses are the same either way.
 
     ``Rollout.prompts`` holds the prompts as given (what the rewards score), whatever the
     chat template made of them.
@@ -350,7 +356,7 @@ def sample(
     """
     repeated = [p for p in prompts for _ in range(group_size)]
     settings = (max_new_tokens, max_prompt_length, temperature, top_k, top_p, chat_template, system_prompt,
-                user_message_mode)
+                user_message_mode, record_support)
     parts = [_generate(model, tokenizer, repeated[rows], group_size, *settings)
              for rows in micro_batches(len(repeated), generation_batch_size)]
     return concat_rollouts(parts, tokenizer.pad_token_id, group_size)
@@ -370,6 +376,7 @@ def _generate(
     chat_template: Optional[bool],
     system_prompt: Optional[str],
     user_message_mode: str,
+    record_support: bool = True,
 ) -> Rollout:
     """One ``generate`` call over rows that are already repeated ``group_size`` times."""
     device = next(model.parameters()).device
@@ -377,7 +384,7 @@ def _generate(
         tokenizer, repeated, max_prompt_length, device, chat_template, system_prompt, user_message_mode
     )
     eos = eos_token_ids(model, tokenizer)
-    recorder = _RecordedWarper(temperature, top_k, top_p) if filters(top_k, top_p) else None
+    recorder = _RecordedWarper(temperature, top_k, top_p, record_support) if filters(top_k, top_p) else None
     if recorder is None:
         config = sampling_config(max_new_tokens, temperature, top_k, top_p, tokenizer.pad_token_id, eos)
         processors = None
@@ -394,7 +401,7 @@ def _generate(
     prompt_length = encoded["input_ids"].shape[1]
     response_ids = out[:, prompt_length:]
     mask = response_mask(response_ids, eos)
-    support = torch.stack(recorder.steps, dim=1) if recorder is not None else None  # (N, T, ceil(V/8))
+    support = torch.stack(recorder.steps, dim=1) if recorder is not None and record_support else None  # (N, T, ⌈V/8⌉)
     return Rollout(
         prompts=repeated,
         responses=decode_responses(tokenizer, response_ids, mask, eos),

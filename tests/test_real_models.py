@@ -175,6 +175,18 @@ def test_bf16_top_k_top_p_logprobs_use_the_support_sampling_used(tokenizer):
     assert worst < 0.05, f"the loss's log-probs differ from the sampling distribution by up to {worst:.2f} nats"
 
 
+def test_a_rollout_that_is_only_scored_draws_the_same_responses_without_the_support(tokenizer):
+    """Evaluation and `generate` skip the N·T·V/8-byte kept sets; the responses must not change."""
+    model = add_lora(tiny_chat_model(tokenizer), LORA).eval()
+    settings = dict(temperature=0.7, top_k=10, top_p=0.8)
+    torch.manual_seed(3)
+    kept = sample(model, tokenizer, PROMPTS, 2, 12, **settings)
+    torch.manual_seed(3)
+    scored = sample(model, tokenizer, PROMPTS, 2, 12, **settings, record_support=False)
+    assert kept.support is not None and scored.support is None
+    assert torch.equal(kept.sequences, scored.sequences) and kept.responses == scored.responses
+
+
 def test_support_bits_round_trip():
     kept = torch.rand(3, 5, 21, generator=torch.Generator().manual_seed(0)) < 0.3  # 21: not a multiple of 8
     packed = pack_support(kept)
