@@ -77,7 +77,7 @@ def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a reader sees either the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
     try:
         with open(tmp, "wb") as f:
             f.write(data)

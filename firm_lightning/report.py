@@ -16,6 +16,7 @@ Layout of ``output_dir``::
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -25,6 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from firm_lightning.callbacks import SaveBestAdapter
+from firm_lightning.checkpoint import atomic_write
 
 if TYPE_CHECKING:
     from firm_lightning.federation import FederationConfig
@@ -89,11 +91,14 @@ class RunWriter:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to ``path`` atomically: a reader (a resumed run, another process of the same
+    comparison) sees the old file or the new one, never a half-written one."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(Path(path), text.getvalue().encode())
 
 
 def summary_table(state: "FederationState", names: list[str], wall_s: Optional[float] = None) -> str:

@@ -162,6 +162,22 @@ def test_a_crash_while_writing_leaves_the_previous_state_loadable(tmp_path):
     assert state.history[-1] == {"round": 1, "x": 1 / 3} and extra["fingerprint"] == {"a": 1}
 
 
+def test_a_crash_while_writing_metrics_leaves_the_previous_file_whole(tmp_path):
+    """metrics.csv is what a resumed comparison reads to reuse a finished run: never half-written."""
+    from firm_lightning.report import write_csv
+
+    path = tmp_path / "metrics.csv"
+    write_csv(path, [{"round": 0, "eval/reward/a": 0.5}])
+    before = path.read_bytes()
+    with mock.patch("firm_lightning.checkpoint.os.fsync", side_effect=SystemExit("killed")):
+        with pytest.raises(SystemExit):
+            write_csv(path, [{"round": 0, "eval/reward/a": 0.5}, {"round": 1, "eval/reward/a": 0.7}])
+    assert path.read_bytes() == before
+    write_csv(path, [{"round": 0, "eval/reward/a": 0.5}, {"round": 1, "eval/reward/a": 0.7}])
+    with open(path, newline="") as f:
+        assert [r["round"] for r in csv.DictReader(f)] == ["0", "1"]
+
+
 def test_disk_full_while_saving_keeps_the_previous_state_and_says_so(tmp_path):
     _saved(tmp_path, 1)
     with mock.patch("firm_lightning.checkpoint.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
