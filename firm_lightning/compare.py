@@ -39,8 +39,9 @@ class CompareSettings:
     ``primary`` metric or fixed ``by_construction`` (default: :func:`claims.default_claims`);
     ``family_error_rate`` is the family-wise error rate of the verdicts on the primary rows
     (Holm); ``min_seeds`` the fewest seeds a tested verdict rests on; ``aa_control`` names an
-    algorithm that is an identical copy of the reference under another name (an A/A row that
-    must come out inconclusive).
+    algorithm that is an identical copy of the reference under another name, run on the same
+    data split with its own sampling noise (``AA_SEED_OFFSET``): an A/A row whose verdict must be
+    inconclusive but for the family's error rate.
     """
 
     def __init__(
@@ -140,6 +141,13 @@ def _check_identical_copy(by_name: dict, reference: str, copy_name: str) -> None
         )
 
 
+#: The A/A copy runs with federation seed ``seed + AA_SEED_OFFSET``: the reference's data split and
+#: initial adapter, its own client sample and sampling noise. So its row is a real replicate of the
+#: reference, whose differences are the run-to-run noise the intervals must cover, and not a
+#: bit-identical copy (a difference of exactly 0 says nothing about the statistics).
+AA_SEED_OFFSET = 1_000_003
+
+
 def run_comparison(
     module: FIRMClientModule,
     datamodule: PromptDataModule,
@@ -167,7 +175,8 @@ def run_comparison(
                 if history is None:
                     history = run_federation(
                         module, data, federation, trainer_config, algorithm, initial, run_dir,
-                        echo=lambda m, label=label: echo(f"[{label}] {m}"), seed=seed,
+                        echo=lambda m, label=label: echo(f"[{label}] {m}"),
+                        seed=seed + (AA_SEED_OFFSET if algorithm.name == settings.aa_control else 0),
                     ).history
                 else:
                     echo(f"[{label}] already finished in {run_dir}, reused")
