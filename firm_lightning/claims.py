@@ -197,11 +197,15 @@ def verdict(
     """supported / contradicted / inconclusive for ``FIRM − baseline`` when ``better`` is FIRM's predicted side.
 
     A tested row needs at least ``min_seeds`` differences with some spread and a (Holm-)adjusted
-    p-value ``≤ level``; the sign of the mean difference then says which way. A row marked
-    ``by_construction`` needs one difference, the same on every seed, and its sign is the verdict.
+    p-value ``≤ level``; the sign of the mean difference then says which way. Without
+    ``p_adjusted`` the row is one comparison on its own: its paired t-test's p-value is used. A
+    row marked ``by_construction`` needs one difference, the same on every seed, and its sign is
+    the verdict.
     """
     if math.isnan(interval.mean):
         return INCONCLUSIVE
+    if math.isnan(p_adjusted):
+        p_adjusted = paired_t_pvalue(interval)
     gain = -interval.mean if better == "lower" else interval.mean
     if by_construction:
         if interval.low != interval.high or gain == 0:

@@ -201,6 +201,10 @@ def test_verdict_reads_the_adjusted_p_value_and_the_predicted_side():
     assert verdict(i, "higher", p_adjusted=0.01) == CONTRADICTED
     assert verdict(i, "lower", p_adjusted=0.2) == INCONCLUSIVE  # significant alone, not after adjustment
     assert verdict(Interval(-0.2, -0.2, -0.2, 5, 0.0), "lower", p_adjusted=0.0) == INCONCLUSIVE  # zero spread
+    # Alone (no adjusted p given), a row is one comparison: its own paired t-test at 0.05.
+    assert verdict(t_interval([1.0, 1.1, 0.9]), "higher") == SUPPORTED
+    assert verdict(t_interval([0.1, -0.1, 0.05]), "higher") == INCONCLUSIVE
+    assert verdict(Interval(0.0625, 0.0625, 0.0625, 2), "higher") == INCONCLUSIVE  # equal by chance, 2 seeds
 
 
 def test_holm_decides_primary_rows_across_the_whole_table_and_exploratory_rows_get_none():
