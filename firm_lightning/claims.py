@@ -23,7 +23,7 @@ step-down procedure adjusts their p-values, and a primary row is
 - **contradicted** when it is significant on the other side;
 - **inconclusive** otherwise, and always when it rests on fewer than ``min_seeds`` (3) seeds or
   when the differences have no spread at all (``sd = 0``: one cannot estimate their error, so
-  e.g. an A/A control whose runs are bit-identical is inconclusive, not "supported").
+  e.g. two runs that are bit-identical are inconclusive, not "supported").
 
 So the chance that a study in which nothing differs reports *any* primary verdict is at most
 ``family_error_rate`` (measured by simulation in the tests).
@@ -54,8 +54,9 @@ marks the primary ones):
    updates (higher is better);
 4. trade-offs — final eval rewards, the worst client's reward, the reward at an equal uplink
    budget and the hypervolume of a preference sweep (higher is better);
-5. an A/A control (optional) — FIRM against an identical copy under another name, which must
-   come out inconclusive.
+5. an A/A control (optional) — FIRM against an identical copy under another name, run on the
+   same data splits with its own sampling noise, which must come out inconclusive but for the
+   family's error rate.
 """
 
 from __future__ import annotations
