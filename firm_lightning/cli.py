@@ -198,14 +198,23 @@ class FIRMCLI:
         print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {out}/", flush=True)
         self.processes = launch(out / "config.yaml", settings, self.datamodule, _echo)
 
+    def _eval_trainers(self) -> TrainerFactory:
+        """Trainers for validate and generate (no client trains: max_steps only satisfies the check)."""
+        return TrainerFactory({**self.components.trainer_config, "max_steps": 1}, self.components.federation.output_dir)
+
+    def _load_adapter(self) -> Optional[str]:
+        """The adapter of --ckpt_path into the model (none: the freshly initialised one); its path."""
+        ckpt_path = self._ckpt_path()
+        if ckpt_path:
+            self.model.load_adapter_state(load_adapter_file(ckpt_path))
+        return ckpt_path
+
     def _read_run(self, trainers: TrainerFactory) -> Optional[Path]:
         """Load the adapter of --ckpt_path and the run's evaluation statistics, as `fit` evaluated it.
 
         The statistics come from --objective_state, or ``objective_state.json`` beside the adapter;
         a freshly initialised adapter is calibrated as `fit` calibrates round 0."""
-        ckpt_path = self._ckpt_path()
-        if ckpt_path:
-            self.model.load_adapter_state(load_adapter_file(ckpt_path))
+        ckpt_path = self._load_adapter()
         if not needs_statistics(self.model.objectives):
             return None
         explicit = self.components.config.get("objective_state")
@@ -228,13 +237,12 @@ class FIRMCLI:
     def run_validate(self) -> None:
         federation = self.components.federation
         with quiet_lightning(federation.quiet):
-            trainers = TrainerFactory({**self.components.trainer_config, "max_steps": 1}, federation.output_dir)
             if isinstance(self.datamodule, EvaluationProtocol):  # e.g. the HH-RLHF protocol (configs/hh_rlhf_eval.yaml)
                 statistics = None  # a protocol scores raw reward-model logits: no run statistics involved
-                if self._ckpt_path():
-                    self.model.load_adapter_state(load_adapter_file(self._ckpt_path()))
+                self._load_adapter()
                 results = self.datamodule.run(self.model, self._device())
             else:
+                trainers = self._eval_trainers()
                 statistics = self._read_run(trainers)
                 with statistics_frozen(self.model.objectives):
                     results = trainers.eval_trainer().validate(self.model, datamodule=self.datamodule, verbose=False)[0]
@@ -245,8 +253,7 @@ class FIRMCLI:
 
     def run_generate(self) -> None:
         with quiet_lightning(self.components.federation.quiet):
-            statistics = self._read_run(TrainerFactory({**self.components.trainer_config, "max_steps": 1},
-                                                       self.components.federation.output_dir))
+            statistics = self._read_run(self._eval_trainers())
         with statistics_frozen(self.model.objectives):
             self.generations = generate(self.model, self._section("generate"), self._device())
         print(f"adapter: {self._ckpt_path() or '(freshly initialised)'}" + (f" (statistics: {statistics})" if statistics else ""))

@@ -182,7 +182,7 @@ def point_reward_models(objectives: list, paths: dict[str, str]) -> None:
     ``NormalizedReward``) for every ``name: path`` of ``paths`` (``--reward_models``)."""
     found = {}
 
-    def visit(node, owner: str | None = None) -> None:
+    def visit(node) -> None:
         if isinstance(node, (Namespace, dict)):
             args = node.get("init_args")
             name = args.get("name") if isinstance(args, (Namespace, dict)) else None
@@ -190,7 +190,7 @@ def point_reward_models(objectives: list, paths: dict[str, str]) -> None:
                 args["name_or_path"] = paths[name]
                 found[name] = True
             for value in (args.values() if isinstance(args, dict) else vars(args).values() if args is not None else []):
-                visit(value, name)
+                visit(value)
         elif isinstance(node, list):
             for item in node:
                 visit(item)

@@ -281,7 +281,7 @@ class RoundEngine:
         if state:
             path = Path(self.config.output_dir) / "adapters" / OBJECTIVE_STATE_FILE
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(state, indent=1))
+            checkpoint.atomic_write(path, json.dumps(state, indent=1).encode())
         return state
 
     def client_evaluation(self, eval_metrics: dict[str, float]) -> dict[str, float]:

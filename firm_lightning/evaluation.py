@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -202,13 +203,10 @@ class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         outputs = {}
         for arm in ("adapter", "base") if self.win_rate else ("adapter",):
-            with torch.random.fork_rng(devices=devices), autocast:
+            adapter_off = module.policy.disable_adapter() if arm == "base" else nullcontext()
+            with torch.random.fork_rng(devices=devices), autocast, adapter_off:
                 torch.manual_seed(self.seed + index)
-                if arm == "base":
-                    with module.policy.disable_adapter():
-                        rollout = module.rollout(prompts, 1, for_loss=False)
-                else:
-                    rollout = module.rollout(prompts, 1, for_loss=False)
+                rollout = module.rollout(prompts, 1, for_loss=False)
             outputs[arm] = (rollout.responses, score_all(objectives, rollout.prompts, rollout.responses))
         rows = []
         for j, prompt in enumerate(prompts):

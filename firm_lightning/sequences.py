@@ -75,11 +75,10 @@ class Rollout:
     def rows(self, rows: slice) -> "Rollout":
         """The rows ``rows`` (a micro-batch of sequences), same columns: ``P`` and ``T`` are kept, so
         token positions and the loss's normalisers mean the same as in the whole rollout."""
-        return Rollout(
-            prompts=self.prompts[rows], responses=self.responses[rows], sequences=self.sequences[rows],
+        return dataclasses.replace(
+            self, prompts=self.prompts[rows], responses=self.responses[rows], sequences=self.sequences[rows],
             attention_mask=self.attention_mask[rows], response_mask=self.response_mask[rows],
-            prompt_length=self.prompt_length, group_size=self.group_size, temperature=self.temperature,
-            top_k=self.top_k, top_p=self.top_p, support=None if self.support is None else self.support[rows],
+            support=None if self.support is None else self.support[rows],
         )
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import firm_lightning as fl
 from firm_lightning.cli import main
 from firm_lightning.config import build_components
-from firm_lightning.report import ModelCard
+from firm_lightning.model_card import ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

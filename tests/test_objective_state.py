@@ -15,7 +15,6 @@ from conftest import make_datamodule, make_module
 from firm_lightning.algorithms import FIRM, Linear
 from firm_lightning.cli import FIRMCLI
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
-from firm_lightning.policy import TinyPolicy
 from firm_lightning.rewards import CharsetReward, NormalizedReward, objective_states
 from firm_lightning.module import PolicyGradientSettings
 from firm_lightning.trainer_factory import TrainerFactory
