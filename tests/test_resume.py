@@ -227,3 +227,33 @@ def test_compare_resumes_each_run_from_its_own_checkpoint(tmp_path):
         assert f"[{name} α=1 seed=0] resume: round 1 of 2 finished" in "\n".join(messages)
         assert [r["round"] for r in rows if r["algorithm"] == name] == [0, 1, 2]
     assert sum("training clients" in m for m in messages) == 2  # one new round per run, none repeated
+
+
+PRE_REFACTOR = ROOT / "tests" / "fixtures" / "pre_refactor_run"
+PRE_REFACTOR_ARGS = [
+    "fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.path=firm_lightning/data/prompts.jsonl",
+    "--federation.num_clients=2", "--federation.min_clients=1",
+    "--trainer.max_steps=1", "--data.max_prompts=32", "--data.eval_size=4", "--data.batch_size=4",
+    "--data.partition=iid", "--model.sampling.max_new_tokens=8", "--model.sampling.num_generations=2",
+    "--model.sampling.eval_num_generations=1", "--federation.progress=off", "--federation.num_rounds=2",
+]
+
+
+def test_a_run_saved_by_the_code_before_the_restructuring_resumes_and_continues_exactly(tmp_path, capsys, monkeypatch):
+    """Class paths and the resume fingerprint are public API: a checkpoint written by the code of
+    commit a4c3627 (tests/fixtures/pre_refactor_run) resumes, and round 2 is bit-identical to that code's.
+    (The prompt file is named relative to the repository: the fingerprint records data.path as given.)"""
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    out.mkdir()
+    import shutil
+
+    shutil.copytree(PRE_REFACTOR / "checkpoint", out / "checkpoint")
+    main([*PRE_REFACTOR_ARGS, f"--federation.output_dir={out}", "--federation.resume=true"])
+    assert "resume: round 1 of 2 finished" in capsys.readouterr().out
+    expected = load_file(str(PRE_REFACTOR / "expected_round_002.safetensors"))
+    resumed = load_file(str(out / "adapters" / "round_002.safetensors"))
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    assert _rows(out / "metrics.csv") == _rows(PRE_REFACTOR / "expected_metrics.csv")
