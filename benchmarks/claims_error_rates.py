@@ -7,7 +7,7 @@
 the numbers are the old code's own, not a re-implementation: percentile-bootstrap intervals
 (``scipy.stats.bootstrap``, 10 000 resamples), a verdict on every row read off its own 95 %
 interval, "fixed by construction" inferred from equal differences. "After" is the current
-``firm_lightning.claims``: t-intervals, one primary metric per claim, Holm across the table.
+``firm_lightning.studies.claims``: t-intervals, one primary metric per claim, Holm across the table.
 
 Measured, each with its Monte-Carlo standard error ``√(p(1 − p)/R)`` over ``R`` replications and a
 95 % Wilson interval:
@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from firm_lightning import claims as after  # noqa: E402
+from firm_lightning.studies import claims as after  # noqa: E402
 
 BEFORE_COMMIT = "e330117"
 OBJECTIVES = ("obj1", "obj2")

@@ -61,7 +61,7 @@ def floors(orchestrator, module, adapter, seeds: int) -> dict:
     values: dict[str, list[float]] = {}
     for seed in range(seeds):
         module.sampling.eval_seed = 1000 + seed
-        metrics = orchestrator.evaluate(adapter)
+        metrics = orchestrator.engine.evaluate(adapter)
         rewards = [v for k, v in metrics.items() if k.startswith("eval/reward/")]
         metrics["eval/reward/mean"] = statistics.mean(rewards)
         for key in [k for k in metrics if k.startswith("eval/reward/")] + ["eval/worst_client/mean"]:

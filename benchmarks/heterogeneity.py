@@ -19,7 +19,7 @@ import time
 import torch
 
 from firm_lightning.algorithms import LocalMGDA
-from firm_lightning.compare import CompareSettings, run_comparison
+from firm_lightning.studies.compare import CompareSettings, run_comparison
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule, PolicyGradientSettings, SamplingSettings
 from firm_lightning.orchestrator import FederationConfig

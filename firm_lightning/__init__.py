@@ -27,6 +27,7 @@ from firm_lightning.policy import LoRASettings, PretrainedPolicy, TinyPolicy
 from firm_lightning.privacy import DifferentialPrivacy
 from firm_lightning.rewards import CharsetReward, HFRewardModel, NormalizedReward, RewardFunction
 from firm_lightning.state import FederationError, FederationState
+from firm_lightning.studies.fronts import hypervolume
 from firm_lightning.trainer_factory import TrainerFactory
 from firm_lightning.weighting import LinearScalarization, RegularizedMinNorm, Weighting
 
@@ -45,4 +46,6 @@ __all__ = [
     "TrainerFactory", "ClientUpdate", "fit_client", "build_components",
     # callbacks
     "FederationCallback", "EarlyStopping", "SaveBestAdapter",
+    # studies
+    "hypervolume",
 ]

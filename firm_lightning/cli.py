@@ -29,8 +29,8 @@ from jsonargparse import ArgumentError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from firm_lightning import claims
-from firm_lightning.compare import CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize
+from firm_lightning.studies import claims
+from firm_lightning.studies.compare import CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize
 from firm_lightning.config import Components, build_components
 from firm_lightning.distributed import launch_ranks
 from firm_lightning.engine import OBJECTIVE_STATE_FILE, calibrated_statistics
@@ -38,7 +38,7 @@ from firm_lightning.evaluation import EvaluationProtocol
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.generate import GenerateSettings, format_generations, generate
 from firm_lightning.orchestrator import FederatedOrchestrator
-from firm_lightning.pareto import ParetoSettings, front_report, run_sweep, write_outputs
+from firm_lightning.studies.pareto import ParetoSettings, front_report, run_sweep, write_outputs
 from firm_lightning.rewards import load_objective_states, stateful, statistics_frozen
 from firm_lightning.state import FederationError
 from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning

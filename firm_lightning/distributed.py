@@ -225,7 +225,7 @@ def launch_ranks(trainer_kwargs: dict) -> Ranks:
         return Ranks()
     processes = []
     if not launched():  # this is rank 0, started by the user
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world),
                           NODE_RANK="0", LOCAL_RANK="0", RANK="0")
         os.environ[_LAUNCHED] = str(world)
         command = _this_command()
@@ -251,7 +251,8 @@ def _this_command() -> list[str]:
     return [sys.executable, "-m", __main__.__spec__.name, *sys.argv[1:]]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now, on the loopback interface."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

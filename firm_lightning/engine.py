@@ -34,7 +34,7 @@ from firm_lightning.adapters import ClientUpdate
 from firm_lightning.aggregation import Aggregator, screen_update, with_rule
 from firm_lightning.callbacks import CallbackList
 from firm_lightning.datamodule import PromptDataModule
-from firm_lightning.federation import RESUMABLE_SETTINGS, FederationConfig
+from firm_lightning.federation import RESUMABLE_SETTINGS, FederationConfig, refuse_for_hidden_uploads
 from firm_lightning.federation_metrics import client_evaluation, client_row, round_metrics
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.privacy import SecretGenerator
@@ -389,22 +389,6 @@ def calibrated_statistics(module: FIRMClientModule, trainers: TrainerFactory, da
     finally:
         module.calibrating_evaluation = False
     return objective_states(module.objectives)
-
-
-def refuse_for_hidden_uploads(config: FederationConfig) -> None:
-    """Settings that need to see one upload at a time, refused when the server sees only the sum (SecAgg+)."""
-    reasons = []
-    if config.max_update_norm is not None:
-        reasons.append("federation.max_update_norm (screens one upload at a time)")
-    if config.aggregator != "fedavg":
-        reasons.append(f"federation.aggregator={config.aggregator} (needs every upload, coordinate by coordinate)")
-    if config.upload_dtype is not None:
-        reasons.append("federation.upload_dtype (SecAgg+ quantises the uploads itself)")
-    if reasons:
-        raise ValueError(
-            "Secure aggregation (SecAgg+) shows the server only the clients' sum, so it cannot honour "
-            + "; ".join(reasons) + ". Unset these, or turn flower.secure_aggregation off."
-        )
 
 
 def _weights_signature(model: torch.nn.Module) -> str:

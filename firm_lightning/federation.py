@@ -102,6 +102,22 @@ class FederationConfig:
         return getattr(torch, self.upload_dtype) if self.upload_dtype else None
 
 
+def refuse_for_hidden_uploads(config: FederationConfig) -> None:
+    """Settings that need to see one upload at a time, refused when the server sees only the sum (SecAgg+)."""
+    reasons = []
+    if config.max_update_norm is not None:
+        reasons.append("federation.max_update_norm (screens one upload at a time)")
+    if config.aggregator != "fedavg":
+        reasons.append(f"federation.aggregator={config.aggregator} (needs every upload, coordinate by coordinate)")
+    if config.upload_dtype is not None:
+        reasons.append("federation.upload_dtype (SecAgg+ quantises the uploads itself)")
+    if reasons:
+        raise ValueError(
+            "Secure aggregation (SecAgg+) shows the server only the clients' sum, so it cannot honour "
+            + "; ".join(reasons) + ". Unset these, or turn flower.secure_aggregation off."
+        )
+
+
 # Settings that may change when a run is resumed: they do not affect what a round computes.
 RESUMABLE_SETTINGS = ("num_rounds", "output_dir", "save_adapters", "quiet", "resume", "progress", "callbacks")
 

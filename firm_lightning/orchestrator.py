@@ -57,10 +57,6 @@ class FederatedOrchestrator:
         self.echo = echo
         self.engine = RoundEngine(module, datamodule, config, trainer_factory, writer=writer, echo=echo)
 
-    @property
-    def algorithm(self) -> Algorithm:
-        return self.engine.algorithm
-
     def run(self) -> FederationState:
         engine = self.engine
         with quiet_lightning(self.config.quiet), stays_on_device(self.module), steady_memory():
@@ -115,27 +111,6 @@ class FederatedOrchestrator:
         self.datamodule.setup("fit")
         with quiet_lightning(True), stays_on_device(self.module), steady_memory():
             return serve_client_fits(self.fit)
-
-    # What tests, notebooks and benchmarks call on the loop; the engine owns them.
-    @property
-    def aggregator(self):
-        return self.engine.aggregator
-
-    @property
-    def clients_per_round(self) -> int:
-        return self.config.clients_per_round
-
-    def sample_clients(self, round_idx: int) -> list[int]:
-        return self.engine.sample_clients(round_idx)
-
-    def evaluate(self, adapter: dict[str, torch.Tensor]) -> dict[str, float]:
-        return self.engine.evaluate(adapter)
-
-    def client_evaluation(self, eval_metrics: dict[str, float]) -> dict[str, float]:
-        return self.engine.client_evaluation(eval_metrics)
-
-    def request_stop(self, reason: str) -> None:
-        self.engine.request_stop(reason)
 
 
 def run_federation(

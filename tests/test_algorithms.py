@@ -10,7 +10,8 @@ import torch
 
 from conftest import make_datamodule, make_module
 from firm_lightning.algorithms import FIRM, FMGDA, Algorithm, Linear, LocalMGDA
-from firm_lightning.compare import CompareSettings, smoothness
+from firm_lightning.studies.claims import eval_roughness
+from firm_lightning.studies.compare import CompareSettings
 from firm_lightning.federation_metrics import payload_bytes
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
 from firm_lightning.trainer_factory import TrainerFactory
@@ -114,9 +115,9 @@ def test_compare_settings_need_unique_names():
 def test_smoothness_is_the_oscillation_around_the_trend_not_the_learning():
     # mean |r_t − (r_{t−1} + r_{t+1})/2| over the inner rounds: 0.4 − (0 + 0.2)/2 = 0.3
     run = [{"round": r, "eval/reward/a": v} for r, v in enumerate([0.0, 0.4, 0.2])]
-    assert smoothness(run, ["a"]) == pytest.approx(0.3)
+    assert eval_roughness(run, ["a"]) == pytest.approx(0.3)
     ramp = [{"round": r, "eval/reward/a": 0.05 * r} for r in range(6)]  # steady learning is not roughness
-    assert smoothness(ramp, ["a"]) == pytest.approx(0.0, abs=1e-12)
+    assert eval_roughness(ramp, ["a"]) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_compare_cli_writes_every_output_with_one_row_per_algorithm(tmp_path, capsys):

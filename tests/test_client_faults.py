@@ -92,7 +92,7 @@ def test_raising_nan_and_misshapen_clients_are_excluded_and_the_log_says_why(tmp
         last = list(csv.DictReader(f))[-1]
     assert (last["failed_clients"], last["rejected_clients"]) == ("2", "2")
     # Only the healthy client was merged: with FedAvg over one client the new global adapter is its upload.
-    healthy = orch.algorithm.faulty.uploads[4]
+    healthy = orch.engine.algorithm.faulty.uploads[4]
     assert all(torch.allclose(state.global_adapter[k], healthy[k], rtol=0, atol=1e-6) for k in healthy)
     assert [r["client"] for r in state.client_history] == [4]
 

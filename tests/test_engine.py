@@ -11,7 +11,8 @@ import torch
 from conftest import make_datamodule, make_module
 from firm_lightning.adapters import ClientUpdate
 from firm_lightning.aggregation import FedAvg
-from firm_lightning.engine import RoundEngine, refuse_for_hidden_uploads
+from firm_lightning.engine import RoundEngine
+from firm_lightning.federation import refuse_for_hidden_uploads
 from firm_lightning.federation import FederationConfig
 from firm_lightning.flower.client_state import ClientStateFiles
 from firm_lightning.privacy import DifferentialPrivacy, SecretGenerator, clip_state

@@ -97,11 +97,11 @@ def _orchestrator(tmp_path, num_clients, module=None, **federation):
 
 def test_client_sampling_is_seeded_and_respects_fraction_and_minimum(tmp_path):
     orch = _orchestrator(tmp_path, 10, client_fraction=0.3, min_clients=4)
-    picks = [orch.sample_clients(r) for r in range(1, 6)]
+    picks = [orch.engine.sample_clients(r) for r in range(1, 6)]
     assert all(len(p) == 4 and len(set(p)) == 4 and all(0 <= c < 10 for c in p) for p in picks)
-    assert picks == [orch.sample_clients(r) for r in range(1, 6)]  # same seed, same clients
+    assert picks == [orch.engine.sample_clients(r) for r in range(1, 6)]  # same seed, same clients
     assert len({tuple(p) for p in picks}) > 1  # rounds differ
-    assert len(_orchestrator(tmp_path, 10, client_fraction=0.75, module=orch.module).sample_clients(1)) == 8
+    assert len(_orchestrator(tmp_path, 10, client_fraction=0.75, module=orch.module).engine.sample_clients(1)) == 8
 
 
 def test_trainer_factory_builds_fresh_callbacks_and_distinct_log_dirs(tmp_path):

@@ -189,7 +189,7 @@ def test_the_real_config_runs_offline_with_every_name_replaced_by_a_local_path(t
 
 
 def test_compare_rebuilds_the_same_kind_of_data_module(hh_folder):
-    from firm_lightning.compare import _rebuilt
+    from firm_lightning.studies.compare import _rebuilt
 
     dm = HHRLHFDataModule(path=str(hh_folder), num_clients=2, eval_size=4, subsets=["harmless-base"])
     again = _rebuilt(dm, dirichlet_alpha=0.3, seed=5)

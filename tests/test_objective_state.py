@@ -55,7 +55,7 @@ def test_evaluation_never_updates_statistics_and_round_0_is_not_zero_by_construc
     state = orch.engine.start()
     calibrated = orch.engine.eval_objective_state
     assert all(s["count"] > 0 for s in calibrated.values())
-    again = orch.evaluate(state.global_adapter)
+    again = orch.engine.evaluate(state.global_adapter)
     assert orch.engine.eval_objective_state == calibrated and objective_states(orch.module.objectives) == calibrated
     row = state.history[0]
     assert {k: v for k, v in again.items()} == {k: v for k, v in row.items() if k != "round"}

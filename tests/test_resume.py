@@ -214,7 +214,7 @@ def test_every_field_is_saved_including_dicts_of_tensors_per_client(tmp_path):
 
 def test_compare_resumes_each_run_from_its_own_checkpoint(tmp_path):
     from firm_lightning.algorithms import FIRM, Linear
-    from firm_lightning.compare import CompareSettings, run_comparison
+    from firm_lightning.studies.compare import CompareSettings, run_comparison
 
     module, messages = seeded(make_module), []
     settings = CompareSettings(algorithms=[FIRM(beta=1.0), Linear()], seeds=[0])

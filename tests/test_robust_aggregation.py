@@ -43,8 +43,8 @@ def test_robust_rules_are_selected_from_the_config_and_refused_for_fmgda(tmp_pat
     factory = TrainerFactory({"max_steps": 1}, tmp_path)
     build = lambda algorithm=None, **f: FederatedOrchestrator(
         module, data, FederationConfig(num_clients=2, output_dir=str(tmp_path), **f), factory, algorithm)
-    assert type(build(aggregator="median", server_lr=0.5).aggregator) is CoordinateMedian
-    trimmed = build(aggregator="trimmed_mean", trim_fraction=0.3).aggregator
+    assert type(build(aggregator="median", server_lr=0.5).engine.aggregator) is CoordinateMedian
+    trimmed = build(aggregator="trimmed_mean", trim_fraction=0.3).engine.aggregator
     assert type(trimmed) is TrimmedMean and trimmed.trim_fraction == 0.3
     with pytest.raises(ValueError, match="aggregates with MinNormOverObjectives; use a single-adapter algorithm"):
         build(FMGDA(), aggregator="median")
@@ -66,7 +66,7 @@ def test_one_adversarial_client_drags_fedavg_but_not_median_or_trimmed_mean(tmp_
         new = aggregator.aggregate(theta, updates).adapter
         delta = flat(new)
         norms[name] = float(delta.norm())
-        rewards[name] = orch.evaluate(new)
+        rewards[name] = orch.engine.evaluate(new)
         if name != "fedavg":  # every coordinate stays within the honest clients' range
             assert bool(((delta >= lo - 1e-6) & (delta <= hi + 1e-6)).all()), name
     honest_norm = float(honest_deltas.norm(dim=1).max())

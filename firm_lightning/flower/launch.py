@@ -16,7 +16,8 @@ import yaml
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.flower.partition import PARTITION_ID, PROMPTS_FILE, write_partition
 from firm_lightning.flower.records import CONFIG_KEY, SERVER_ERROR
-from firm_lightning.flower.processes import ProcessGroup, flower_env, free_port, wait_for_port
+from firm_lightning.distributed import free_port
+from firm_lightning.flower.processes import ProcessGroup, flower_env, wait_for_port
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.state import FederationError
 

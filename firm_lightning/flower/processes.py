@@ -164,13 +164,6 @@ def _signal(p: psutil.Process, sig: int) -> None:
         pass
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now, on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_for_port(port: int, timeout_s: float = 60.0, proc: Optional[subprocess.Popen] = None, log: Optional[Path] = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from firm_lightning.engine import refuse_for_hidden_uploads
-from firm_lightning.federation import FederationConfig
+from firm_lightning.federation import FederationConfig, refuse_for_hidden_uploads
 
 ENGINES = ("simulation", "local-deployment", "deployment")
 

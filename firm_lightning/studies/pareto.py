@@ -1,7 +1,5 @@
-"""Preference sweeps and Pareto fronts.
+"""Preference sweeps and Pareto fronts: the ``pareto`` command.
 
-``hypervolume`` and ``non_dominated`` work on any reward matrix (rows are points, columns
-objectives, higher is better) and are meant to be called on users' own results too.
 ``run_sweep`` trains one federation per (algorithm, preference), evaluates each final global
 adapter on the same held-out prompts and skips runs already finished in the output folder.
 """
@@ -21,51 +19,8 @@ from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
 from firm_lightning.report import new_figure
+from firm_lightning.studies.fronts import hypervolume, non_dominated
 from firm_lightning.weighting import validate_preference
-
-
-def non_dominated(points) -> np.ndarray:
-    """Boolean mask of the rows no other row dominates (≥ everywhere and > somewhere).
-
-    Duplicated rows do not dominate each other, so all copies of a non-dominated point are kept.
-    """
-    p = np.asarray(points, dtype=float)
-    if p.ndim != 2:
-        raise ValueError(f"points must be a 2-D array (rows = points, columns = objectives); got shape {p.shape}.")
-    ge = (p[:, None, :] >= p[None, :, :]).all(-1)
-    gt = (p[:, None, :] > p[None, :, :]).any(-1)
-    dominated_by = ge & gt  # [j, i]: row j dominates row i
-    return ~dominated_by.any(0)
-
-
-def hypervolume(points, reference) -> float:
-    """Volume of the region dominated by ``points`` and dominating ``reference`` (maximisation).
-
-    Exact (slicing over the last objective, recursively); points that do not strictly dominate
-    the reference add nothing. Cost grows as n^(S-1): fine for sweeps of tens of points.
-    """
-    p = np.asarray(points, dtype=float)
-    ref = np.asarray(reference, dtype=float)
-    if p.ndim != 2 or ref.shape != (p.shape[1],):
-        raise ValueError(
-            f"points must be (n, S) and reference (S,); got {p.shape} and {ref.shape}."
-        )
-    p = p[(p > ref).all(1)]
-    return float(_slices(p[non_dominated(p)] if len(p) else p, ref))
-
-
-def _slices(p: np.ndarray, ref: np.ndarray) -> float:
-    if len(p) == 0:
-        return 0.0
-    if p.shape[1] == 1:
-        return float(p[:, 0].max() - ref[0])
-    order = np.argsort(-p[:, -1])
-    volume = 0.0
-    for k, i in enumerate(order):
-        below = p[order[k + 1], -1] if k + 1 < len(order) else ref[-1]
-        if p[i, -1] > below:
-            volume += (p[i, -1] - below) * _slices(p[order[: k + 1], :-1], ref[:-1])
-    return volume
 
 
 class ParetoSettings:
@@ -114,7 +69,7 @@ def run_sweep(
             algorithm.preference = p
             tag = "p_" + "_".join(f"{x:.3f}" for x in p)
             run_dir = out / "runs" / template.name / tag
-            label = f"{len(rows) + 1}/{total} {template.name} p={_fmt(p)}"
+            label = f"{len(rows) + 1}/{total} {template.name} p={preference_label(p)}"
             final = _finished(run_dir)
             if final is None:
                 echo(f"[{label}] training ...")
@@ -179,7 +134,7 @@ def plot_fronts(rows: list[dict], names: list[str], path: Path, reference: Seque
             ys = [r[f"eval/reward/{names[j]}"] for r in mine]
             ax.plot(xs, ys, marker="o", label=algorithm)
             for r, x, y in zip(mine, xs, ys):
-                ax.annotate(_fmt(r["preference"]), (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
+                ax.annotate(preference_label(r["preference"]), (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
         ax.scatter([reference[i]], [reference[j]], marker="x", color="black", label="reference")
         ax.set(xlabel=f"eval reward {names[i]}", ylabel=f"eval reward {names[j]}", title="Pareto front")
         ax.grid(alpha=0.3)
@@ -189,5 +144,5 @@ def plot_fronts(rows: list[dict], names: list[str], path: Path, reference: Seque
     fig.savefig(path, dpi=100)
 
 
-def _fmt(p: Sequence[float]) -> str:
+def preference_label(p: Sequence[float]) -> str:
     return "[" + ", ".join(f"{x:g}" for x in p) + "]"

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from firm_lightning.pareto import ParetoSettings, hypervolume, non_dominated
+from firm_lightning.studies.fronts import hypervolume, non_dominated
+from firm_lightning.studies.pareto import ParetoSettings
 from firm_lightning.weighting import RegularizedMinNorm, validate_preference
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "pareto_tiny.yaml")
+CONFIG = str(Path(__file__).resolve().parents[2] / "configs" / "pareto_tiny.yaml")
 
 
 def test_hypervolume_2d_by_hand():
@@ -122,7 +123,7 @@ def test_objective_one_reward_does_not_decrease_as_its_preference_grows(tmp_path
 
 
 def test_three_objectives_get_pairwise_panels_and_an_s_dimensional_hypervolume(tmp_path):
-    from firm_lightning.pareto import front_report, write_outputs
+    from firm_lightning.studies.pareto import front_report, write_outputs
 
     names = ["a", "b", "c"]
     prefs = [[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]]

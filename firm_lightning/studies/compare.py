@@ -16,14 +16,13 @@ import statistics
 from pathlib import Path
 from typing import Callable, Optional
 
-from firm_lightning import claims
-from firm_lightning import claims as claims_module  # CompareSettings has an attribute called claims
 from firm_lightning.algorithms import FIRM, FMGDA, Algorithm, Linear, LocalMGDA
-from firm_lightning.claims import Claim
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
 from firm_lightning.report import new_figure, write_csv
+from firm_lightning.studies import claims as stats  # CompareSettings has an argument called claims
+from firm_lightning.studies.claims import Claim
 
 
 class CompareSettings:
@@ -34,7 +33,7 @@ class CompareSettings:
     trained for the ``sweep_algorithms`` at the ``sweep_alphas``, for every seed: the hypervolume
     of those fronts is the preference-sweep trade-off claim.
 
-    The claims statistics (``firm_lightning/claims.py``): ``claims`` lists the table's rows, each
+    The claims statistics (``firm_lightning/studies/claims.py``): ``claims`` lists the table's rows, each
     with its claim, metric, predicted side, baselines and whether it is the claim's one
     ``primary`` metric or fixed ``by_construction`` (default: :func:`claims.default_claims`);
     ``family_error_rate`` is the family-wise error rate of the verdicts on the primary rows
@@ -87,7 +86,7 @@ class CompareSettings:
             _check_identical_copy(by_name, self.reference, aa_control)
         self.claims = [_as_claim(c) for c in claims] if claims is not None else None
         if self.claims is not None:
-            claims_module.check_claims(self.claims, names, self.reference)
+            stats.check_claims(self.claims, names, self.reference)
 
     def claims_for(self, objectives: list[str]) -> list[Claim]:
         """The configured claims, or the default ones for the baselines present (and the A/A control).
@@ -106,7 +105,7 @@ class CompareSettings:
             return self.claims
         names = [a.name for a in self.algorithms]
         baselines = tuple(n for n in ("local_mgda", "linear", "fmgda") if n in names and n != self.reference)
-        return claims_module.default_claims(objectives, baselines, self.aa_control)
+        return stats.default_claims(objectives, baselines, self.aa_control)
 
 
 def _as_claim(entry) -> Claim:
@@ -242,24 +241,15 @@ def summarize(rows: list[dict], objectives: list[str]) -> list[dict]:
         for n in objectives:
             finals = [rs[-1][f"eval/reward/{n}"] for rs in runs]
             entry[f"final {n}"] = _mean_std(finals)
-        entry["λ dispersion"] = _mean_std([_mean(rs[1:], "lambda_dispersion") for rs in runs])
-        entry["update dispersion"] = _mean_std([_mean(rs[1:], "update_dispersion") for rs in runs])
+        entry["λ dispersion"] = _mean_std([stats.mean_of(rs[1:], "lambda_dispersion") for rs in runs])
+        entry["update dispersion"] = _mean_std([stats.mean_of(rs[1:], "update_dispersion") for rs in runs])
         if "eval/worst_client/mean" in runs[0][-1]:
             entry["worst client"] = _mean_std([rs[-1]["eval/worst_client/mean"] for rs in runs])
-        entry["eval roughness"] = _mean_std([smoothness(rs, objectives) for rs in runs])
+        entry["eval roughness"] = _mean_std([stats.eval_roughness(rs, objectives) for rs in runs])
         entry["MB up/client"] = statistics.mean(_per_client_total(rs, "comm/bytes_up") for rs in runs) / 1e6
         entry["MB down/client"] = statistics.mean(_per_client_total(rs, "comm/bytes_down") for rs in runs) / 1e6
         table.append(entry)
     return table
-
-
-def smoothness(run: list[dict], objectives: list[str]) -> float:
-    """Oscillation of the eval rewards around their trend (:func:`claims.eval_roughness`; lower is smoother).
-
-    The mean of ``|r_t − (r_{t−1} + r_{t+1}) / 2|`` over interior rounds and objectives: a steady
-    ramp scores 0, an alternation of ``±a`` scores ``2a``. NaN with fewer than 3 evaluated rounds.
-    """
-    return claims.eval_roughness(run, objectives)
 
 
 def markdown_table(table: list[dict]) -> str:
@@ -268,11 +258,6 @@ def markdown_table(table: list[dict]) -> str:
     for entry in table:
         lines.append("| " + " | ".join(_fmt(entry[c]) for c in columns) + " |")
     return "\n".join(lines)
-
-
-def _mean(rows: list[dict], key: str) -> float:
-    values = [r[key] for r in rows if key in r]
-    return statistics.mean(values) if values else math.nan
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -367,11 +352,11 @@ def claims_report(
     The claims are ``settings.claims_for(objectives)`` (by default :func:`claims.default_claims`);
     the text starts with a paragraph saying how the verdicts were reached (family size included).
     """
-    per_run = claims.per_run_table(rows, objectives, lambda a, alpha, seed: _round_adapters(run_directory(out, a, alpha, seed)))
-    table = claims.claims_table(
+    per_run = stats.per_run_table(rows, objectives, lambda a, alpha, seed: _round_adapters(run_directory(out, a, alpha, seed)))
+    table = stats.claims_table(
         per_run, settings.reference, settings.claims_for(objectives), settings.family_error_rate, settings.min_seeds
     )
-    text = claims.method_text(table, settings.family_error_rate, settings.min_seeds) + "\n\n" + claims.markdown(
+    text = stats.method_text(table, settings.family_error_rate, settings.min_seeds) + "\n\n" + stats.markdown(
         table, settings.reference
     )
     plot_beta_ablation(per_run, settings.algorithms, out / "plots" / "beta_ablation.png")
@@ -413,7 +398,7 @@ def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -
             means, lows, highs = [], [], []
             for _, name in ladder:
                 values = [m[metric] for (a, al, _), m in per_run.items() if a == name and al == alpha and metric in m]
-                i = claims.t_interval(values) if values else None
+                i = stats.t_interval(values) if values else None
                 ok = i is not None and i.n > 1 and math.isfinite(i.low)
                 means.append(i.mean if i else math.nan)
                 lows.append(i.mean - i.low if ok else 0.0)

@@ -6,7 +6,7 @@ sampling seeds), so FIRM and a baseline are compared *paired on the seed*: one d
 
 **Intervals.** A two-sided Student-t interval for the mean difference,
 ``mean(d) ± t_{1−a/2, n−1} · sd(d) / √n`` (``sd`` with ``ddof = 1``). Under normal
-differences it has exactly its nominal coverage at any ``n ≥ 2`` (``tests/test_claims.py``
+differences it has exactly its nominal coverage at any ``n ≥ 2`` (``tests/studies/test_claims.py``
 measures ≥ 0.93 at n = 3, 5, 10); the percentile bootstrap used before covered 0.75, 0.84 and
 0.90 there where it said 0.95 (``benchmarks/claims_error_rates.py`` prints both).
 
@@ -69,6 +69,8 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 from scipy import integrate, optimize, special, stats
+
+from firm_lightning.studies.fronts import hypervolume
 
 Better = Literal["lower", "higher"]
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
@@ -340,8 +342,8 @@ def run_metrics(rows: Sequence[dict], objectives: Sequence[str], adapters: Optio
     last = rows[-1]
     out = {
         "uplink_bytes": sum(r["comm/bytes_up"] / r["clients"] for r in trained),
-        "lambda_dispersion": _mean(trained, "lambda_dispersion"),
-        "update_dispersion_weighted": _mean(trained, "update_dispersion_weighted"),
+        "lambda_dispersion": mean_of(trained, "lambda_dispersion"),
+        "update_dispersion_weighted": mean_of(trained, "update_dispersion_weighted"),
         "eval_roughness": eval_roughness(rows, objectives),
         "update_cosine": consecutive_update_cosine(adapters) if adapters else math.nan,
         "worst_client": float(last.get("eval/worst_client/mean", math.nan)),
@@ -398,7 +400,8 @@ def reward_at_uplink(rows: Sequence[dict], budget: float, objectives: Sequence[s
     }
 
 
-def _mean(rows: Sequence[dict], key: str) -> float:
+def mean_of(rows: Sequence[dict], key: str) -> float:
+    """Mean of ``key`` over the rows that have a number for it (missing, None and NaN left out); NaN if none do."""
     values = [r[key] for r in rows if key in r and r[key] is not None and not math.isnan(r[key])]
     return statistics.mean(values) if values else math.nan
 
@@ -412,8 +415,6 @@ def per_run_table(rows: Sequence[dict], objectives: Sequence[str], adapters_of=N
     ``rows`` are compare's rows (``algorithm``, ``alpha``, ``seed``, ``preference`` and the round
     metrics); ``adapters_of(algorithm, alpha, seed)`` returns the run's global adapters per round.
     """
-    from firm_lightning.pareto import hypervolume  # here: the statistics above import without the federation stack
-
     runs: dict[tuple, list[dict]] = {}
     for r in rows:
         runs.setdefault((r["algorithm"], r["alpha"], r["seed"], r.get("preference", "default")), []).append(r)
