@@ -639,10 +639,14 @@ class FIRMClientModule(L.LightningModule):
                 for name, value in zip(self.objective_names, rewards[:, rows].mean(dim=1)):
                     self.log(f"eval/group/{group}/{name}", value, on_epoch=True, batch_size=int(rows.sum()))
 
-    def rollout(self, prompts: list[str], group_size: int, greedy: bool = False, for_loss: bool = True) -> Rollout:
+    def rollout(
+        self, prompts: list[str], group_size: int, greedy: bool = False, for_loss: bool = True,
+        sampling: Optional[SamplingSettings] = None,
+    ) -> Rollout:
         """``group_size`` responses per prompt; ``for_loss``: keep the top-k/top-p kept sets a loss needs
-        (rollouts that are only scored pass False: the responses are the same, without N·T·V/8 bytes)."""
-        s = self.sampling
+        (rollouts that are only scored pass False: the responses are the same, without N·T·V/8 bytes).
+        ``sampling``: settings for this call only (an evaluation protocol's); default the module's."""
+        s = sampling if sampling is not None else self.sampling
         return sample(
             self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
             s.max_prompt_length, s.temperature, 1 if greedy else s.top_k, s.top_p,  # top-1 sampling is greedy
