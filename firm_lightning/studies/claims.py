@@ -7,8 +7,7 @@ sampling seeds), so FIRM and a baseline are compared *paired on the seed*: one d
 **Intervals.** A two-sided Student-t interval for the mean difference,
 ``mean(d) ± t_{1−a/2, n−1} · sd(d) / √n`` (``sd`` with ``ddof = 1``). Under normal
 differences it has exactly its nominal coverage at any ``n ≥ 2`` (``tests/studies/test_claims.py``
-measures ≥ 0.93 at n = 3, 5, 10); the percentile bootstrap used before covered 0.75, 0.84 and
-0.90 there where it said 0.95 (``benchmarks/claims_error_rates.py`` prints both).
+measures ≥ 0.93 at n = 3, 5, 10; ``benchmarks/claims_error_rates.py`` measures the error rates).
 
 **One primary metric per claim, declared up front.** Each :class:`Claim` row names one metric
 and its baselines and says whether it is the claim's ``primary`` metric. Only primary rows get
@@ -361,9 +360,7 @@ def eval_roughness(rows: Sequence[dict], objectives: Sequence[str]) -> float:
     absolute second difference). A steady trend, rising or falling, scores 0; a reward that
     alternates ``±a`` around any trend scores ``2a``. A saturating learning curve scores its
     (small) curvature, the same for every algorithm that learns at a similar pace. Needs at
-    least 3 evaluated rounds (round 0 counts); NaN otherwise. The mean |round-to-round change|
-    used before counted learning as roughness (a +0.05/round ramp scored 0.05, a ±0.03
-    oscillation 0.03). ``rows`` in round order.
+    least 3 evaluated rounds (round 0 counts); NaN otherwise. ``rows`` in round order.
     """
     wiggles = [
         abs(b[f"eval/reward/{n}"] - (a[f"eval/reward/{n}"] + c[f"eval/reward/{n}"]) / 2)
