@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from firm_lightning.weighting import (
+    EXACT_MAX_OBJECTIVES,
     LinearScalarization,
     RegularizedMinNorm,
     Weighting,
@@ -282,7 +283,7 @@ def test_tiny_but_nonzero_gram_is_not_treated_as_zero():
 
 
 def test_max_iter_warns_and_returns_point_on_simplex():
-    Q = random_gram(5, 2, seed=1)
+    Q = random_gram(EXACT_MAX_OBJECTIVES + 1, 2, seed=1)  # beyond the exact solver: the iterative one
     with pytest.warns(RuntimeWarning, match=r"max_iter=1 .*gap"):
         lam = RegularizedMinNorm(beta=0.0, max_iter=1)(Q)
     assert_on_simplex(lam)
@@ -293,6 +294,7 @@ def test_no_warning_when_converged():
         warnings.simplefilter("error")
         for seed in range(5):
             RegularizedMinNorm(beta=0.0)(random_gram(6, 3, seed))
+            RegularizedMinNorm(beta=0.0)(random_gram(EXACT_MAX_OBJECTIVES + 2, 3, seed))
 
 
 # --------------------------------------------------------------------------- validation
@@ -476,3 +478,85 @@ def test_project_to_simplex_fixes_simplex_points_and_known_case():
         project_to_simplex(torch.tensor([0.5, -0.5, 1.5], dtype=torch.float64)).numpy(),
         [0.0, 0.0, 1.0],
     )
+
+
+# --------------------------------------------------------------------------- against an interior-point reference
+
+
+def _cvxpy_minimum(G: np.ndarray, beta: float, p: np.ndarray) -> tuple[np.ndarray, float]:
+    """The reference: the same QP written on the gradients themselves, solved by cvxpy (Clarabel).
+
+    Returns the weights and sqrt(mean diag Q) (Q~ = (G / that)(G / that)^T). At beta = 0 the minimiser does
+    not depend on a common scale of G, so the solver gets G in units of its smallest non-zero gradient norm:
+    in units of the mean, a 1e-3 gradient among 1e3 ones is below the solver's tolerances."""
+    import cvxpy as cp
+
+    norms = np.linalg.norm(G, axis=1)
+    scale = np.sqrt(np.mean(norms**2))
+    unit = norms[norms > 0].min() if beta == 0 and (norms > 0).any() else scale
+    lam = cp.Variable(G.shape[0])
+    problem = cp.Problem(
+        cp.Minimize(0.5 * cp.sum_squares((G / unit).T @ lam) + beta / 2 * cp.sum_squares(lam - p)),
+        [lam >= 0, cp.sum(lam) == 1],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "solution may be inaccurate" at these tolerances: it is compared, not trusted
+        problem.solve(solver="CLARABEL", tol_gap_abs=1e-14, tol_gap_rel=1e-14, tol_feas=1e-14)
+    value = np.clip(lam.value, 0.0, None)
+    return value / value.sum(), scale
+
+
+def _gradients(kind: str, S: int, rng: np.random.Generator) -> np.ndarray:
+    G = rng.normal(size=(S, 40))
+    if kind == "spread":  # norms over 1e-3 .. 1e3: Q~ condition ~1e10
+        G *= 10 ** rng.uniform(-3, 3, size=(S, 1))
+    elif kind == "collinear":
+        G = np.outer(rng.uniform(0.1, 10, size=S) * rng.choice([-1, 1], size=S), G[0])
+    elif kind == "zero":
+        G[rng.integers(S)] = 0.0
+    elif kind == "duplicate":
+        G[1] = G[0]
+    return G
+
+
+@pytest.mark.parametrize("kind", ["spread", "collinear", "zero", "duplicate", "plain"])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_the_min_norm_point_equals_an_interior_point_solver(kind, beta):
+    """||d|| of the returned weights within 1e-6 relative of cvxpy's minimum (or below it), S = 2..8.
+
+    Before the exact solver, FISTA on Q~ stopped at the wrong support for spread norms: up to 2.0x the
+    minimum at S = 3 and 8.7x at S = 5."""
+    worst = 0.0
+    for S in range(2, 9):
+        for seed in range(4):
+            rng = np.random.default_rng(1000 * S + seed)
+            G = _gradients(kind, S, rng)
+            p = np.asarray(random_preference(S, seed)) if beta > 0 else np.full(S, 1.0 / S)
+            ref, scale = _cvxpy_minimum(G, beta, p)
+            ours = RegularizedMinNorm(beta=beta, preference=p.tolist())(torch.tensor(G @ G.T)).numpy()
+            assert_on_simplex(torch.tensor(ours))
+            if beta == 0 and kind == "zero":  # analytic: the zero gradient's vertex, d = 0 (cvxpy reaches ~1e-3)
+                assert np.linalg.norm(G.T @ ours) == 0.0, (S, seed, ours)
+            elif beta == 0:  # the quantity that matters: the norm of the common direction d
+                d_ours, d_ref = np.linalg.norm(G.T @ ours), np.linalg.norm(G.T @ ref)
+                floor = 1e-9 * np.abs(G).max()  # a zero direction (a zero or opposed gradients): both ~0
+                assert d_ours <= d_ref * (1 + 1e-6) + floor, (kind, S, seed, ours, ref)
+                worst = max(worst, abs(d_ours - d_ref) / max(d_ref, floor))
+            else:
+                qt = (G / scale) @ (G / scale).T
+                f_ours, f_ref = objective(qt, beta, p, ours)[0], objective(qt, beta, p, ref)[0]
+                assert f_ours <= f_ref * (1 + 1e-9) + 1e-15, (kind, S, seed, ours, ref)
+                worst = max(worst, abs(f_ours - f_ref) / f_ref)
+    assert worst < 1e-3  # and the reference is not far worse either: the two agree
+
+
+def test_a_tiny_gradient_among_large_ones_gets_all_the_weight():
+    """The min-norm point of {g1 tiny, g2, g3 large and opposed}: g1 alone (the issue's λ = [0.65, 0, 0.35])."""
+    G = np.zeros((3, 3))
+    G[0] = [1e-3, 1e-3, 0.0]
+    G[1] = [1e3, 0.0, 1.0]
+    G[2] = [-1e3, 5.0, 0.0]
+    lam = RegularizedMinNorm(beta=0.0)(torch.tensor(G @ G.T)).numpy()
+    ref, _ = _cvxpy_minimum(G, 0.0, np.full(3, 1 / 3))
+    assert np.linalg.norm(G.T @ lam) <= np.linalg.norm(G.T @ ref) * (1 + 1e-6)
+    np.testing.assert_allclose(lam, ref, atol=1e-6)
