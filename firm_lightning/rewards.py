@@ -218,7 +218,10 @@ def _keep_response(ids: list[int], offsets, special: list[int], prompt_span: tup
 class NormalizedReward(RewardFunction):
     """``(r − mean) / std`` of another reward, so objectives on different scales weigh alike.
 
-    ``mode``: ``"calibration"`` freezes the statistics of the first batch it scores;
+    ``mode``: ``"calibration"`` freezes the statistics of the first batch it scores, or, when the
+    rewards of that batch do not spread (every response scored alike, common early on with a
+    sparse reward), of the first batches together whose rewards do: a degenerate batch must not
+    normalise every later reward to 0;
     ``"running"`` keeps updating them with every batch (Welford); ``"fixed"`` uses the given
     ``mean`` and ``std``. A reward that is constant up to round-off (std at most ``eps`` or 1e3
     float32 ulps of the largest |reward| seen) maps to exactly 0, never NaN nor amplified noise.
@@ -263,11 +266,16 @@ class NormalizedReward(RewardFunction):
         raw = torch.as_tensor(self.reward(prompts, responses), dtype=torch.float64).flatten()
         check_rewards(self.name, raw, responses)  # before a bad batch can poison the statistics
         self._last_raw = raw.float()
-        if not self._frozen and (self.mode == "running" or (self.mode == "calibration" and self.count == 0)):
+        if not self._frozen and (self.mode == "running" or (self.mode == "calibration" and self.calibrating)):
             self._update(raw)
         if self.std <= self.floor:  # constant up to round-off: no signal to scale up
             return torch.zeros_like(raw, dtype=torch.float32)
         return ((raw - self.mean) / self.std).float()
+
+    @property
+    def calibrating(self) -> bool:
+        """Calibration mode still gathering statistics: nothing scored yet, or no spread beyond round-off."""
+        return self.mode == "calibration" and (self.count == 0 or self.std <= self.floor)
 
     @property
     def frozen(self) -> bool:

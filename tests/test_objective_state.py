@@ -147,6 +147,20 @@ def test_a_reward_constant_up_to_round_off_normalises_to_zero():
     assert scored.std(unbiased=False) == pytest.approx(1.0)
 
 
+def test_a_calibration_batch_without_spread_does_not_freeze_the_objective_at_zero():
+    """Calibration keeps gathering until the rewards spread: raw [1, 0] after an all-zero first batch must not
+    normalise to [0, 0] for the rest of the run (with beta = 0 the client then never moved)."""
+    normalized = NormalizedReward(CharsetReward("a", "a"), mode="calibration")
+    assert torch.equal(normalized(["p"] * 4, ["b"] * 4), torch.zeros(4))  # no spread yet: no signal
+    spread = normalized(["p"] * 2, ["a", "b"])
+    assert spread[0] > 0 > spread[1]
+    frozen_state = normalized.state_dict()
+    later = normalized(["p"] * 2, ["a", "b"])
+    assert torch.equal(later, spread) and normalized.state_dict() == frozen_state  # frozen once it spread
+    raw = torch.tensor([0.0, 0, 0, 0, 1, 0], dtype=torch.float64)  # the six rewards the statistics were made of
+    assert later[0].item() == pytest.approx(((1 - raw.mean()) / raw.std(unbiased=False)).item(), rel=1e-6)
+
+
 def test_reward_models_are_pointed_at_local_folders_from_the_command_line(tmp_path):
     from firm_lightning.config import build_components
 
