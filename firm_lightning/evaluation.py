@@ -126,9 +126,10 @@ class HHRLHFEvaluation(EvaluationProtocol):
         seed: int = 0,
         responses_file: Optional[str] = None,
     ) -> None:
-        checks = {"every": every >= 1, "min_tokens": 0 <= min_tokens <= max_tokens, "max_new_tokens": max_new_tokens >= 1,
-                  "top_p": 0 < top_p <= 1, "top_k": top_k >= 0, "temperature": temperature > 0,
-                  "eval_batch_size": eval_batch_size >= 1, "max_prompts": max_prompts is None or max_prompts >= 1}
+        checks = {"every": every >= 1, "min_tokens": 0 <= min_tokens <= max_tokens,
+                  "max_new_tokens": max_new_tokens >= 1, "top_p": 0 < top_p <= 1, "top_k": top_k >= 0,
+                  "temperature": temperature > 0, "eval_batch_size": eval_batch_size >= 1,
+                  "max_prompts": max_prompts is None or max_prompts >= 1}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
