@@ -51,13 +51,15 @@ class Command:
     description: str
     sections: dict[str, type] = field(default_factory=dict)  # the command's own config groups
     ckpt_path: bool = False
+    data_unless: Optional[str] = None  # a section of its own that stands in for data: when given
 
 
 COMMANDS = {
     "fit": Command("Run a whole federation: N rounds of client sampling, local LoRA fits, aggregation and evaluation "
                    "of the global adapter; writes metrics, adapters, plots and logs to federation.output_dir."),
     "validate": Command("Evaluate a saved global adapter (--ckpt_path) on the held-out prompts with the fixed eval "
-                        "sampling seed.", ckpt_path=True),
+                        "sampling seed, or by the evaluation protocol of --evaluation.",
+                        {"evaluation": EvaluationProtocol}, ckpt_path=True, data_unless="evaluation"),
     "generate": Command("Print responses of a saved global adapter (--ckpt_path) to --generate.prompts, with every "
                         "objective's reward.", {"generate": GenerateSettings}, ckpt_path=True),
     "compare": Command("Run several algorithms with identical seeds, data and budget.", {"compare": CompareSettings}),
@@ -85,7 +87,8 @@ class FIRMCLI:
                              f"(`{PROG} --help` describes them).")
         command = COMMANDS[self.subcommand]
         self.components: Components = build_components(
-            rest, command.sections, command.ckpt_path, command.description, f"{PROG} {self.subcommand}"
+            rest, command.sections, command.ckpt_path, command.description, f"{PROG} {self.subcommand}",
+            command.data_unless,
         )
         self.model, self.datamodule = self.components.module, self.components.datamodule
         getattr(self, f"run_{self.subcommand}")()
@@ -235,12 +238,12 @@ class FIRMCLI:
         return path
 
     def run_validate(self) -> None:
-        federation = self.components.federation
+        federation, protocol = self.components.federation, self._section("evaluation")
         with quiet_lightning(federation.quiet):
-            if isinstance(self.datamodule, EvaluationProtocol):  # e.g. the HH-RLHF protocol (configs/hh_rlhf_eval.yaml)
-                statistics = None  # a protocol scores raw reward-model logits: no run statistics involved
+            if protocol is not None:  # e.g. the HH-RLHF protocol (configs/hh_rlhf_eval.yaml); data: is not read
+                statistics = None  # a protocol reads no run statistics (EvaluationProtocol.run)
                 self._load_adapter()
-                results = self.datamodule.run(self.model, self._device())
+                results = protocol.run(self.model, self._device())
             else:
                 trainers = self._eval_trainers()
                 statistics = self._read_run(trainers)

@@ -4,16 +4,19 @@
 (``FIRMClientModule``), ``data`` (``PromptDataModule`` or a subclass), ``trainer`` (the
 per-client ``Trainer``: ``max_steps`` is the number of local steps K), ``optimizer`` /
 ``lr_scheduler`` (the client optimiser) and ``federation`` (``FederationConfig``) -- plus the
-sections a command adds (``compare``, ``pareto``, ``flower``, ``generate``). It stands on
-LightningCLI's public API only (``run=False``, ``add_arguments_to_parser``,
-``before_instantiate_classes``, ``instantiate_classes``, ``parse_arguments``), knows nothing of
-what the command does, and is what the CLI and the Flower apps both build from.
+sections a command adds (``compare``, ``pareto``, ``flower``, ``generate``, ``evaluation``). It
+stands on LightningCLI's public API only (``run=False``, ``add_core_arguments_to_parser``,
+``add_arguments_to_parser``, ``before_instantiate_classes``, ``instantiate_classes``,
+``parse_arguments``), knows nothing of what the command does, and is what the CLI and the Flower
+apps both build from. Keys and classes that moved are refused with one line naming their new place
+(``refuse_moved_keys``).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import inspect
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +52,7 @@ class Components:
     the command's own sections (by group name), plus the parsed config to save it again."""
 
     module: FIRMClientModule
-    datamodule: PromptDataModule
+    datamodule: Optional[PromptDataModule]  # None only where a section stands in for data (``data_unless``)
     federation: FederationConfig
     trainer_config: dict
     sections: dict[str, Any] = field(default_factory=dict)
@@ -64,14 +67,19 @@ class Components:
 class ComponentBuilder(LightningCLI):
     """LightningCLI without subcommands (``run=False``): parse, seed, instantiate; nothing runs.
 
-    ``sections``: extra groups, ``{group: class}`` (e.g. ``{"compare": CompareSettings}``);
-    ``ckpt_path``: add ``--ckpt_path`` (an adapter file or folder).
+    ``sections``: extra groups, ``{group: class}``: a settings class takes its options in the group
+    (``{"compare": CompareSettings}``); an abstract class takes one of its subclasses by ``class_path``,
+    or null (``{"evaluation": EvaluationProtocol}``). ``ckpt_path``: add ``--ckpt_path`` (an adapter
+    file or folder). ``data_unless``: a section that stands in for ``data:`` when given, so ``data:`` may
+    be left out (``validate``'s ``evaluation``); one of the two is then required.
     """
 
     def __init__(self, args: Sequence[str], sections: Optional[dict[str, type]] = None, ckpt_path: bool = False,
-                 description: Optional[str] = None, prog: Optional[str] = None) -> None:
+                 description: Optional[str] = None, prog: Optional[str] = None,
+                 data_unless: Optional[str] = None) -> None:
         self.sections = dict(sections or {})
         self.ckpt_path = ckpt_path
+        self.data_unless = data_unless
         parser_kwargs = {"exit_on_error": False}  # errors become one message, not a usage dump
         if description:
             parser_kwargs["description"] = description
@@ -90,12 +98,27 @@ class ComponentBuilder(LightningCLI):
             run=False,
         )
 
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """LightningCLI's trainer, model and data groups; ``data`` optional where ``data_unless`` stands in for it."""
+        if self.data_unless is None:
+            super().add_core_arguments_to_parser(parser)
+            return
+        # LightningCLI's own three groups (its add_core_arguments_to_parser), with data not required
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self.model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=self.subclass_mode_data,
+                                        required=False)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(FederationConfig, "federation")
         parser.link_arguments("federation.num_clients", "data.init_args.num_clients")
         parser.link_arguments("federation.seed", "data.init_args.seed")
         for group, cls in self.sections.items():
-            parser.add_class_arguments(cls, group)
+            if inspect.isabstract(cls):
+                parser.add_subclass_arguments(cls, group, required=False)
+            else:
+                parser.add_class_arguments(cls, group)
         parser.add_argument(
             "--reward_models", type=dict[str, str], default={},
             help="Reward models by objective name, e.g. '{\"helpful\": \"/models/rm-helpful\"}': replaces the "
@@ -113,6 +136,9 @@ class ComponentBuilder(LightningCLI):
         self.config = parser.parse_args(args)
 
     def before_instantiate_classes(self) -> None:
+        if self.data_unless and self.config.get("data") is None and self.config.get(self.data_unless) is None:
+            raise ValueError(f"Neither data: nor {self.data_unless}: is given: give data: (the prompts to evaluate "
+                             f"on) or {self.data_unless}: (which stands in for it).")
         if self.config["federation"].quiet:  # loading bars of every weight file and data map: not the run's lines
             quiet_hugging_face()
         point_reward_models(self.config["model"]["objectives"], self.config.get("reward_models") or {})
@@ -145,10 +171,12 @@ class ComponentBuilder(LightningCLI):
 
 
 def build_components(args: Sequence[str], sections: Optional[dict[str, type]] = None, ckpt_path: bool = False,
-                     description: Optional[str] = None, prog: Optional[str] = None) -> Components:
-    """The objects ``args`` (``--config X.yaml``, ``--federation.num_rounds 3``, ...) describe."""
+                     description: Optional[str] = None, prog: Optional[str] = None,
+                     data_unless: Optional[str] = None) -> Components:
+    """The objects ``args`` (``--config X.yaml``, ``--federation.num_rounds 3``, ...) describe (the arguments
+    after ``args``: see ``ComponentBuilder``)."""
     refuse_moved_keys(args)
-    return ComponentBuilder(args, sections, ckpt_path, description, prog).components()
+    return ComponentBuilder(args, sections, ckpt_path, description, prog, data_unless).components()
 
 
 _CACHE: dict[str, Components] = {}
@@ -204,19 +232,58 @@ def point_reward_models(objectives: list, paths: dict[str, str]) -> None:
         )
 
 
+# Classes that moved to another group, by (old group, class name): any spelling of the class path
+# (full, through the package's face, short) ends with the class name.
+MOVED_CLASSES = {("data", "HHRLHFEvaluation"): "evaluation"}
+
+
 def refuse_moved_keys(args: Sequence[str]) -> None:
-    """A key that moved is refused with one line naming its new place (flags and ``--config`` files)."""
+    """A key or class that moved is refused with one line naming its new place (flags and ``--config`` files)."""
     found = [_flag_key(a) for a in args if a.startswith("--")]
+    classes = _flag_classes(args)
     for path in _config_files(args):
-        found += _yaml_keys(path)
+        data = _read_yaml(path)
+        found += _yaml_keys(data)
+        classes += [(group, _class_path_of(data.get(group))) for group, _ in MOVED_CLASSES]
     for key in found:
         for old, new in MOVED_KEYS.items():
             if key == old or key.startswith(old + "."):
                 raise ValueError(f"{old} has moved: use {new} (see README, configuration).")
+    for group, class_path in classes:
+        new = MOVED_CLASSES.get((group, (class_path or "").rsplit(".", 1)[-1]))
+        if new:
+            raise ValueError(f"{group}: {class_path} has moved: use {new}: with the same class_path and init_args "
+                             "(see README, configuration).")
 
 
 def _flag_key(arg: str) -> str:
     return arg[2:].split("=", 1)[0]
+
+
+def _flag_classes(args: Sequence[str]) -> list[tuple[str, Optional[str]]]:
+    """``(group, class path)`` of the flags that choose a class of a group in ``MOVED_CLASSES``
+    (``--data X``, ``--data=X``, ``--data.class_path X``; X may also be a mapping with a class_path)."""
+    groups = {group for group, _ in MOVED_CLASSES}
+    found = []
+    for i, arg in enumerate(args):
+        key, equals, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        group = key.removesuffix(".class_path")
+        if group in groups:
+            value = value if equals else args[i + 1] if i + 1 < len(args) else None
+            found.append((group, _class_path_of(value)))
+    return found
+
+
+def _class_path_of(value) -> Optional[str]:
+    """The class path a group's value names: a string, or a mapping's ``class_path`` (also as YAML text)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return None
+    if isinstance(value, dict):
+        value = value.get("class_path")
+    return value if isinstance(value, str) else None
 
 
 def _config_files(args: Sequence[str]) -> list[Path]:
@@ -229,14 +296,18 @@ def _config_files(args: Sequence[str]) -> list[Path]:
     return [f for f in files if f.is_file()]
 
 
-def _yaml_keys(path: Path) -> list[str]:
+def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
-        return []  # the parser reports unreadable files itself
+        return {}  # the parser reports unreadable files itself
+    return data if isinstance(data, dict) else {}
+
+
+def _yaml_keys(data: dict) -> list[str]:
     keys = []
     for section in ("federation", "flower"):
-        if isinstance(data, dict) and isinstance(data.get(section), dict):
+        if isinstance(data.get(section), dict):
             keys += [f"{section}.{k}" for k in data[section]]
     return keys
 

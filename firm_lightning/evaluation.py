@@ -20,8 +20,8 @@ evaluates an adapter the way those papers do with the two Ray2333 GPT-2-large re
    (``hh_eval/win_rate/<name>``: the share of prompts where the adapter's response scores
    higher, ties counting one half), plus the number of prompts (``hh_eval/prompts``).
 
-The protocol is the ``data:`` section of ``validate`` (an ``EvaluationProtocol``): ``validate``
-runs it instead of the held-out evaluation of training.
+The protocol is the ``evaluation:`` section of ``validate`` (an ``EvaluationProtocol``):
+``validate`` runs it instead of the held-out evaluation of training.
 """
 
 from __future__ import annotations
@@ -36,22 +36,41 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import datasets
 import torch
 
-from firm_lightning.hh_rlhf import HHRLHFDataModule
+from firm_lightning.hh_rlhf import read_subsets
 from firm_lightning.rewards import NormalizedReward, RewardFunction, score_all
 from firm_lightning.sequences import HH_ASSISTANT
 
 if TYPE_CHECKING:
-    from firm_lightning.module import FIRMClientModule
+    from firm_lightning.module import FIRMClientModule, SamplingSettings
 
 TEST_SUBSETS = ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"]
+CONVERSATION_COLUMN = "chosen"  # the length filter reads the chosen conversation, as RiC's does
 
 
 class EvaluationProtocol(abc.ABC):
-    """An evaluation that ``validate`` runs in place of the held-out evaluation of training."""
+    """An evaluation that ``validate`` runs instead of the held-out evaluation of training.
+
+    ``validate`` takes one by ``class_path`` in its ``evaluation:`` section (e.g. configs/hh_rlhf_eval.yaml);
+    its ``__init__`` arguments are that section's ``init_args`` (document each in ``Args:``: the
+    configuration reference is generated from it). With a protocol, ``validate`` needs no ``data:``
+    section: the protocol reads its own prompts.
+    """
 
     @abc.abstractmethod
     def run(self, module: "FIRMClientModule", device: str | torch.device = "cpu") -> dict[str, float]:
-        """Evaluate ``module``'s current adapter; return the reported metrics."""
+        """Evaluate ``module``'s current adapter; return the metrics to report.
+
+        Receives ``module`` built from ``model:`` with the adapter of ``--ckpt_path`` loaded (none given:
+        the freshly initialised adapter), its objectives as configured (no run statistics are loaded into
+        a ``NormalizedReward``), and the device ``validate`` chose from ``trainer.accelerator``.
+
+        Returns metric name → value (``validate`` prints them and keeps them as ``FIRMCLI.results``).
+
+        Guarantees: the module's settings (``sampling``, ``weighting``, ``loss``, ...) and adapter weights
+        are unchanged, also when it raises: settings of its own go to the module's calls as arguments
+        (``module.rollout(..., sampling=...)``), never by assigning attributes. It may move the module and
+        the objectives to ``device``.
+        """
 
 
 def conversation_prompt(conversation: str) -> str:
@@ -66,8 +85,8 @@ def _conversation_row(row: dict, column: str, subset: str) -> dict[str, str]:
     return {"prompt": conversation_prompt(row[column]), "conversation": row[column], "subset": subset}
 
 
-class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
-    """The HH-RLHF evaluation protocol of Rewarded Soups, RiC and MOD (the ``data:`` section of ``validate``).
+class HHRLHFEvaluation(EvaluationProtocol):
+    """The HH-RLHF evaluation protocol of Rewarded Soups, RiC and MOD (the ``evaluation:`` section of ``validate``).
 
     Args:
         path: Anthropic/hh-rlhf, or a local folder with one folder per subset holding <split>.jsonl[.gz].
@@ -86,7 +105,6 @@ class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
         max_prompts: Evaluate only the first this many selected prompts (null: all; for a quick look).
         win_rate: Also sample the base policy (adapter off) on the same prompts and report the win rates.
         seed: Sampling seed (batch i uses seed + i, the same for the adapter and the base policy).
-        num_clients: Unused by the protocol (linked to federation.num_clients).
         responses_file: Write every prompt, both responses and their rewards to this CSV file (null: do not).
     """
 
@@ -106,14 +124,12 @@ class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
         max_prompts: Optional[int] = None,
         win_rate: bool = True,
         seed: int = 0,
-        num_clients: int = 1,
         responses_file: Optional[str] = None,
     ) -> None:
-        super().__init__(path=path, subsets=subsets, split=split, eval_size=0, num_clients=num_clients,
-                         partition="iid", eval_batch_size=eval_batch_size, max_prompts=None, seed=seed)
-        checks = {"every": every >= 1, "min_tokens": 0 <= min_tokens <= max_tokens, "max_new_tokens": max_new_tokens >= 1,
-                  "top_p": 0 < top_p <= 1, "top_k": top_k >= 0, "temperature": temperature > 0,
-                  "eval_batch_size": eval_batch_size >= 1, "max_prompts": max_prompts is None or max_prompts >= 1}
+        checks = {"every": every >= 1, "min_tokens": 0 <= min_tokens <= max_tokens,
+                  "max_new_tokens": max_new_tokens >= 1, "top_p": 0 < top_p <= 1, "top_k": top_k >= 0,
+                  "temperature": temperature > 0, "eval_batch_size": eval_batch_size >= 1,
+                  "max_prompts": max_prompts is None or max_prompts >= 1}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
@@ -121,40 +137,31 @@ class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
                 f"max_new_tokens >= 1, 0 < top_p <= 1, top_k >= 0, temperature > 0, eval_batch_size >= 1, "
                 f"max_prompts >= 1 or null)."
             )
+        self.path, self.subsets, self.split = str(path), list(subsets), split
         self.every, self.min_tokens, self.max_tokens = every, min_tokens, max_tokens
         self.max_new_tokens, self.top_p, self.top_k, self.temperature = max_new_tokens, top_p, top_k, temperature
-        self.protocol_max_prompts, self.win_rate = max_prompts, win_rate
-        self.responses_file = responses_file
-        self._rows: Optional[datasets.Dataset] = None
+        self.eval_batch_size, self.max_prompts, self.win_rate = eval_batch_size, max_prompts, win_rate
+        self.seed, self.responses_file = seed, responses_file
+        self._strided: Optional[datasets.Dataset] = None
 
     # ---- the prompts ----
 
-    def _subset_rows(self, name: str) -> datasets.Dataset:
-        rows = self._read_subset(name)
-        if self.conversation_column not in rows.column_names:
-            raise ValueError(
-                f"HH-RLHF subset {name!r} has no column {self.conversation_column!r} (columns: {rows.column_names})."
-            )
-        return rows.map(_conversation_row, fn_kwargs={"column": str(self.conversation_column), "subset": str(name)},
-                        remove_columns=rows.column_names)
-
-    def setup(self, stage: Optional[str] = None) -> None:
-        """Read the subsets and keep every ``every``-th conversation (the length filter needs the tokenizers)."""
-        if self._rows is not None:
-            return
-        rows = self._raw_rows()
-        self._rows = rows.select(range(0, len(rows), self.every))
+    def conversations(self) -> datasets.Dataset:
+        """Every ``every``-th conversation of the subsets, read once (the length filter needs the tokenizers)."""
+        if self._strided is None:
+            rows = read_subsets(self.path, self.subsets, self.split, CONVERSATION_COLUMN, _conversation_row)
+            self._strided = rows.select(range(0, len(rows), self.every))
+        return self._strided
 
     def prompts(self, tokenizers: Sequence) -> tuple[list[str], list[str]]:
         """The protocol's prompts and their subsets: strided, then length-filtered under every tokenizer."""
-        self.setup()
         prompts, groups = [], []
-        for row in self._rows:
+        for row in self.conversations():
             lengths = [len(tokenizer(row["conversation"])["input_ids"]) for tokenizer in tokenizers]
             if all(self.min_tokens <= n <= self.max_tokens for n in lengths):
                 prompts.append(row["prompt"])
                 groups.append(row["subset"])
-                if self.protocol_max_prompts is not None and len(prompts) == self.protocol_max_prompts:
+                if self.max_prompts is not None and len(prompts) == self.max_prompts:
                     break
         if not prompts:
             raise ValueError(
@@ -163,17 +170,12 @@ class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
             )
         return prompts, groups
 
-    # ---- what this data module is not for ----
-
-    def _refuse(self, *args, **kwargs):
-        raise ValueError(
-            "HHRLHFEvaluation is an evaluation protocol for `validate` (configs/hh_rlhf_eval.yaml); train with "
-            "firm_lightning.hh_rlhf.HHRLHFDataModule."
-        )
-
-    client_data = client_dataloader = train_dataloader = val_dataloader = num_examples = _refuse
-
     # ---- the protocol ----
+
+    def response_sampling(self, settings: "SamplingSettings") -> "SamplingSettings":
+        """``settings`` (the module's) with the protocol's: what every response is sampled with."""
+        return dataclasses.replace(settings, max_new_tokens=self.max_new_tokens, top_p=self.top_p, top_k=self.top_k,
+                                   temperature=self.temperature, max_prompt_length=self.max_tokens)
 
     def run(self, module: "FIRMClientModule", device: str | torch.device = "cpu") -> dict[str, float]:
         device = torch.device(device)
@@ -183,22 +185,14 @@ class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
         for objective in objectives:
             if callable(getattr(objective, "to", None)):
                 objective.to(device)
-        saved = module.sampling
-        module.sampling = dataclasses.replace(
-            saved, max_new_tokens=self.max_new_tokens, top_p=self.top_p, top_k=self.top_k,
-            temperature=self.temperature, max_prompt_length=self.max_tokens, eval_greedy=False,
-        )
-        try:
-            records = [self._batch(module, objectives, prompts[i: i + self.eval_batch_size], i // self.eval_batch_size,
-                                   device) for i in range(0, len(prompts), self.eval_batch_size)]
-        finally:
-            module.sampling = saved
-        rows = [row for batch in records for row in batch]
+        sampling, size = self.response_sampling(module.sampling), self.eval_batch_size
+        rows = [row for i in range(0, len(prompts), size)
+                for row in self._batch(module, objectives, sampling, prompts[i: i + size], i // size, device)]
         if self.responses_file:
             write_responses(Path(self.responses_file), rows, groups, [o.name for o in objectives])
         return summarise(rows, [o.name for o in objectives], self.win_rate)
 
-    def _batch(self, module, objectives, prompts: list[str], index: int, device: torch.device) -> list[dict]:
+    def _batch(self, module, objectives, sampling, prompts: list[str], index: int, device: torch.device) -> list[dict]:
         devices = [device] if device.type == "cuda" else []
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
         outputs = {}
@@ -206,7 +200,7 @@ class HHRLHFEvaluation(HHRLHFDataModule, EvaluationProtocol):
             adapter_off = module.policy.disable_adapter() if arm == "base" else nullcontext()
             with torch.random.fork_rng(devices=devices), autocast, adapter_off:
                 torch.manual_seed(self.seed + index)
-                rollout = module.rollout(prompts, 1, for_loss=False)
+                rollout = module.rollout(prompts, 1, greedy=False, for_loss=False, sampling=sampling)
             outputs[arm] = (rollout.responses, score_all(objectives, rollout.prompts, rollout.responses))
         rows = []
         for j, prompt in enumerate(prompts):

@@ -5,7 +5,8 @@ The dataset's rows are whole conversations (``chosen``/``rejected``) in the form
 ``harmless-base``, ...). ``HHRLHFDataModule`` keeps the first Human turn as the prompt, in the
 same format and ending with ``"\\n\\nAssistant:"`` so the policy answers it, and the subset
 name as the grouping column: ``partition: column`` gives one client per subset,
-``partition: dirichlet`` a skewed mix.
+``partition: dirichlet`` a skewed mix. ``read_subsets`` is the one reader of HH-RLHF subsets (a hub
+name or a local copy), shared with the evaluation protocol (``firm_lightning.evaluation``).
 
 Prompts stay in this format whatever the policy: it is the input format of the HH reward
 models (``template: "{prompt} {response}"``). A chat policy does not see the markup: with its
@@ -16,7 +17,7 @@ the user message (see ``firm_lightning.sequences.user_message``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Sequence, Union
 
 import datasets
 
@@ -71,38 +72,45 @@ class HHRLHFDataModule(PromptDataModule):
         self.conversation_column = conversation_column
 
     def _raw_rows(self) -> datasets.Dataset:
-        parts = [self._subset_rows(name) for name in self.subsets]
-        return datasets.concatenate_datasets(parts)
+        return read_subsets(self.path, self.subsets, self.split, self.conversation_column, _prompt_row)
 
-    def _subset_rows(self, name: str) -> datasets.Dataset:
-        rows = self._read_subset(name)
-        if self.conversation_column not in rows.column_names:
+
+def read_subsets(path: str, subsets: Sequence[str], split: str, column: str, to_row: Callable) -> datasets.Dataset:
+    """The ``split`` rows of HH-RLHF ``subsets`` (a hub name or a local copy), concatenated in this order.
+
+    Each row becomes ``to_row(row, column=column, subset=name)``: a module-level function called with
+    plain ``fn_kwargs``, so ``datasets.map`` pickles nothing large (see ``_prompt_row``).
+    """
+    parts = []
+    for name in subsets:
+        rows = _read_subset(path, name, split)
+        if column not in rows.column_names:
             raise ValueError(
-                f"HH-RLHF subset {name!r} has no column {self.conversation_column!r} "
-                f"(columns: {rows.column_names}); set conversation_column to one of them."
+                f"HH-RLHF subset {name!r} has no column {column!r} (columns: {rows.column_names}); "
+                "set conversation_column to one of them (HHRLHFDataModule) or check that this is HH-RLHF data."
             )
-        return rows.map(
-            _prompt_row, fn_kwargs={"column": str(self.conversation_column), "subset": str(name)},
-            remove_columns=rows.column_names,
-        )
+        parts.append(rows.map(to_row, fn_kwargs={"column": str(column), "subset": str(name)},
+                              remove_columns=rows.column_names))
+    return datasets.concatenate_datasets(parts)
 
-    def _read_subset(self, name: str) -> datasets.Dataset:
-        local = Path(self.path).expanduser()
-        if local.is_dir():
-            files = sorted((local / name).glob(f"{self.split}.json*"))
-            if not files:
-                available = sorted(p.name for p in local.iterdir() if p.is_dir())
-                raise ValueError(
-                    f"No {self.split}.jsonl[.gz] for HH-RLHF subset {name!r} under {local} "
-                    f"(subset folders there: {available}); fix `subsets` or `split`."
-                )
-            return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
-        try:
-            return datasets.load_dataset(self.path, data_dir=name, split=self.split)
-        except Exception as error:
-            raise FileNotFoundError(
-                f"Could not load HH-RLHF subset {name!r} from {self.path!r}: {type(error).__name__}: {error}. "
-                "Check the subset name (helpful-base, harmless-base, helpful-online, helpful-rejection-sampled, "
-                f"red-team-attempts). If this machine is offline, pre-download with "
-                f"`huggingface-cli download --repo-type dataset {self.path} --local-dir DIR` and pass path: DIR."
-            ) from error
+
+def _read_subset(path: str, name: str, split: str) -> datasets.Dataset:
+    local = Path(path).expanduser()
+    if local.is_dir():
+        files = sorted((local / name).glob(f"{split}.json*"))
+        if not files:
+            available = sorted(p.name for p in local.iterdir() if p.is_dir())
+            raise ValueError(
+                f"No {split}.jsonl[.gz] for HH-RLHF subset {name!r} under {local} "
+                f"(subset folders there: {available}); fix `subsets` or `split`."
+            )
+        return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+    try:
+        return datasets.load_dataset(path, data_dir=name, split=split)
+    except Exception as error:
+        raise FileNotFoundError(
+            f"Could not load HH-RLHF subset {name!r} from {path!r}: {type(error).__name__}: {error}. "
+            "Check the subset name (helpful-base, harmless-base, helpful-online, helpful-rejection-sampled, "
+            f"red-team-attempts). If this machine is offline, pre-download with "
+            f"`huggingface-cli download --repo-type dataset {path} --local-dir DIR` and pass path: DIR."
+        ) from error

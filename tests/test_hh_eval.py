@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from firm_lightning.cli import FIRMCLI
+from firm_lightning.cli import COMMANDS, FIRMCLI, main
 from firm_lightning.evaluation import HHRLHFEvaluation, conversation_prompt, raw_objectives
 from firm_lightning.policy import TinyPolicy
 from firm_lightning.rewards import CharsetReward, HFRewardModel, NormalizedReward
@@ -77,9 +77,9 @@ def test_the_config_is_the_published_protocol(stand_ins):
     cli_args = ["--config", str(stand_ins["config"]), "--trainer.accelerator=cpu", "--model.lora.target_modules=[c_attn]"]
     from firm_lightning.config import build_components
 
-    components = build_components(cli_args, ckpt_path=True)
-    data, module = components.datamodule, components.module
-    assert isinstance(data, HHRLHFEvaluation)
+    components = build_components(cli_args, COMMANDS["validate"].sections, ckpt_path=True, data_unless="evaluation")
+    data, module = components.sections["evaluation"], components.module
+    assert isinstance(data, HHRLHFEvaluation) and components.datamodule is None  # no data: section needed
     assert (data.split, data.subsets, data.every, data.min_tokens, data.max_tokens) == (
         "test", ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"], 4, 8, 512)
     assert (data.max_new_tokens, data.top_p, data.top_k, data.temperature, data.win_rate) == (128, 0.9, 0, 1.0, True)
@@ -108,9 +108,10 @@ def _validate(stand_ins, out: Path, *extra: str):
     return FIRMCLI(args=[
         "validate", "--config", str(stand_ins["config"]), "--trainer.accelerator=cpu",
         "--model.lora.target_modules=[c_attn]", f"--federation.output_dir={out}",
-        f"--data.init_args.min_tokens={BOUNDS['min_tokens']}", f"--data.init_args.max_tokens={BOUNDS['max_tokens']}",
-        "--data.init_args.max_new_tokens=6", "--data.init_args.eval_batch_size=1",
-        f"--data.init_args.responses_file={out / 'responses.csv'}", *extra,
+        f"--evaluation.init_args.min_tokens={BOUNDS['min_tokens']}",
+        f"--evaluation.init_args.max_tokens={BOUNDS['max_tokens']}",
+        "--evaluation.init_args.max_new_tokens=6", "--evaluation.init_args.eval_batch_size=1",
+        f"--evaluation.init_args.responses_file={out / 'responses.csv'}", *extra,
     ])
 
 
@@ -119,7 +120,8 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_validate_reports_raw_rewards_and_the_win_rate_against_the_adapter_off(stand_ins, tmp_path, capsys):
+def test_validate_reports_raw_rewards_and_the_win_rate_against_the_adapter_off(stand_ins, tmp_path, capsys,
+                                                                                   monkeypatch):
     # A fresh adapter (B = 0) is the base policy: the same responses, a win rate of exactly one half.
     fresh = _validate(stand_ins, tmp_path / "fresh")
     rows = _rows(tmp_path / "fresh" / "responses.csv")
@@ -128,6 +130,20 @@ def test_validate_reports_raw_rewards_and_the_win_rate_against_the_adapter_off(s
         assert fresh.results[f"hh_eval/win_rate/{name}"] == 0.5
         assert fresh.results[f"hh_eval/reward/{name}"] == fresh.results[f"hh_eval/base_reward/{name}"]
     assert "hh_eval/win_rate/helpful" in capsys.readouterr().out
+
+    # The protocol's sampling reaches the rollout as an argument; the module's own settings are never touched.
+    module, calls = fresh.model, []
+    own, rollout = module.sampling, module.rollout
+
+    def recording(*args, **kwargs):
+        calls.append((module.sampling, kwargs.get("sampling")))
+        return rollout(*args, **kwargs)
+
+    monkeypatch.setattr(module, "rollout", recording)
+    fresh.components.sections["evaluation"].run(module)
+    assert len(calls) == 4 and all(seen is own for seen, _ in calls)  # 2 prompts x (adapter, base)
+    assert all((given.max_new_tokens, given.top_p, given.top_k, given.max_prompt_length) == (6, 0.9, 0, 110)
+               for _, given in calls)
 
     # A changed adapter: its responses change, the adapter-off responses stay those of the base policy.
     adapter = fresh.model.adapter_state()
@@ -156,11 +172,31 @@ def test_validate_reports_raw_rewards_and_the_win_rate_against_the_adapter_off(s
 def test_bad_settings_and_misuse_fail_with_the_fix(stand_ins):
     with pytest.raises(ValueError, match="invalid every, top_p"):
         HHRLHFEvaluation(every=0, top_p=1.5)
-    with pytest.raises(ValueError, match="evaluation protocol for `validate`"):
-        HHRLHFEvaluation(path=str(stand_ins["hh"])).client_data(0)
     with pytest.raises(ValueError, match="No HH-RLHF conversation"):
         HHRLHFEvaluation(path=str(stand_ins["hh"]), min_tokens=500, max_tokens=600).prompts([char_tokenizer()])
     with pytest.raises(ValueError, match="Assistant"):
         conversation_prompt("\n\nHuman: no reply yet")
     inner = CharsetReward("a", "a")
     assert raw_objectives([NormalizedReward(inner), inner]) == [inner, inner]
+
+
+def test_the_protocol_under_data_is_refused_naming_its_section(stand_ins, tmp_path, capsys):
+    """An old config (or flag) with the protocol under data: gets one line naming evaluation:."""
+    old = tmp_path / "old.yaml"
+    old.write_text(stand_ins["config"].read_text().replace("\nevaluation:", "\ndata:"))
+    tiny = str(ROOT / "configs" / "tiny.yaml")
+    for args in (["--config", str(old)], ["--config", tiny, "--data", "firm_lightning.evaluation.HHRLHFEvaluation"],
+                 ["--config", tiny, "--data.class_path=HHRLHFEvaluation"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["validate", *args])
+        err = capsys.readouterr().err
+        assert stop.value.code == 1 and err.count("\n") == 1 and "has moved: use evaluation:" in err, err
+
+
+def test_validate_without_data_or_a_protocol_names_both(stand_ins, tmp_path, capsys):
+    neither = tmp_path / "neither.yaml"
+    neither.write_text(stand_ins["config"].read_text().split("\nevaluation:")[0])
+    with pytest.raises(SystemExit) as stop:
+        main(["validate", "--config", str(neither), "--model.lora.target_modules=[c_attn]"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1 and "data:" in err and "evaluation:" in err, err

@@ -98,8 +98,10 @@ def config_table(path: str, prefix: str, page: str) -> str:
             text = ""
         key = f"{prefix}.{param.name}" if prefix else param.name
         rows.append(f"| `{key}` | {code(param.annotation)} | {default(param)} | {cell(text)} |")
-    source = f"Generated from the signature and docstring of `{path}`."
-    return "\n".join([source, "", "| option | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+    source = f"Generated from the signature and docstring of `{path}`"
+    if not rows:  # e.g. a section's abstract type, whose subclasses have the options
+        return f"{source}: no options of its own.\n"
+    return "\n".join([source + ".", "", "| option | type | default | meaning |", "|---|---|---|---|", *rows, ""])
 
 
 def docstring_params(cls) -> dict[str, str]:
