@@ -455,8 +455,8 @@ class RegularizedMinNorm(Weighting):
     (``beta -> inf`` is linear scalarisation with ``p``).
 
     Args:
-        beta: The regulariser's strength (0: MGDA's min-norm point; large: the preference's fixed weights).
-        preference: The point p of the simplex the regulariser pulls toward, one weight per objective; null: uniform.
+        beta: β ≥ 0: strength of the pull toward the preference (0: MGDA's min-norm point; large: fixed weights p).
+        preference: p on the simplex, one non-negative weight per objective summing to 1; null: uniform.
         tol: Duality-gap tolerance of the iterative solver, used only beyond 12 objectives (up to 12 it is exact).
         max_iter: Iteration limit of that iterative solver.
     """
