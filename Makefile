@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m firm_lightning fit --config $(CONFIG)
 
-# The docs site first (strict: a broken page, link, anchor or reference fails), then the tests;
+# The docs site first (strict: a broken page, link, anchor or reference fails; not --quiet, which hides the
+# configuration-reference hook's warnings from strict mode), then the tests;
 # tests/test_docs.py opens the site just built in a headless browser.
 test: install
-	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir build/site
 	FIRM_DOCS_SITE=build/site $(PY) -m pytest -q
 
 clean:
