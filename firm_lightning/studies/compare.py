@@ -9,7 +9,6 @@ algorithm × α × seed × round), a ``summary.md`` table and comparison plots.
 from __future__ import annotations
 
 import copy
-import csv
 import inspect
 import math
 import statistics
@@ -21,6 +20,7 @@ from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
 from firm_lightning.report import new_figure, write_csv
+from firm_lightning.run_folder import RunFolder, load_adapter_file
 from firm_lightning.studies import claims as stats  # CompareSettings has an argument called claims
 from firm_lightning.studies.claims import Claim
 
@@ -183,23 +183,18 @@ def run_comparison(
                     {"algorithm": algorithm.name, "alpha": alpha, "seed": seed, "preference": preference, **r}
                     for r in history
                 ]
-                write_csv(out / "metrics.csv", rows)
+                write_csv(RunFolder(out).metrics, rows)
     return rows
 
 
 def finished_history(run_dir: Path, num_rounds: int) -> Optional[list[dict]]:
-    """The metric rows of a run finished in ``run_dir`` with ``num_rounds`` rounds (summary.txt is written last), else None.
+    """The metric rows of a run finished in ``run_dir`` with ``num_rounds`` rounds, else None.
 
     Lets an interrupted comparison continue, or several processes share the runs of one
     comparison (e.g. one per α) and a last pass write the report.
     """
-    if not (run_dir / "summary.txt").is_file():
-        return None
-    with open(run_dir / "metrics.csv") as f:
-        rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
-    for r in rows:
-        r["round"] = int(r["round"])
-    return rows if rows and rows[-1]["round"] == num_rounds else None
+    folder = RunFolder(run_dir)
+    return folder.history() if folder.is_finished(num_rounds) else None
 
 
 def _runs_of(settings: CompareSettings, alpha: float) -> list[tuple[Algorithm, str]]:
@@ -215,7 +210,7 @@ def _runs_of(settings: CompareSettings, alpha: float) -> list[tuple[Algorithm, s
 
 
 def run_directory(out: Path, algorithm: str, alpha: float, seed: int, preference: str = "default") -> Path:
-    run_dir = out / "runs" / f"alpha{alpha:g}_seed{seed}" / algorithm
+    run_dir = RunFolder(out).runs / f"alpha{alpha:g}_seed{seed}" / algorithm
     return run_dir if preference == "default" else run_dir / f"p_{preference}"
 
 
@@ -359,16 +354,14 @@ def claims_report(
     text = stats.method_text(table, settings.family_error_rate, settings.min_seeds) + "\n\n" + stats.markdown(
         table, settings.reference
     )
-    plot_beta_ablation(per_run, settings.algorithms, out / "plots" / "beta_ablation.png")
+    plot_beta_ablation(per_run, settings.algorithms, RunFolder(out).plots / "beta_ablation.png")
     return table, text
 
 
 def _round_adapters(run_dir: Path) -> Optional[list[dict]]:
     """The global adapter after every round (round 0 first), if the run saved them."""
-    from safetensors.torch import load_file
-
-    paths = sorted((run_dir / "adapters").glob("round_*.safetensors"))
-    return [load_file(str(p)) for p in paths] if len(paths) >= 3 else None
+    paths = RunFolder(run_dir).round_adapters()
+    return [load_adapter_file(p) for p in paths] if len(paths) >= 3 else None
 
 
 def _beta_of(algorithm: Algorithm) -> Optional[float]:
