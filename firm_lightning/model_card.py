@@ -73,19 +73,12 @@ class ModelCard:
         return [_describe_objective(e) for e in entries]
 
     def weighting(self) -> str:
-        """The in-client weighting: the algorithm's if it sets one, else the model's configured one."""
+        """The in-client weighting: the algorithm's own line if it sets one, else the model's configured one."""
         algorithm = self.federation.algorithm
-        kind = type(algorithm).__name__ if algorithm is not None else None
-        preference = getattr(algorithm, "preference", None)
-        p = f"p = {list(preference)}" if preference is not None else "p uniform"
-        if kind == "FMGDA":
-            return "none in the clients (one adapter per objective); min-norm over the averaged deltas on the server"
-        if kind == "Linear":
-            return f"linear scalarisation, fixed λ = p, {p}"
-        if kind == "LocalMGDA":
-            return "MGDA min-norm (β = 0)"
-        if algorithm is not None and hasattr(algorithm, "beta"):
-            return f"FIRM regularised min-norm, β = {algorithm.beta:g}, preference {p}"
+        line = algorithm.describe() if algorithm is not None else None
+        return line if line is not None else self._configured_weighting()
+
+    def _configured_weighting(self) -> str:
         weighting = (self.config or {}).get("model", {}).get("weighting") or {}
         args = weighting.get("init_args") or {}
         cls = str(weighting.get("class_path", "")).rsplit(".", 1)[-1]

@@ -8,7 +8,6 @@ algorithm × α × seed × round), a ``summary.md`` table and comparison plots.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import statistics
@@ -70,12 +69,7 @@ class CompareSettings:
         self.sweep_algorithms = sweep_algorithms or []
         self.sweep_alphas = sweep_alphas or []
         by_name = dict(zip(names, self.algorithms))
-        for name in self.sweep_algorithms:
-            if not hasattr(by_name.get(name), "preference"):
-                raise ValueError(
-                    f"compare.sweep_algorithms: {name!r} is not an algorithm here that takes a preference "
-                    f"(FIRM, LocalMGDA or Linear); algorithms: {names}."
-                )
+        self.sweeps = _sweeps(by_name, self.sweep_algorithms, self.sweep_preferences)
         if not 0 < family_error_rate < 1:
             raise ValueError(f"compare.family_error_rate={family_error_rate!r} must be in (0, 1), e.g. 0.05.")
         if min_seeds < 2:
@@ -130,14 +124,29 @@ def _check_identical_copy(by_name: dict, reference: str, copy_name: str) -> None
             f"a copy of it under another name (e.g. FIRM with init_args name: {reference}_copy) to compare.algorithms."
         )
     a, b = by_name[reference], by_name[copy_name]
-    settings_a = {k: v for k, v in vars(a).items() if k != "name"}
-    settings_b = {k: v for k, v in vars(b).items() if k != "name"}
+    settings_a, settings_b = a.settings(), b.settings()
     if type(a) is not type(b) or settings_a != settings_b:
         raise ValueError(
             f"compare.aa_control={copy_name!r} is not an identical copy of the reference {reference!r} "
             f"({type(b).__name__} {settings_b} vs {type(a).__name__} {settings_a}); give it the reference's class "
             "and init_args, changing only name."
         )
+
+
+def _sweeps(by_name: dict, sweep_algorithms: list[str], preferences: list[list[float]]) -> list[tuple[Algorithm, str]]:
+    """The preference-sweep runs, in the order of the algorithms: each a new algorithm from ``with_preference``,
+    with its preference label."""
+    unknown = [name for name in sweep_algorithms if name not in by_name]
+    if unknown:
+        raise ValueError(f"compare.sweep_algorithms: {unknown} are not among the algorithms {list(by_name)}.")
+    sweeps = []
+    for algorithm in (a for name, a in by_name.items() if name in sweep_algorithms):
+        for p in preferences:
+            try:
+                sweeps.append((algorithm.with_preference(p), "_".join(f"{x:g}" for x in p)))
+            except ValueError as error:
+                raise ValueError(f"compare.sweep_algorithms: {error}") from error
+    return sweeps
 
 
 #: The A/A copy runs with federation seed ``seed + AA_SEED_OFFSET``: the reference's data split and
@@ -199,14 +208,7 @@ def finished_history(run_dir: Path, num_rounds: int) -> Optional[list[dict]]:
 
 def _runs_of(settings: CompareSettings, alpha: float) -> list[tuple[Algorithm, str]]:
     runs = [(a, "default") for a in settings.algorithms]
-    if alpha in settings.sweep_alphas:
-        for a in settings.algorithms:
-            if a.name in settings.sweep_algorithms:
-                for p in settings.sweep_preferences:
-                    swept = copy.copy(a)
-                    swept.preference = [float(x) for x in p]
-                    runs.append((swept, "_".join(f"{x:g}" for x in p)))
-    return runs
+    return runs + settings.sweeps if alpha in settings.sweep_alphas else runs
 
 
 def run_directory(out: Path, algorithm: str, alpha: float, seed: int, preference: str = "default") -> Path:
@@ -364,13 +366,6 @@ def _round_adapters(run_dir: Path) -> Optional[list[dict]]:
     return [load_adapter_file(p) for p in paths] if len(paths) >= 3 else None
 
 
-def _beta_of(algorithm: Algorithm) -> Optional[float]:
-    """β of an algorithm on the ablation axis (LocalMGDA is 0, Linear is +∞); None if it has none."""
-    if isinstance(algorithm, Linear):
-        return math.inf
-    return getattr(algorithm, "beta", None)
-
-
 def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -> Optional[Path]:
     """Drift and final reward against β, from 0 (local MGDA) to ∞ (linear): mean over seeds ± 95 % t-interval."""
     import matplotlib
@@ -378,7 +373,7 @@ def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ladder = sorted(((b, a.name) for a in algorithms if (b := _beta_of(a)) is not None), key=lambda t: t[0])
+    ladder = sorted(((b, a.name) for a in algorithms if (b := a.beta_axis) is not None), key=lambda t: t[0])
     if len(ladder) < 2:
         return None
     labels = ["linear (∞)" if math.isinf(b) else f"{b:g}" + (" (MGDA)" if b == 0 else "") for b, _ in ladder]

@@ -6,7 +6,6 @@ adapter on the same held-out prompts and skips runs already finished in the outp
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 from pathlib import Path
@@ -46,8 +45,7 @@ class ParetoSettings:
         self.algorithms = algorithms or [FIRM(beta=1.0), Linear()]
         self.reference = reference  # None: the initial adapter's eval rewards
         for algorithm in self.algorithms:
-            if not hasattr(algorithm, "preference"):
-                raise ValueError(f"Algorithm {algorithm.name!r} takes no preference; sweep FIRM or Linear.")
+            algorithm.with_preference(self.preferences[0])  # one that takes no preference refuses here
 
 
 def run_sweep(
@@ -66,8 +64,7 @@ def run_sweep(
     rows, total = [], len(preferences) * len(settings.algorithms)
     for template in settings.algorithms:
         for p in preferences:
-            algorithm = copy.copy(template)
-            algorithm.preference = p
+            algorithm = template.with_preference(p)
             tag = "p_" + "_".join(f"{x:.3f}" for x in p)
             run_dir = RunFolder(out).runs / template.name / tag
             label = f"{len(rows) + 1}/{total} {template.name} p={preference_label(p)}"
