@@ -24,20 +24,55 @@ from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 @dataclass
 class AggregationResult:
-    adapter: AdapterState  # the new global adapter
-    client_adapters: list[AdapterState]  # each client's effective θ_i (for the drift metric)
-    server_lambdas: Optional[list[float]] = None  # weights chosen on the server (FMGDA)
+    """What one round's aggregation returns to the round engine.
+
+    Attributes:
+        adapter: The new global adapter: the global adapter's keys, shapes and dtypes, in new tensors.
+        client_adapters: One adapter per merged update, in the order of the updates: the ``θ_i`` the
+            aggregator took each client to contribute (for FMGDA, its per-objective adapters combined by the
+            server's λ). The update-dispersion metrics are computed from them.
+        server_lambdas: The weights the server chose over the objectives, one per objective (FMGDA), else
+            None; recorded as ``server_lambda/<objective>``.
+        extra: The aggregator's own diagnostics (e.g. the noise of differential privacy); not recorded.
+    """
+
+    adapter: AdapterState
+    client_adapters: list[AdapterState]
+    server_lambdas: Optional[list[float]] = None
     extra: dict = field(default_factory=dict)
 
 
 class Aggregator(abc.ABC):
+    """The server's rule for merging a round's client uploads into the next global adapter.
+
+    An algorithm names its aggregator (``Algorithm.aggregator``); the round engine builds it once per
+    run, may put a robust rule (``federation.aggregator``) in place of FedAvg and differential privacy
+    around it, and calls ``aggregate`` once per round, on every transport.
+
+    Args:
+        server_lr: The server step ``η_g`` applied to the merged update (``θ ← θ + η_g Δ``); 1.0 takes it whole.
+    """
+
     def __init__(self, server_lr: float = 1.0) -> None:
         if server_lr < 0:
             raise ValueError(f"server_lr must be >= 0 (got {server_lr}); 1.0 is plain FedAvg.")
         self.server_lr = server_lr
 
     @abc.abstractmethod
-    def aggregate(self, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregationResult: ...
+    def aggregate(self, global_state: AdapterState, updates: Sequence[ClientUpdate]) -> AggregationResult:
+        """Merge ``updates`` into the global adapter that follows ``global_state``.
+
+        Receives: ``global_state``, the global adapter the clients started the round from; ``updates``,
+        at least one, sorted by client id, each already screened (``screen_update``: keys, shapes,
+        dtypes, finite values, norm bound) and holding full adapters ``θ_i`` in the global adapter's
+        dtypes (16-bit deltas are applied before). Under SecAgg+ it is one update, the clients' mean.
+        ``num_examples`` weighs a client, as the rule sees fit.
+
+        Returns an :class:`AggregationResult`. Must not change ``global_state`` or the updates in
+        place, and must be a function of its arguments and its settings (any randomness from a
+        generator whose state the engine checkpoints), so a resumed run continues exactly.
+        Raises ValueError for uploads it cannot merge (e.g. FedAvg given several adapters per client).
+        """
 
     def _step(self, global_state: AdapterState, delta: AdapterState) -> AdapterState:
         return {k: (v.float() + self.server_lr * delta[k]).to(v.dtype) for k, v in global_state.items()}

@@ -1,18 +1,23 @@
 """Algorithms as configuration: an in-client weighting, a client procedure and an aggregator.
 
-The orchestrator never asks an algorithm's name; adding a fifth algorithm is one class here.
+The orchestrator never asks an algorithm's name, and the model card, ``compare`` and ``pareto``
+never test its kind: each algorithm describes itself (``describe``), re-prefers itself
+(``with_preference``) and says where it sits on FIRM's β axis (``beta_axis``). Adding a fifth
+algorithm is one class here.
 
-| algorithm   | in-client weighting          | client uploads         | server                         |
-|-------------|------------------------------|------------------------|--------------------------------|
-| FIRM        | regularised min-norm (β > 0) | one adapter            | FedAvg                         |
-| LocalMGDA   | min-norm (β = 0)             | one adapter            | FedAvg                         |
-| Linear      | fixed weights p              | one adapter            | FedAvg                         |
-| FMGDA       | one objective at a time      | one adapter/objective  | min-norm over averaged deltas  |
+| algorithm   | in-client weighting          | client uploads         | server                         | β axis |
+|-------------|------------------------------|------------------------|--------------------------------|--------|
+| FIRM        | regularised min-norm (β > 0) | one adapter            | FedAvg                         | β      |
+| LocalMGDA   | min-norm (β = 0)             | one adapter            | FedAvg                         | 0      |
+| Linear      | fixed weights p              | one adapter            | FedAvg                         | ∞      |
+| FMGDA       | one objective at a time      | one adapter/objective  | min-norm over averaged deltas  | none   |
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import copy
+import math
+from typing import Optional, Sequence
 
 from firm_lightning.aggregation import Aggregator, FedAvg, MinNormOverObjectives
 from firm_lightning.client import AdapterPerObjective, ClientProcedure, SingleAdapter
@@ -35,6 +40,40 @@ class Algorithm:
     def aggregator(self, server_lr: float) -> Aggregator:
         return FedAvg(server_lr)
 
+    def describe(self) -> Optional[str]:
+        """What the algorithm weights and how, in one line for the model card; None: the model's configured
+        weighting (which the card reads from the saved config)."""
+        return None
+
+    def with_preference(self, preference: Sequence[float]) -> "Algorithm":
+        """A new algorithm, this one with preference ``p`` (same class, name and other settings); this one is
+        left as it is. Raises ValueError for an algorithm that takes no preference."""
+        raise ValueError(self._no_preference("it keeps the model's configured weighting"))
+
+    @property
+    def beta_axis(self) -> Optional[float]:
+        """Its place between MGDA (0) and linear scalarisation (∞) on FIRM's β axis; None: not on it."""
+        return None
+
+    def settings(self) -> dict:
+        """Everything but the name: two algorithms of one class with equal settings train alike."""
+        return {k: v for k, v in vars(self).items() if k != "name"}
+
+    def _no_preference(self, why: str) -> str:
+        return (f"Algorithm {self.name!r} ({type(self).__name__}) takes no preference: {why}; sweep one whose "
+                "in-client weighting takes one (FIRM, LocalMGDA, Linear).")
+
+
+def _preferred(algorithm: Algorithm, preference: Sequence[float]) -> Algorithm:
+    """A copy of ``algorithm`` with another preference (a copy keeps the class and every other setting)."""
+    changed = copy.copy(algorithm)
+    changed.preference = [float(x) for x in preference]
+    return changed
+
+
+def _preference_words(preference: Optional[Sequence[float]]) -> str:
+    return f"p = {list(preference)}" if preference is not None else "p uniform"
+
 
 class FIRM(Algorithm):
     """In-client regularised min-norm weighting; one adapter per client per round."""
@@ -47,12 +86,25 @@ class FIRM(Algorithm):
     def weighting(self, num_objectives: int) -> Weighting:
         return RegularizedMinNorm(beta=self.beta, preference=self.preference)
 
+    def describe(self) -> str:
+        return f"FIRM regularised min-norm, β = {self.beta:g}, preference {_preference_words(self.preference)}"
+
+    def with_preference(self, preference: Sequence[float]) -> "FIRM":
+        return _preferred(self, preference)
+
+    @property
+    def beta_axis(self) -> float:
+        return self.beta
+
 
 class LocalMGDA(FIRM):
     """FIRM without the regulariser (β = 0): plain MGDA inside each client."""
 
     def __init__(self, name: str = "local_mgda") -> None:
         super().__init__(beta=0.0, name=name)
+
+    def describe(self) -> str:
+        return "MGDA min-norm (β = 0)"
 
 
 class Linear(Algorithm):
@@ -64,6 +116,16 @@ class Linear(Algorithm):
 
     def weighting(self, num_objectives: int) -> Weighting:
         return LinearScalarization(self.preference or [1.0 / num_objectives] * num_objectives)
+
+    def describe(self) -> str:
+        return f"linear scalarisation, fixed λ = p, {_preference_words(self.preference)}"
+
+    def with_preference(self, preference: Sequence[float]) -> "Linear":
+        return _preferred(self, preference)
+
+    @property
+    def beta_axis(self) -> float:
+        return math.inf
 
 
 class FMGDA(Algorithm):
@@ -77,3 +139,9 @@ class FMGDA(Algorithm):
 
     def aggregator(self, server_lr: float) -> Aggregator:
         return MinNormOverObjectives(server_lr)
+
+    def describe(self) -> str:
+        return "none in the clients (one adapter per objective); min-norm over the averaged deltas on the server"
+
+    def with_preference(self, preference: Sequence[float]) -> Algorithm:
+        raise ValueError(self._no_preference("it trains one adapter per objective and weights them on the server"))

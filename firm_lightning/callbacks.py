@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from safetensors.torch import load_file, save_file
+
+from firm_lightning.run_folder import RunFolder
 
 if TYPE_CHECKING:
     from firm_lightning.adapters import ClientUpdate
@@ -186,35 +187,37 @@ class SaveBestAdapter(_MonitorsMetric):
             value = self._value(row)
             if self._improves(value):
                 self.best, self.best_round = value, int(row["round"])
-        path = self._path(federation)
+        folder = RunFolder(federation.config.output_dir)
+        path = folder.best_adapter(self.filename)
         if self.best_round == state.round:
-            self._save(path, state.global_adapter, state.round)
-        elif not self._saved_round(path) == self.best_round:  # the earlier run's file is gone: rebuild it
-            earlier = path.parent / f"round_{self.best_round:03d}.safetensors"
+            self._save(folder, state.global_adapter, state.round)
+        elif not self._saved_round(folder) == self.best_round:  # the earlier run's file is gone: rebuild it
+            earlier = folder.round_adapter(self.best_round)
             if not earlier.is_file():
                 raise FileNotFoundError(
                     f"SaveBestAdapter: the best round so far is {self.best_round}, but neither {path} nor {earlier} "
                     "holds its adapter; resume in the output_dir of the original run."
                 )
-            self._save(path, load_file(str(earlier)), self.best_round)
+            self._save(folder, load_file(str(earlier)), self.best_round)
 
     def on_round_end(self, federation, state, row) -> None:
         value = self._value(row)
         if not self._improves(value):
             return
         self.best, self.best_round = value, int(row["round"])
-        self._save(self._path(federation), state.global_adapter, state.round)
+        self._save(RunFolder(federation.config.output_dir), state.global_adapter, state.round)
 
-    def _path(self, federation) -> Path:
-        return Path(federation.config.output_dir) / "adapters" / f"{self.filename}.safetensors"
-
-    def _saved_round(self, path: Path):
+    def _saved_round(self, folder: RunFolder):
         try:
-            return json.loads(path.with_suffix(".json").read_text())["round"] if path.is_file() else None
+            if not folder.best_adapter(self.filename).is_file():
+                return None
+            return json.loads(folder.best_record(self.filename).read_text())["round"]
         except (OSError, ValueError, KeyError):
             return None
 
-    def _save(self, path: Path, adapter: dict, round_idx: int) -> None:
+    def _save(self, folder: RunFolder, adapter: dict, round_idx: int) -> None:
+        path = folder.best_adapter(self.filename)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(path), metadata={"round": str(round_idx)})
-        path.with_suffix(".json").write_text(json.dumps({"round": round_idx, "monitor": self.monitor, "value": self.best}))
+        record = {"round": round_idx, "monitor": self.monitor, "value": self.best}
+        folder.best_record(self.filename).write_text(json.dumps(record))

@@ -26,20 +26,19 @@ from typing import Callable, Optional
 
 import torch
 from jsonargparse import ArgumentError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from firm_lightning.studies import claims
 from firm_lightning.studies.compare import CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize
 from firm_lightning.config import Components, build_components
 from firm_lightning.distributed import launch_ranks
-from firm_lightning.engine import OBJECTIVE_STATE_FILE, calibrated_statistics
+from firm_lightning.engine import calibrated_statistics
 from firm_lightning.evaluation import EvaluationProtocol
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.generate import GenerateSettings, format_generations, generate
 from firm_lightning.orchestrator import FederatedOrchestrator
 from firm_lightning.studies.pareto import ParetoSettings, front_report, run_sweep, write_outputs
 from firm_lightning.rewards import load_objective_states, stateful, statistics_frozen
+from firm_lightning.run_folder import OBJECTIVE_STATE_FILE, RunFolder, load_adapter_file, objective_state_beside
 from firm_lightning.state import FederationError
 from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning
 
@@ -102,8 +101,7 @@ class FIRMCLI:
         """Create federation.output_dir and save the resolved config there."""
         out = Path(self.components.federation.output_dir)
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            self.components.save_config(out / "config.yaml")
+            self.components.save_config(RunFolder(out).create().config)
         except OSError as error:
             raise OSError(
                 error.errno,
@@ -167,9 +165,10 @@ class FIRMCLI:
             + claims_text + "\n\n" + sentences
         )
         (out / "summary.md").write_text(text + "\n")
-        plot_comparison(rows, self.model.objective_names, out / "plots")
+        folder = RunFolder(out)
+        plot_comparison(rows, self.model.objective_names, folder.plots)
         print(text)
-        print(f"outputs in {out}/ (metrics.csv, summary.md, plots/, runs/)")
+        print(f"outputs in {out}/ ({folder.metrics.name}, summary.md, {folder.plots.name}/, {folder.runs.name}/)")
         self.summary = table
         self.claims = claims_rows
 
@@ -199,7 +198,7 @@ class FIRMCLI:
         out = self._prepare_output_dir()
         algorithm = federation.algorithm.name if federation.algorithm is not None else "configured weighting"
         print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {out}/", flush=True)
-        self.processes = launch(out / "config.yaml", settings, self.datamodule, _echo)
+        self.processes = launch(RunFolder(out).config, settings, self.datamodule, _echo)
 
     def _eval_trainers(self) -> TrainerFactory:
         """Trainers for validate and generate (no client trains: max_steps only satisfies the check)."""
@@ -226,7 +225,7 @@ class FIRMCLI:
             if ckpt_path:
                 raise FileNotFoundError(
                     f"No {OBJECTIVE_STATE_FILE} beside {ckpt_path}: normalised rewards need the statistics of the run "
-                    f"that wrote it; pass --objective_state <output_dir>/adapters/{OBJECTIVE_STATE_FILE}."
+                    f"that wrote it; pass --objective_state {RunFolder('<output_dir>').objective_state}."
                 )
             self.datamodule.setup("validate")
             load_objective_states(self.model.objectives, calibrated_statistics(self.model, trainers, self.datamodule))
@@ -274,40 +273,6 @@ def usage() -> str:
 def needs_statistics(objectives) -> bool:
     """Whether some objective normalises with statistics a run calibrated (not fixed ones)."""
     return any(getattr(o, "mode", "fixed") != "fixed" for o in stateful(objectives))
-
-
-def objective_state_beside(ckpt_path: str) -> Optional[Path]:
-    """``objective_state.json`` next to an adapter file, or in/above an adapter folder (adapters/final)."""
-    p = Path(ckpt_path)
-    for folder in ((p, p.parent) if p.is_dir() else (p.parent,)):
-        if (folder / OBJECTIVE_STATE_FILE).is_file():
-            return folder / OBJECTIVE_STATE_FILE
-    return None
-
-
-def load_adapter_file(path: str) -> dict:
-    """The tensors of an adapter file, refusing files that are not readable safetensors."""
-    file = _adapter_file(path)
-    try:
-        return load_file(str(file))
-    except SafetensorError as error:
-        raise ValueError(
-            f"{file} is not a readable safetensors adapter ({error}): it is damaged, truncated or another kind of "
-            "file. Pass an adapter written by `fit` (<output_dir>/adapters/round_<r>.safetensors or adapters/final)."
-        ) from error
-
-
-def _adapter_file(path: str) -> Path:
-    """A .safetensors adapter file, or a peft adapter folder holding adapter_model.safetensors."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "adapter_model.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"No adapter at {path!r}: pass a .safetensors file written by `fit` "
-            "(e.g. <output_dir>/adapters/round_005.safetensors) or a folder holding adapter_model.safetensors."
-        )
-    return p
 
 
 def _echo(message: str) -> None:

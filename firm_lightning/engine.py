@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import time
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -42,12 +41,12 @@ from firm_lightning.rewards import load_objective_states, objective_states, stat
 from firm_lightning.progress import progress_callback
 from firm_lightning.report import RunWriter
 from firm_lightning.round_logging import RoundLogger
+from firm_lightning.run_folder import RunFolder
 from firm_lightning.seeds import sampling_rng
 from firm_lightning.state import FederationError, FederationState
 from firm_lightning.trainer_factory import TrainerFactory
 
 _log = logging.getLogger(__name__)
-OBJECTIVE_STATE_FILE = "objective_state.json"  # beside the adapters: the evaluation statistics of the run
 _COSMETIC_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir")
 
 
@@ -89,7 +88,7 @@ class RoundEngine:
             config.output_dir, module.objective_names, module.policy.peft_config["default"], echo,
             save_every_round=config.save_adapters,
         )
-        self.checkpoint_dir = Path(config.output_dir) / "checkpoint"
+        self.checkpoint_dir = RunFolder(config.output_dir).checkpoint
         self.round_logger = RoundLogger(trainers.federation_loggers)  # the configured Lightning loggers
         self.callbacks = CallbackList([progress_callback(config.progress, echo), self.round_logger, *config.callbacks])
         self.stop_reason: Optional[str] = None
@@ -279,7 +278,7 @@ class RoundEngine:
         self.module.load_adapter_state(adapter)
         state = calibrated_statistics(self.module, self.trainers, self.datamodule)
         if state:
-            path = Path(self.config.output_dir) / "adapters" / OBJECTIVE_STATE_FILE
+            path = RunFolder(self.config.output_dir).objective_state
             path.parent.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write(path, json.dumps(state, indent=1).encode())
         return state

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
+from firm_lightning.run_folder import ADAPTER_CONFIG, RunFolder
+
 if TYPE_CHECKING:
     from firm_lightning.federation import FederationConfig
     from firm_lightning.state import FederationState
@@ -37,7 +39,8 @@ class ModelCard:
         self.peft = adapter_config
         self.federation = config
         self.state = state
-        self.config_path, self.config = _resolved_config(self.run_dir)
+        self.folder = RunFolder(self.run_dir)
+        self.config_path, self.config = self.folder.resolved_config()
 
     def write(self, folder: Path, round_idx: int, what: str) -> Path:
         path = Path(folder) / "README.md"
@@ -66,23 +69,16 @@ class ModelCard:
     def objectives(self) -> list[str]:
         entries = (self.config or {}).get("model", {}).get("objectives")
         if not entries:
-            return [f"`{n}` (defined in Python; no saved config.yaml describes it)" for n in self.names]
+            return [f"`{n}` (defined in Python; no saved {self.folder.config.name} describes it)" for n in self.names]
         return [_describe_objective(e) for e in entries]
 
     def weighting(self) -> str:
-        """The in-client weighting: the algorithm's if it sets one, else the model's configured one."""
+        """The in-client weighting: the algorithm's own line if it sets one, else the model's configured one."""
         algorithm = self.federation.algorithm
-        kind = type(algorithm).__name__ if algorithm is not None else None
-        preference = getattr(algorithm, "preference", None)
-        p = f"p = {list(preference)}" if preference is not None else "p uniform"
-        if kind == "FMGDA":
-            return "none in the clients (one adapter per objective); min-norm over the averaged deltas on the server"
-        if kind == "Linear":
-            return f"linear scalarisation, fixed λ = p, {p}"
-        if kind == "LocalMGDA":
-            return "MGDA min-norm (β = 0)"
-        if algorithm is not None and hasattr(algorithm, "beta"):
-            return f"FIRM regularised min-norm, β = {algorithm.beta:g}, preference {p}"
+        line = algorithm.describe() if algorithm is not None else None
+        return line if line is not None else self._configured_weighting()
+
+    def _configured_weighting(self) -> str:
         weighting = (self.config or {}).get("model", {}).get("weighting") or {}
         args = weighting.get("init_args") or {}
         cls = str(weighting.get("class_path", "")).rsplit(".", 1)[-1]
@@ -102,7 +98,7 @@ class ModelCard:
 
     def command(self) -> str:
         if self.config_path is None:
-            return ("Trained from Python (no config.yaml was saved). The CLI saves the resolved config; "
+            return (f"Trained from Python (no {self.folder.config.name} was saved). The CLI saves the resolved config; "
                     "e.g. `python -m firm_lightning fit --config configs/tiny.yaml` for the offline default.")
         config = _display_path(self.config_path)
         if "pareto" in self.config or "compare" in self.config:
@@ -156,7 +152,8 @@ class ModelCard:
         front = {"library_name": "peft", "base_model": base, "tags": CARD_TAGS}
         if getattr(self.peft, "task_type", None) == "CAUSAL_LM":
             front["pipeline_tag"] = "text-generation"
-        lora = f"r = {self.peft.r}, alpha = {self.peft.lora_alpha}" if self.peft is not None else "see adapter_config.json"
+        lora = (f"r = {self.peft.r}, alpha = {self.peft.lora_alpha}" if self.peft is not None
+                else f"see {ADAPTER_CONFIG}")
         trainer = (self.config or {}).get("trainer") or {}
         data = (self.config or {}).get("data") or {}
         data_args = data.get("init_args", data) if isinstance(data, dict) else {}
@@ -188,29 +185,13 @@ class ModelCard:
             "## Training", "", *table, "",
             "## Evaluation", "",
             f"Mean reward of the global adapter on the held-out prompts ({eval_note}), as logged in "
-            "`metrics.csv`" + ("; raw: the reward model's own score before normalisation" if any(
+            f"`{self.folder.metrics.name}`" + ("; raw: the reward model's own score before normalisation" if any(
                 f"eval/raw_reward/{n}" in r for r in self.state.history for n in self.names) else "") + ":", "",
             *self.eval_table(round_idx), "",
             "## Reproduce", "", self.command(), "",
             "## Use", "", "```python", *self.use_snippet(), "```", "",
         ]
         return "\n".join(lines)
-
-
-def _resolved_config(run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
-    """The ``config.yaml`` the CLI saved for this run: in ``run_dir`` or the sweep folder above it."""
-    for folder in [run_dir, *list(run_dir.parents)[:4]]:
-        path = folder / "config.yaml"
-        if not path.is_file():
-            continue
-        try:
-            config = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError:
-            return None, None
-        out = (config.get("federation") or {}).get("output_dir")
-        if out is not None and Path(out).resolve() == folder.resolve():
-            return path, config
-    return None, None
 
 
 def _describe_objective(entry: Any) -> str:

@@ -1,16 +1,6 @@
 """What a federation run leaves on disk and prints: adapters, CSVs, plots, a summary table.
 
-Layout of ``output_dir``::
-
-    config.yaml                  the resolved config (written by the CLI)
-    metrics.csv                  one row per round: eval/reward/<objective>, lambda_dispersion, ...
-    client_metrics.csv           one row per client per round: lambda/<objective>, train/reward/<objective>, bytes
-    adapters/round_<r>.safetensors, adapters/adapter_config.json, adapters/final/ (a peft adapter folder
-                                 with a Hugging Face model card, README.md), adapters/<best>/ (the same for
-                                 SaveBestAdapter's best round)
-    plots/eval_rewards.png, plots/lambdas.png
-    summary.txt                  the table printed at the end
-    clients/client_<id>/round_<r>/  each client fit's own Lightning logs
+The file names and the layout of ``output_dir`` are :class:`~firm_lightning.run_folder.RunFolder`'s.
 """
 
 from __future__ import annotations
@@ -27,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from firm_lightning.callbacks import SaveBestAdapter
 from firm_lightning.checkpoint import atomic_write
 from firm_lightning.model_card import ModelCard
+from firm_lightning.run_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunFolder
 
 if TYPE_CHECKING:
     from firm_lightning.federation import FederationConfig
@@ -34,58 +25,78 @@ if TYPE_CHECKING:
 
 
 class RunWriter:
+    """Writes a run's records into its :class:`RunFolder` as the round engine reports them.
+
+    The engine calls ``record_round`` after every recorded round (round 0 included, and each round of a
+    resumed run) and ``finish`` once, after the last round or an early stop; nothing else calls them.
+    A replacement (``RoundEngine(writer=...)``) must keep the guarantees below, which readers rely on.
+
+    Args:
+        output_dir: The run folder (``federation.output_dir``); created if missing.
+        objective_names: The objectives, in the order of the metric columns.
+        adapter_config: The policy's peft config, saved beside the adapters so each folder loads with peft;
+            None writes the tensors only.
+        echo: Where the summary table and the closing line are printed.
+        save_every_round: Keep ``adapters/round_<r>.safetensors`` for every round (``federation.save_adapters``).
+
+    Guarantees: ``metrics.csv`` and ``client_metrics.csv`` hold every recorded row after each
+    ``record_round`` and are replaced atomically (a reader sees the old file or the new one); the
+    summary is written last by ``finish``, so its presence means the run finished
+    (:meth:`RunFolder.is_finished`, which lets ``compare`` and ``pareto`` reuse runs). The writer does
+    not write ``config.yaml`` (the CLI), ``checkpoint/`` and ``objective_state.json`` (the engine) or
+    SaveBestAdapter's file (the callback); it packages that file into a peft folder at the end.
+    """
+
     def __init__(
         self, output_dir: str | Path, objective_names: list[str], adapter_config=None, echo=print,
         save_every_round: bool = True,
     ) -> None:
-        self.dir = Path(output_dir)
+        self.folder = RunFolder(output_dir).create()
         self.save_every_round = save_every_round
         self.names = objective_names
-        self.adapter_config = adapter_config  # a peft config, saved beside the adapters
+        self.adapter_config = adapter_config
         self.echo = echo
-        self.dir.mkdir(parents=True, exist_ok=True)
 
     def record_round(self, state: "FederationState", row: dict, client_rows: list[dict]) -> None:
-        write_csv(self.dir / "metrics.csv", state.history)
+        """Record ``state`` after a round: its history (``row`` is its last entry) and, if kept, its adapter."""
+        write_csv(self.folder.metrics, state.history)
         if state.client_history:
-            write_csv(self.dir / "client_metrics.csv", state.client_history)
+            write_csv(self.folder.client_metrics, state.client_history)
         if self.save_every_round:
-            self.save_adapter(state.global_adapter, self._round_path(state.round), state.round)
-
-    def _round_path(self, round_idx: int) -> Path:
-        return self.dir / "adapters" / f"round_{round_idx:03d}.safetensors"
+            self.save_adapter(state.global_adapter, self.folder.round_adapter(state.round), state.round)
 
     def save_adapter(self, adapter: dict[str, torch.Tensor], path: Path, round_idx: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(path), metadata={"round": str(round_idx)})
-        if self.adapter_config is not None and not (path.parent / "adapter_config.json").exists():
+        if self.adapter_config is not None and not (path.parent / ADAPTER_CONFIG).exists():
             self.adapter_config.save_pretrained(str(path.parent))
 
     def finish(self, state: "FederationState", wall_s: float, config: "FederationConfig") -> None:
-        final = self.dir / "adapters" / "final"
-        self.save_adapter(state.global_adapter, final / "adapter_model.safetensors", state.round)
-        card = ModelCard(self.dir, self.names, self.adapter_config, config, state)
-        card.write(final, state.round, f"the global adapter after round {state.round}")
+        """The final adapter and the best ones as peft folders with model cards, the plots, then the summary."""
+        folder = self.folder
+        self.save_adapter(state.global_adapter, folder.final / ADAPTER_WEIGHTS, state.round)
+        card = ModelCard(folder.path, self.names, self.adapter_config, config, state)
+        card.write(folder.final, state.round, f"the global adapter after round {state.round}")
         self._package_best_adapters(card, config, state)
-        plot_eval_rewards(state.history, self.names, self.dir / "plots" / "eval_rewards.png")
-        plot_lambdas(state.client_history, self.names, self.dir / "plots" / "lambdas.png")
+        plot_eval_rewards(state.history, self.names, folder.reward_plot)
+        plot_lambdas(state.client_history, self.names, folder.lambda_plot)
         text = summary_table(state, self.names, wall_s)
-        (self.dir / "summary.txt").write_text(text + "\n")
+        folder.summary.write_text(text + "\n")  # last: the finished marker
         self.echo(text)
-        self.echo(f"outputs in {self.dir}/ (metrics.csv, client_metrics.csv, adapters/, plots/, summary.txt)")
-
+        self.echo(f"outputs in {folder.path}/ ({folder.metrics.name}, {folder.client_metrics.name}, "
+                  f"{folder.adapters.name}/, {folder.plots.name}/, {folder.summary.name})")
 
     def _package_best_adapters(self, card: "ModelCard", config: "FederationConfig", state: "FederationState") -> None:
         """SaveBestAdapter keeps ``adapters/<filename>.safetensors``; beside it, a peft folder with its card."""
         for callback in config.callbacks:
             if not isinstance(callback, SaveBestAdapter):
                 continue
-            file = self.dir / "adapters" / f"{callback.filename}.safetensors"
+            file = self.folder.best_adapter(callback.filename)
             if not file.is_file():
                 continue
-            info = json.loads(file.with_suffix(".json").read_text())
-            folder = self.dir / "adapters" / callback.filename
-            self.save_adapter(load_file(str(file)), folder / "adapter_model.safetensors", info["round"])
+            info = json.loads(self.folder.best_record(callback.filename).read_text())
+            folder = self.folder.best_folder(callback.filename)
+            self.save_adapter(load_file(str(file)), folder / ADAPTER_WEIGHTS, info["round"])
             card.write(folder, info["round"], f"the best global adapter by {info['monitor']} "
                        f"({info['monitor']} = {info['value']:.4f} in round {info['round']}; SaveBestAdapter)")
 

@@ -33,6 +33,7 @@ from firm_lightning.flower.secure_aggregation import (
 )
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.privacy import clip_state
+from firm_lightning.run_folder import RunFolder
 from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning, stays_on_device
 
 OUTPUT_DIR = "output-dir"  # node-config key: where this node writes its Lightning logs and its own state
@@ -68,7 +69,7 @@ def fit_round(comps: Components, data: ClientData, content: RecordDict, node_con
     global_adapter = record_adapter(content[ARRAYS])
     output_dir = Path(str(node_config.get(OUTPUT_DIR, federation.output_dir)))
     # This client's own state (its objectives' statistics; its optimiser with persist), on its own disk.
-    store = ClientStateFiles(output_dir / "clients" / f"client_{data.client_id:03d}" / "state", round_idx)
+    store = ClientStateFiles(RunFolder(output_dir).client_state(data.client_id), round_idx)
     with quiet_lightning(federation.quiet), stays_on_device(comps.module):
         update = fit_client(
             comps.module, federation.resolved_algorithm, global_adapter, data, round_idx,

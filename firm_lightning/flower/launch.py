@@ -15,10 +15,11 @@ import yaml
 
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.flower.partition import PARTITION_ID, PROMPTS_FILE, write_partition
-from firm_lightning.flower.records import CONFIG_KEY, SERVER_ERROR
+from firm_lightning.flower.records import CONFIG_KEY
 from firm_lightning.distributed import free_port
 from firm_lightning.flower.processes import ProcessGroup, flower_env, wait_for_port
 from firm_lightning.flower.settings import FlowerSettings
+from firm_lightning.run_folder import RunFolder
 from firm_lightning.state import FederationError
 
 LOCAL_CONNECTION = "firm-local"
@@ -28,38 +29,39 @@ def launch(config_path: Path, settings: FlowerSettings, datamodule: PromptDataMo
            processes: ProcessGroup | None = None) -> ProcessGroup:
     """Run the federation the saved config describes; return the (stopped) processes it used."""
     text = _absolute_output_dir(config_path.read_text())
-    work = Path(yaml.safe_load(text)["federation"]["output_dir"]) / "flower"
+    run = RunFolder(yaml.safe_load(text)["federation"]["output_dir"])
+    work = run.flower
     work.mkdir(parents=True, exist_ok=True)
-    (work / "config.yaml").write_text(text)
+    run.flower_config.write_text(text)
     started = time.time()
     try:
         with processes or ProcessGroup() as group:
             if settings.engine == "simulation":
-                _simulate(group, work)
+                _simulate(group, run.flower_config)
             elif settings.engine == "local-deployment":
                 _local_deployment(group, work, text, settings, datamodule, echo)
             else:
                 _flwr_run(group, write_app(work / "app", text), settings.superlink, flower_env())
     except RuntimeError as error:
-        _raise_server_error(work, started, error)
+        _raise_server_error(run, started, error)
         raise
-    summary = work.parent / "summary.txt"  # on this machine unless the SuperLink's ServerApp runs elsewhere
-    if settings.engine != "deployment" and (not summary.exists() or summary.stat().st_mtime < started):
-        raise RuntimeError(f"The Flower run ended without finishing the federation (no new {summary}); see the log above"
-                           + (f" and {work}/*.log." if settings.engine == "local-deployment" else "."))
+    # The summary is on this machine unless the SuperLink's ServerApp runs elsewhere.
+    if settings.engine != "deployment" and not run.is_finished(since=started):
+        raise RuntimeError(f"The Flower run ended without finishing the federation (no new {run.summary}); see the "
+                           "log above" + (f" and {work}/*.log." if settings.engine == "local-deployment" else "."))
     return group
 
 
-def _raise_server_error(work: Path, started: float, cause: BaseException) -> None:
+def _raise_server_error(run: RunFolder, started: float, cause: BaseException) -> None:
     """The server's own message (e.g. too few clients, a config it refused), when it left one here."""
-    path = work / SERVER_ERROR
+    path = run.server_error
     if path.is_file() and path.stat().st_mtime >= started:
         kind, _, message = path.read_text().partition("\n")
         raise (FederationError if kind == "FederationError" else ValueError)(message) from cause
 
 
-def _simulate(group: ProcessGroup, work: Path) -> None:
-    proc = group.start([sys.executable, "-m", "firm_lightning.flower.simulation", str(work / "config.yaml")], flower_env())
+def _simulate(group: ProcessGroup, config: Path) -> None:
+    proc = group.start([sys.executable, "-m", "firm_lightning.flower.simulation", str(config)], flower_env())
     if group.wait(proc) != 0:
         raise RuntimeError(f"The Flower simulation failed (exit code {proc.returncode}); see its log above.")
 

@@ -20,7 +20,6 @@ NUM_EXAMPLES = "num-examples"  # Flower's weighting key
 CLIENT_ID = "client-id"
 UPLOAD_DELTA = "upload-delta"  # 1: the arrays are θ_i − θ (federation.upload_dtype), 0: θ_i
 CONFIG_KEY = "firm-config"  # run-config entry holding the YAML text in a deployment
-SERVER_ERROR = "server_error.txt"  # <output_dir>/flower/: the server's user-facing error, for the `flower` command
 
 
 def adapter_record(adapter: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -22,11 +22,12 @@ from flwr.serverapp import Grid, ServerApp
 from firm_lightning.config import Components, load_components
 from firm_lightning.engine import RoundEngine
 from firm_lightning.flower.accounting import MeasuredGrid
-from firm_lightning.flower.records import CLIENT_ID, CONFIG_KEY, METRICS, NUM_EXAMPLES, SERVER_ERROR, adapter_record
+from firm_lightning.flower.records import CLIENT_ID, CONFIG_KEY, METRICS, NUM_EXAMPLES, adapter_record
 from firm_lightning.flower.secure_aggregation import run_secure
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.flower.strategy import FIRMStrategy
 from firm_lightning.memory import steady_memory
+from firm_lightning.run_folder import RunFolder
 from firm_lightning.state import FederationError, FederationState
 from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning, stays_on_device
 
@@ -48,7 +49,7 @@ def run_server(grid: Grid, comps: Components, context: Context, echo: Callable[[
     try:
         return _run_server(grid, comps, context, echo)
     except (FederationError, ValueError, OSError) as error:  # a user error: the `flower` command prints it
-        path = Path(comps.federation.output_dir) / "flower" / SERVER_ERROR
+        path = RunFolder(comps.federation.output_dir).server_error
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{'FederationError' if isinstance(error, FederationError) else 'ValueError'}\n{error}")
         raise

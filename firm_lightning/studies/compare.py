@@ -8,8 +8,6 @@ algorithm × α × seed × round), a ``summary.md`` table and comparison plots.
 
 from __future__ import annotations
 
-import copy
-import csv
 import inspect
 import math
 import statistics
@@ -21,6 +19,7 @@ from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
 from firm_lightning.report import new_figure, write_csv
+from firm_lightning.run_folder import RunFolder, load_adapter_file
 from firm_lightning.studies import claims as stats  # CompareSettings has an argument called claims
 from firm_lightning.studies.claims import Claim
 
@@ -70,12 +69,7 @@ class CompareSettings:
         self.sweep_algorithms = sweep_algorithms or []
         self.sweep_alphas = sweep_alphas or []
         by_name = dict(zip(names, self.algorithms))
-        for name in self.sweep_algorithms:
-            if not hasattr(by_name.get(name), "preference"):
-                raise ValueError(
-                    f"compare.sweep_algorithms: {name!r} is not an algorithm here that takes a preference "
-                    f"(FIRM, LocalMGDA or Linear); algorithms: {names}."
-                )
+        self.sweeps = _sweeps(by_name, self.sweep_algorithms, self.sweep_preferences)
         if not 0 < family_error_rate < 1:
             raise ValueError(f"compare.family_error_rate={family_error_rate!r} must be in (0, 1), e.g. 0.05.")
         if min_seeds < 2:
@@ -130,14 +124,29 @@ def _check_identical_copy(by_name: dict, reference: str, copy_name: str) -> None
             f"a copy of it under another name (e.g. FIRM with init_args name: {reference}_copy) to compare.algorithms."
         )
     a, b = by_name[reference], by_name[copy_name]
-    settings_a = {k: v for k, v in vars(a).items() if k != "name"}
-    settings_b = {k: v for k, v in vars(b).items() if k != "name"}
+    settings_a, settings_b = a.settings(), b.settings()
     if type(a) is not type(b) or settings_a != settings_b:
         raise ValueError(
             f"compare.aa_control={copy_name!r} is not an identical copy of the reference {reference!r} "
             f"({type(b).__name__} {settings_b} vs {type(a).__name__} {settings_a}); give it the reference's class "
             "and init_args, changing only name."
         )
+
+
+def _sweeps(by_name: dict, sweep_algorithms: list[str], preferences: list[list[float]]) -> list[tuple[Algorithm, str]]:
+    """The preference-sweep runs, in the order of the algorithms: each a new algorithm from ``with_preference``,
+    with its preference label."""
+    unknown = [name for name in sweep_algorithms if name not in by_name]
+    if unknown:
+        raise ValueError(f"compare.sweep_algorithms: {unknown} are not among the algorithms {list(by_name)}.")
+    sweeps = []
+    for algorithm in (a for name, a in by_name.items() if name in sweep_algorithms):
+        for p in preferences:
+            try:
+                sweeps.append((algorithm.with_preference(p), "_".join(f"{x:g}" for x in p)))
+            except ValueError as error:
+                raise ValueError(f"compare.sweep_algorithms: {error}") from error
+    return sweeps
 
 
 #: The A/A copy runs with federation seed ``seed + AA_SEED_OFFSET``: the reference's data split and
@@ -183,39 +192,27 @@ def run_comparison(
                     {"algorithm": algorithm.name, "alpha": alpha, "seed": seed, "preference": preference, **r}
                     for r in history
                 ]
-                write_csv(out / "metrics.csv", rows)
+                write_csv(RunFolder(out).metrics, rows)
     return rows
 
 
 def finished_history(run_dir: Path, num_rounds: int) -> Optional[list[dict]]:
-    """The metric rows of a run finished in ``run_dir`` with ``num_rounds`` rounds (summary.txt is written last), else None.
+    """The metric rows of a run finished in ``run_dir`` with ``num_rounds`` rounds, else None.
 
     Lets an interrupted comparison continue, or several processes share the runs of one
     comparison (e.g. one per α) and a last pass write the report.
     """
-    if not (run_dir / "summary.txt").is_file():
-        return None
-    with open(run_dir / "metrics.csv") as f:
-        rows = [{k: float(v) if v not in ("", None) else math.nan for k, v in r.items()} for r in csv.DictReader(f)]
-    for r in rows:
-        r["round"] = int(r["round"])
-    return rows if rows and rows[-1]["round"] == num_rounds else None
+    folder = RunFolder(run_dir)
+    return folder.history() if folder.is_finished(num_rounds) else None
 
 
 def _runs_of(settings: CompareSettings, alpha: float) -> list[tuple[Algorithm, str]]:
     runs = [(a, "default") for a in settings.algorithms]
-    if alpha in settings.sweep_alphas:
-        for a in settings.algorithms:
-            if a.name in settings.sweep_algorithms:
-                for p in settings.sweep_preferences:
-                    swept = copy.copy(a)
-                    swept.preference = [float(x) for x in p]
-                    runs.append((swept, "_".join(f"{x:g}" for x in p)))
-    return runs
+    return runs + settings.sweeps if alpha in settings.sweep_alphas else runs
 
 
 def run_directory(out: Path, algorithm: str, alpha: float, seed: int, preference: str = "default") -> Path:
-    run_dir = out / "runs" / f"alpha{alpha:g}_seed{seed}" / algorithm
+    run_dir = RunFolder(out).runs / f"alpha{alpha:g}_seed{seed}" / algorithm
     return run_dir if preference == "default" else run_dir / f"p_{preference}"
 
 
@@ -359,23 +356,14 @@ def claims_report(
     text = stats.method_text(table, settings.family_error_rate, settings.min_seeds) + "\n\n" + stats.markdown(
         table, settings.reference
     )
-    plot_beta_ablation(per_run, settings.algorithms, out / "plots" / "beta_ablation.png")
+    plot_beta_ablation(per_run, settings.algorithms, RunFolder(out).plots / "beta_ablation.png")
     return table, text
 
 
 def _round_adapters(run_dir: Path) -> Optional[list[dict]]:
     """The global adapter after every round (round 0 first), if the run saved them."""
-    from safetensors.torch import load_file
-
-    paths = sorted((run_dir / "adapters").glob("round_*.safetensors"))
-    return [load_file(str(p)) for p in paths] if len(paths) >= 3 else None
-
-
-def _beta_of(algorithm: Algorithm) -> Optional[float]:
-    """β of an algorithm on the ablation axis (LocalMGDA is 0, Linear is +∞); None if it has none."""
-    if isinstance(algorithm, Linear):
-        return math.inf
-    return getattr(algorithm, "beta", None)
+    paths = RunFolder(run_dir).round_adapters()
+    return [load_adapter_file(p) for p in paths] if len(paths) >= 3 else None
 
 
 def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -> Optional[Path]:
@@ -385,7 +373,7 @@ def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ladder = sorted(((b, a.name) for a in algorithms if (b := _beta_of(a)) is not None), key=lambda t: t[0])
+    ladder = sorted(((b, a.name) for a in algorithms if (b := a.beta_axis) is not None), key=lambda t: t[0])
     if len(ladder) < 2:
         return None
     labels = ["linear (∞)" if math.isinf(b) else f"{b:g}" + (" (MGDA)" if b == 0 else "") for b, _ in ladder]

@@ -6,7 +6,6 @@ adapter on the same held-out prompts and skips runs already finished in the outp
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 from pathlib import Path
@@ -19,6 +18,7 @@ from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
 from firm_lightning.report import new_figure
+from firm_lightning.run_folder import RunFolder
 from firm_lightning.studies.fronts import hypervolume, non_dominated
 from firm_lightning.weighting import validate_preference
 
@@ -45,8 +45,7 @@ class ParetoSettings:
         self.algorithms = algorithms or [FIRM(beta=1.0), Linear()]
         self.reference = reference  # None: the initial adapter's eval rewards
         for algorithm in self.algorithms:
-            if not hasattr(algorithm, "preference"):
-                raise ValueError(f"Algorithm {algorithm.name!r} takes no preference; sweep FIRM or Linear.")
+            algorithm.with_preference(self.preferences[0])  # one that takes no preference refuses here
 
 
 def run_sweep(
@@ -65,10 +64,9 @@ def run_sweep(
     rows, total = [], len(preferences) * len(settings.algorithms)
     for template in settings.algorithms:
         for p in preferences:
-            algorithm = copy.copy(template)
-            algorithm.preference = p
+            algorithm = template.with_preference(p)
             tag = "p_" + "_".join(f"{x:.3f}" for x in p)
-            run_dir = out / "runs" / template.name / tag
+            run_dir = RunFolder(out).runs / template.name / tag
             label = f"{len(rows) + 1}/{total} {template.name} p={preference_label(p)}"
             final = _finished(run_dir)
             if final is None:
@@ -85,12 +83,12 @@ def run_sweep(
 
 
 def _finished(run_dir: Path) -> Optional[dict]:
-    """The first and last eval rows of a finished run (summary.txt is written last), else None."""
-    if not (run_dir / "summary.txt").is_file():
+    """The first and last eval rows of a run finished in ``run_dir`` (early stops included), else None."""
+    folder = RunFolder(run_dir)
+    if not folder.is_finished():
         return None
-    with open(run_dir / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    evals = lambda row: {k: float(v) for k, v in row.items() if k.startswith("eval/reward/")}
+    rows = folder.history()
+    evals = lambda row: {k: v for k, v in row.items() if k.startswith("eval/reward/")}
     return {"initial": evals(rows[0]), **evals(rows[-1])}
 
 

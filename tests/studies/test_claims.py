@@ -539,10 +539,10 @@ def test_compare_reports_paired_claims_runs_the_aa_copy_separately_and_reuses_fi
 
 def test_beta_ablation_plot_orders_beta_from_mgda_to_linear(tmp_path):
     from firm_lightning.algorithms import FIRM, Linear, LocalMGDA
-    from firm_lightning.studies.compare import _beta_of, plot_beta_ablation
+    from firm_lightning.studies.compare import plot_beta_ablation
 
     algorithms = [Linear(), FIRM(beta=1.0), LocalMGDA()]
-    assert [_beta_of(a) for a in algorithms] == [math.inf, 1.0, 0.0]
+    assert [a.beta_axis for a in algorithms] == [math.inf, 1.0, 0.0]
     per_run = {
         (a.name, 0.1, s): {"lambda_dispersion": 0.1, "update_dispersion_weighted": 1.0, "final/mean": 0.5, "worst_client": 0.4}
         for a in algorithms for s in range(3)
