@@ -6,7 +6,7 @@
 2. score them with every objective: rewards ``R`` of shape (S, B*G);
 3. leave-one-out advantages per objective (optionally whitened);
 4. one forward pass for the response log-probs, reference log-probs with the adapter off;
-5. per-objective losses ``L_s`` = policy-gradient surrogate + the same KL penalty;
+5. per-objective losses ``L_s`` = policy-gradient surrogate + the same KL penalty (``firm_lightning.losses``);
 6. per-objective gradients over the adapter weights only (``S`` backward passes);
 7. Gram matrix of those gradients; 8. ``λ`` from the weighting;
 9. ``d = Σ λ_s g_s`` written into ``.grad``, optimiser step; 10. log λ, rewards, KL, ``‖d‖``.
@@ -40,6 +40,7 @@ from torchmetrics import MeanMetric
 
 from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import leave_one_out_advantages
+from firm_lightning.losses import check_loss_settings, policy_gradient_losses
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
 from firm_lightning.distributed import all_gather_objects, all_reduce_sum, shares
@@ -76,175 +77,56 @@ class SamplingSettings:
             distributed) responses than one call would (firm_lightning.sequences.sample).
     """
 
-    num_generations: int = 4  # G responses per prompt (>= 2 for the leave-one-out baseline)
+    num_generations: int = 4
     max_new_tokens: int = 32
     max_prompt_length: int = 256
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     eval_num_generations: int = 2
-    eval_seed: int = 1234  # fixed, so evaluations are comparable across rounds and algorithms
-    chat_template: Optional[bool] = None  # wrap prompts in the tokenizer's chat template; None: when it has one
-    system_prompt: Optional[str] = None  # a system message, with the chat template
-    eval_greedy: bool = False  # evaluate the most likely response (top-1): no sampling noise at all
-    user_message: Literal["question", "prompt"] = "question"  # with the chat template: HH prompts as the question alone
-    generation_batch_size: Optional[int] = None  # sequences per generate call; None: all at once
+    eval_seed: int = 1234
+    chat_template: Optional[bool] = None
+    system_prompt: Optional[str] = None
+    eval_greedy: bool = False
+    user_message: Literal["question", "prompt"] = "question"
+    generation_batch_size: Optional[int] = None
 
 
 @dataclass
 class PolicyGradientSettings:
-    """The per-objective policy-gradient loss.
-
-    Every ``L_s`` is ``(1/Z) Σ_rows Σ_response-tokens [−surrogate_s + κ · kl_penalty]`` with the
-    normaliser ``Z`` set by ``aggregation``. The PPO-clipped surrogate is ``min(ρ A, clip(ρ) A)``
-    with ``ρ = π/π_old`` per token (``ρ = 1`` with gradient ``∇ log π`` on the first epoch).
-
-    ``aggregation`` (how token terms become one number):
-
-    - ``token_sum`` (default): every token term of the batch summed, divided by the constant
-      ``Z = B·G·max_new_tokens``. Unbiased: the surrogate's expected gradient is
-      ``−∇J / max_new_tokens`` with ``J = E_{y~π}[reward(y)]`` the policy-gradient
-      objective (a constant step-size factor). Higher variance than ``sequence_mean``.
-    - ``sequence_mean``: each response's token terms averaged over its own length, then the
-      mean over responses (the earlier behaviour). Biased: a response of ``n`` tokens gets
-      weight ``1/n``, so among equally rewarded responses the long ones are pushed less, in
-      either direction (two equally wrong answers of 1 and 10 tokens at equal probability:
-      the long one gains probability relative to the short one, d/dt log π(long)/π(short) =
-      +0.11 in tests/test_loss_gradients.py, where the policy gradient gives 0).
-
-    ``kl_estimator`` (the penalty's loss term; the logged ``train/kl`` is always the k3 value
-    ``exp(r) − r − 1`` with ``r = log π_ref − log π``, an unbiased estimate of KL(π‖π_ref) per
-    token). With ``δ_t = log π(y_t) − log π_ref(y_t)``:
-
-    - ``k2`` (default): ``½ δ_t²``. Expected gradient (first epoch):
-      ``E_{y~π}[Σ_t ∇ KL(π(·|y<t) ‖ π_ref(·|y<t))]``, each position's KL with its context held
-      fixed: exactly ``∇ KL(π‖π_ref)`` for one-token responses; for longer ones it leaves out
-      the term through which earlier tokens change which contexts later tokens see. Low
-      variance, and κ keeps the per-token strength the earlier k3 loss had.
-    - ``sequence``: ``½ δ_t² + ρ_t · stopgrad(Σ_{t'>t} δ_t')`` (k2 plus REINFORCE on the KL of
-      the tokens after ``t``). Expected gradient (first epoch): exactly ``∇ KL(π‖π_ref)`` of
-      whole responses. Higher variance (the later-token sum grows with the response length)
-      and a stronger effective penalty for the same κ: in the single-objective conflict run of
-      tests/test_rewards.py (30 steps, one seed) n_to_z reached 0.84 instead of 1.0 with k2.
-    - ``k3``: ``exp(−δ_t) + δ_t − 1`` (the earlier behaviour). Expected gradient
-      ``∇ KL(π_ref‖π)`` per position: the reverse divergence (mass-covering instead of
-      mode-seeking); kept to reproduce earlier runs.
-
-    On later PPO epochs (samples from π_old), ``sequence`` and ``k2`` weight each token by the
-    detached ratio ``ρ_t`` (the per-token importance correction the surrogate also uses).
+    """The per-objective policy-gradient loss; ``firm_lightning.losses`` computes it and derives the expected
+    gradient of each estimator and aggregation.
 
     Args:
         kl_coef: κ: weight of the KL-to-reference penalty, the same inside every objective's loss.
         kl_estimator: The KL penalty's loss term: k2 (∇KL(π‖π_ref) per position), sequence (∇KL(π‖π_ref) of
-            whole responses, higher variance) or k3 (∇KL(π_ref‖π), the earlier behaviour); see above.
+            whole responses, higher variance) or k3 (∇KL(π_ref‖π), the reverse divergence).
         aggregation: token_sum (unbiased: constant normaliser B·G·max_new_tokens) or sequence_mean (each
-            response weighted by 1/its length: biased, the earlier behaviour); see above.
+            response weighted by 1/its length: biased towards long responses).
         whiten_advantages: Normalise each objective's advantages to unit variance so reward scales do not matter.
         ppo_epochs: Optimiser steps per batch of rollouts; more than 1 uses the clipped importance ratio.
             The last batch of a fit runs fewer, so a fit never exceeds trainer.max_steps optimiser steps.
         clip_range: PPO clip range of the importance ratio.
         max_grad_norm: Clip the norm of the combined direction d = Σ λ_s g_s; null disables clipping.
         gram_from: Gradients the Gram matrix is built from: parameters (exact, S backward passes over the
-            adapter), or hidden / logits (cheap: gradients at the head's input or output, then one full backward).
+            adapter), or hidden / logits (cheap, MGDA-UB style: gradients at the head's input or output, then one
+            full backward; λ is exact when the objectives' per-token loss weights are proportional, else an
+            approximation: firm_lightning.gradients).
         micro_batch_size: Sequences (of the B·G) per forward/backward pass, to bound activation memory; null:
             the whole batch. The S per-objective gradients are summed over the micro-batches, then the Gram
             matrix, λ and the step are computed once: the same step as the whole batch (the normalisers are
             the whole batch's). With gram_from hidden / logits, micro-batches cost a second forward pass.
     """
 
-    kl_coef: float = 0.05  # κ: the same KL-to-reference penalty inside every L_s
+    kl_coef: float = 0.05
     kl_estimator: Literal["k2", "sequence", "k3"] = "k2"
     aggregation: Literal["token_sum", "sequence_mean"] = "token_sum"
     whiten_advantages: bool = True
-    ppo_epochs: int = 1  # optimiser steps per batch of rollouts; >1 uses the clipped ratio
+    ppo_epochs: int = 1
     clip_range: float = 0.2
-    max_grad_norm: Optional[float] = 1.0  # clip ‖d‖; None to disable
-    # Which gradients the Gram matrix is built from. "parameters" (exact): the S per-objective
-    # gradients over the adapter weights, S full backward passes. "hidden" / "logits" (cheap,
-    # MGDA-UB style): gradients with respect to the final hidden states / the logits of the
-    # sequences, each a short backward through the head only, then ONE full backward for
-    # d = ∇ Σ λ_s L_s. The cheap λ equals the exact one when the per-token loss weights of the
-    # objectives are proportional and is an approximation otherwise (benchmarks/run.py measures
-    # how far it is).
+    max_grad_norm: Optional[float] = 1.0
     gram_from: Literal["parameters", "hidden", "logits"] = "parameters"
-    micro_batch_size: Optional[int] = None  # sequences per forward/backward; None: the whole batch
-
-
-KL_ESTIMATORS = ("k2", "sequence", "k3")
-AGGREGATIONS = ("token_sum", "sequence_mean")
-
-
-def check_loss_settings(loss: PolicyGradientSettings) -> None:
-    """Refuse settings that cannot work, naming the key and the fix."""
-    if loss.kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"loss.kl_estimator={loss.kl_estimator!r} is unknown; use one of {list(KL_ESTIMATORS)}.")
-    if loss.aggregation not in AGGREGATIONS:
-        raise ValueError(f"loss.aggregation={loss.aggregation!r} is unknown; use one of {list(AGGREGATIONS)}.")
-    if loss.ppo_epochs < 1:
-        raise ValueError(f"loss.ppo_epochs must be >= 1 (optimiser steps per batch of rollouts); got {loss.ppo_epochs}.")
-    if loss.micro_batch_size is not None and loss.micro_batch_size < 1:
-        raise ValueError(
-            f"loss.micro_batch_size must be >= 1 sequences, or null for the whole batch; got {loss.micro_batch_size}."
-        )
-
-
-def policy_gradient_losses(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    settings: PolicyGradientSettings,
-    max_new_tokens: int,
-    num_rows: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-objective losses ``L_s`` (shape (S,)) and the logged KL (k3, mean per token of each response).
-
-    ``logprobs``/``old_logprobs``/``ref_logprobs``/``mask``: (N, T) over response tokens;
-    ``advantages``: (S, N). See ``PolicyGradientSettings`` for the estimators and their gradients.
-
-    ``num_rows``: the rows of the whole batch when these N rows are one micro-batch of it. Every
-    normaliser is then the whole batch's, so the losses and the KL are this micro-batch's share:
-    summed over the micro-batches they are the whole batch's values (and so are the gradients).
-    """
-    num_rows = mask.shape[0] if num_rows is None else num_rows
-    if mask.shape[-1] > max_new_tokens:
-        raise ValueError(
-            f"Responses of {mask.shape[-1]} tokens but max_new_tokens={max_new_tokens}: the token_sum "
-            "normaliser B·G·max_new_tokens must bound every response; pass the sampling's max_new_tokens."
-        )
-    mask = mask.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - old_logprobs)  # 1 with grad ∇log π on the first epoch
-    clipped = ratio.clamp(1 - settings.clip_range, 1 + settings.clip_range)
-    adv = advantages[:, :, None].to(logprobs.dtype)  # (S, N, 1) broadcast over tokens
-    surrogate = torch.minimum(ratio * adv, clipped * adv)  # (S, N, T)
-
-    delta = (logprobs - ref_logprobs) * mask  # log π − log π_ref on response tokens
-    if settings.kl_estimator == "k3":
-        penalty = torch.exp(-delta) + delta - 1
-    else:
-        penalty = ratio.detach() * 0.5 * delta**2  # ∇: ρ δ ∇log π; E over π_old → E over π of δ ∇log π
-        if settings.kl_estimator == "sequence":
-            later = delta.detach().flip(-1).cumsum(-1).flip(-1) - delta.detach()  # Σ_{t'>t} δ_t'
-            penalty = penalty + ratio * later
-    tokens = -surrogate + settings.kl_coef * penalty  # (S, N, T)
-    losses = _aggregate(tokens, mask, settings.aggregation, max_new_tokens, num_rows)
-
-    log_ratio_ref = (ref_logprobs - logprobs).detach()
-    kl_tokens = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3: >= 0, unbiased value of KL(π‖π_ref)
-    kl = _sequence_mean(kl_tokens, mask).sum() / num_rows
-    return losses, kl
-
-
-def _aggregate(
-    tokens: torch.Tensor, mask: torch.Tensor, aggregation: str, max_new_tokens: int, num_rows: int
-) -> torch.Tensor:
-    """(S, N, T) token terms -> (S,): see ``PolicyGradientSettings.aggregation``. ``num_rows``: the
-    whole batch's rows (B·G), also when these N rows are one micro-batch of it."""
-    if aggregation == "token_sum":
-        # A constant normaliser: the response lengths (random, policy-dependent) never reweight tokens.
-        return (tokens * mask).sum(dim=(-1, -2)) / (num_rows * max_new_tokens)
-    return _sequence_mean(tokens, mask).sum(dim=-1) / num_rows
+    micro_batch_size: Optional[int] = None
 
 
 class FIRMClientModule(L.LightningModule):
@@ -681,11 +563,6 @@ def _write_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
 def _lora_state(policy) -> dict[str, torch.Tensor]:
     # Only the LoRA tensors: never the (frozen) embeddings peft may add for tied layers.
     return get_peft_model_state_dict(policy, save_embedding_layers=False)
-
-
-def _sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each sequence's response tokens (last dim)."""
-    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def _metric_key(name: str) -> str:
