@@ -11,8 +11,9 @@
 7. Gram matrix of those gradients; 8. ``λ`` from the weighting;
 9. ``d = Σ λ_s g_s`` written into ``.grad``, optimiser step; 10. log λ, rewards, KL, ``‖d‖``.
 
-Optimisation is manual because the update is a combination of ``S`` gradients, not the
-gradient of one loss.
+Steps 6-9 are ``firm_lightning.gradients``; this module keeps the plan of the step, the
+optimiser, the lr schedulers and the fp16 scaler. Optimisation is manual because the update is
+a combination of ``S`` gradients, not the gradient of one loss.
 
 Memory: ``sampling.generation_batch_size`` samples step 1 in chunks of sequences;
 ``loss.micro_batch_size`` runs steps 4-6 a micro-batch of sequences at a time, adding each
@@ -29,7 +30,7 @@ same step.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
@@ -40,6 +41,10 @@ from torchmetrics import MeanMetric
 
 from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import leave_one_out_advantages
+from firm_lightning.gradients import (
+    GRAM_SOURCES, ExactGradients, GramSource, LossScale, RepresentationGradients, capture_representation, check_finite,
+    clipped, objective_weights, write_direction, write_non_finite,
+)
 from firm_lightning.losses import check_loss_settings, policy_gradient_losses
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
@@ -283,7 +288,7 @@ class FIRMClientModule(L.LightningModule):
             fresh, kls = (torch.empty_like(reference) if parts else None), {}
 
             def forward(i: int, part: Rollout, rows: slice, old=old, fresh=fresh, kls=kls):
-                with self._representation() as representation:
+                with capture_representation(self.policy, self.loss_settings.gram_from) as representation:
                     logprobs = token_logprobs(self.policy, part)
                 fresh[rows] = logprobs.detach()
                 previous = logprobs.detach() if old is None else old[rows]
@@ -296,7 +301,7 @@ class FIRMClientModule(L.LightningModule):
 
             lambdas, norm = self._weighted_step(
                 [functools.partial(forward, i, part, rows) for i, (part, rows) in enumerate(zip(parts, local))],
-                num_objectives=len(advantages),
+                GRAM_SOURCES[self.loss_settings.gram_from], num_objectives=len(advantages),
             )
             old = fresh if old is None else old
             kl = sum(kls.values(), torch.zeros((), device=advantages.device))  # each micro-batch's share of the mean
@@ -328,24 +333,6 @@ class FIRMClientModule(L.LightningModule):
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
             scheduler.step()
 
-    @contextmanager
-    def _representation(self):
-        """Capture the head's input (final hidden states) or output (logits) for ``gram_from``."""
-        captured: dict[str, torch.Tensor] = {}
-        mode = self.loss_settings.gram_from
-        if mode == "parameters":
-            yield captured
-            return
-
-        def hook(module, inputs, output):
-            captured["tensor"] = inputs[0] if mode == "hidden" else output
-
-        handle = self.policy.get_output_embeddings().register_forward_hook(hook)
-        try:
-            yield captured
-        finally:
-            handle.remove()
-
     def _profile(self, phase: str):
         """A section of Lightning's profiler (``--trainer.profiler simple`` shows the split)."""
         trainer = self._trainer
@@ -370,132 +357,52 @@ class FIRMClientModule(L.LightningModule):
     def weighted_step(
         self, losses: torch.Tensor, representation: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step.
+        """Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step (``firm_lightning.gradients``).
 
         Without ``representation``: the Gram matrix of the exact per-objective gradients over the
         adapter weights (S backward passes). With it (``loss.gram_from``): the Gram matrix of the
         gradients with respect to that tensor (cheap), then one backward pass of ``Σ λ_s L_s``.
-
-        Precision: the backward passes, the Gram matrix, λ, ``d`` and its clipping run with
-        autocast off, in fp32, whatever the Trainer's precision (in bf16 the Gram matrix of
-        nearly aligned gradients, hence λ, is noise). Under ``16-mixed`` the losses are scaled
-        by the ``GradScaler``'s factor (no fp16 underflow in the backward passes) and
-        ``d × scale`` is written, which Lightning's precision plugin unscales before the step;
-        a non-finite gradient makes the scaler skip the step and lower its scale.
+        The algebra runs in fp32; under ``16-mixed`` a non-finite gradient makes the ``GradScaler``
+        skip the step and lower its scale, otherwise it is refused.
         """
-        return self._weighted_step([lambda: (losses, representation)])
+        source = ExactGradients if representation is None else RepresentationGradients
+        return self._weighted_step([lambda: (losses, representation)], source)
 
     def _weighted_step(
-        self, forwards: list[Callable[[], tuple]], num_objectives: Optional[int] = None
+        self, forwards: list[Callable[[], tuple]], source: type[GramSource], num_objectives: Optional[int] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``weighted_step`` over micro-batches: each of ``forwards`` runs one micro-batch's forward
-        pass and returns its ``(losses, representation or None)``; the losses of all of them add
-        up to the batch's ``L_s``.
-
-        Exact gradients: the ``S`` per-objective gradients of each micro-batch are added into ``S``
-        accumulators (its graph is freed by its last backward pass, before the next forward), then
-        the Gram matrix, λ and ``d`` once. With a representation: the Gram matrix is the sum of
-        the micro-batches' Gram matrices (their representation rows are disjoint), then, λ known,
-        each micro-batch runs its forward again for its share of ``∇ Σ λ_s L_s`` (one micro-batch
-        keeps its graph instead).
-
-        Under DDP the accumulators (or the Gram matrix, then ``d``) are summed over the ranks before
-        anything is computed from them, so every rank computes the same λ and step; a rank without
-        rows (fewer prompts than ranks) adds zeros.
-        """
-        ranks = self._ranks()
-        params = self.trainable_parameters()
-        scaler = self._grad_scaler()
-        scale = lambda: float(scaler.get_scale()) if scaler is not None else 1.0  # noqa: E731 (set by the first scale())
+        """``weighted_step`` over micro-batches: each of ``forwards`` runs one micro-batch's forward pass
+        and returns its ``(losses, representation or None)``; ``source``: where the Gram matrix comes from;
+        ``num_objectives``: S, for a DDP rank without rows."""
+        params, scale, ranks = self.trainable_parameters(), LossScale(self._grad_scaler()), self._ranks()
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        keep_graph = len(forwards) == 1  # one batch: its graph also serves the direction's backward pass
-        grads = gram = finite = kept = None
-        for forward in forwards:
-            losses, representation = forward()
-            if scaler is not None:
-                losses = scaler.scale(losses)  # the official way in: also starts the scaler's state
-            last = len(losses) - 1
-            with torch.autocast(self.device.type, enabled=False):
-                if representation is None:  # (S, P): the exact per-objective gradients
-                    part = torch.stack(
-                        [self._flat_grad(loss, params, retain_graph=s < last) for s, loss in enumerate(losses)]
-                    ).float() / scale()
-                    grads = part if grads is None else grads.add_(part)
-                    part_finite = torch.isfinite(part).all(dim=1)
-                else:  # (S, R): gradients with respect to the representation
-                    part = torch.stack([
-                        torch.autograd.grad(loss, representation, retain_graph=keep_graph or s < last)[0].flatten()
-                        for s, loss in enumerate(losses)
-                    ]).float() / scale()
-                    gram = part @ part.T if gram is None else gram + part @ part.T
-                    part_finite = torch.isfinite(part).all(dim=1)
-                    kept = losses if keep_graph else None
-            finite = part_finite if finite is None else finite & part_finite
-        if ranks is not None:  # the whole batch's gradients (or Gram matrix): the sum of every rank's share
-            representation_mode = self.loss_settings.gram_from != "parameters"
-            if representation_mode:
-                gram = gram if gram is not None else torch.zeros(num_objectives, num_objectives, device=self.device)
-                gram = all_reduce_sum(gram)
-                finite = torch.isfinite(gram.diagonal())  # ‖g_s‖² is non-finite on every rank if anywhere
-            else:
-                size = sum(p.numel() for p in params)
-                grads = all_reduce_sum(grads if grads is not None else torch.zeros(num_objectives, size, device=self.device))
-                finite = torch.isfinite(grads).all(dim=1)
-        num_objectives = len(finite)
-        with torch.autocast(self.device.type, enabled=False):
-            if scaler is None and not finite.all():
-                bad = [n for n, ok in zip(self.objective_names, finite.tolist()) if not ok]
-                raise FloatingPointError(
-                    f"Non-finite gradient of objective(s) {bad}: the step is refused so the adapter stays finite. "
-                    "Check the rewards' scale (NormalizedReward), lower the learning rate, or use 32-true precision."
-                )
-            if not finite.all():  # fp16 overflow: the scaler sees it, skips this step and lowers its scale
-                _write_grad(params, torch.full((sum(p.numel() for p in params),), float("nan"), device=finite.device))
-                optimizer.step()
-                self._step_schedulers()  # a step the scaler skipped still counts: schedulers follow step calls
-                nan = torch.full((num_objectives,), float("nan"), device=finite.device)
-                return nan, torch.tensor(float("nan"), device=finite.device)
-            if grads is not None:
-                gram = grads @ grads.T
-            lambdas = self.weighting(gram.detach()).to(gram)
-            direction = None
-            if grads is not None:
-                direction = lambdas @ grads
-            elif kept is not None:
-                direction = self._flat_grad((lambdas * kept).sum(), params, retain_graph=False).float() / scale()
-        if direction is None:
-            for forward in forwards:  # the micro-batches again, now that λ is known (the Trainer's autocast on)
-                losses, _ = forward()
-                if scaler is not None:
-                    losses = scaler.scale(losses)
-                with torch.autocast(self.device.type, enabled=False):
-                    part = self._flat_grad((lambdas * losses).sum(), params, retain_graph=False).float() / scale()
-                direction = part if direction is None else direction.add_(part)
-            if ranks is not None:
-                size = sum(p.numel() for p in params)
-                direction = all_reduce_sum(direction if direction is not None else torch.zeros(size, device=self.device))
-        elif kept is not None and ranks is not None:
-            direction = all_reduce_sum(direction)
-        with torch.autocast(self.device.type, enabled=False):
-            norm = direction.norm()
-            if self.loss_settings.max_grad_norm is not None:  # as clip_grad_norm_, on the unscaled d
-                direction = direction * (self.loss_settings.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            _write_grad(params, direction * scale())
+        gradients = source.accumulate(forwards, params, scale)
+        if ranks is not None:  # the whole batch's: the sum of every rank's share
+            gradients = gradients.summed_over_ranks(num_objectives)
+        if not check_finite(gradients.finite, self.objective_names, refuse=scale.scaler is None):
+            return self._skipped_step(optimizer, params, gradients.finite)
+        lambdas = objective_weights(self.weighting, gradients.gram())
+        direction = gradients.direction(lambdas, forwards, distributed=ranks is not None)
+        direction, norm = clipped(direction, self.loss_settings.max_grad_norm)
+        write_direction(params, direction, scale)
         optimizer.step()
         self._step_schedulers()
         return lambdas.detach(), norm.detach()
+
+    def _skipped_step(self, optimizer, params, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp16 overflow: a NaN gradient, so the scaler skips this step and lowers its scale; λ and ‖d‖ are NaN."""
+        write_non_finite(params, finite.device)
+        optimizer.step()
+        self._step_schedulers()  # a step the scaler skipped still counts: schedulers follow step calls
+        nan = torch.full((len(finite),), float("nan"), device=finite.device)
+        return nan, torch.tensor(float("nan"), device=finite.device)
 
     def _grad_scaler(self) -> Optional[torch.amp.GradScaler]:
         """The fp16 ``GradScaler`` of a ``16-mixed`` Trainer; None otherwise."""
         plugin = getattr(self._trainer, "precision_plugin", None) if self._trainer is not None else None
         scaler = getattr(plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None
-
-    @staticmethod
-    def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter], retain_graph: bool = True) -> torch.Tensor:
-        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Rewards of the current adapter on held-out prompts, sampled with a fixed seed."""
@@ -505,7 +412,8 @@ class FIRMClientModule(L.LightningModule):
         seed = self.sampling.eval_seed + batch_idx + (CALIBRATION_SEED_OFFSET if self.calibrating_evaluation else 0)
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            rollout = self.rollout(batch["prompt"], 1 if greedy else self.sampling.eval_num_generations, greedy, for_loss=False)
+            per_prompt = 1 if greedy else self.sampling.eval_num_generations
+            rollout = self.rollout(batch["prompt"], per_prompt, greedy, for_loss=False)
         rewards = score_all(self.objectives, rollout.prompts, rollout.responses)
         for name, value in zip(self.objective_names, rewards.mean(dim=1)):
             self.log(f"eval/reward/{name}", value, on_epoch=True, batch_size=len(rollout.responses))
@@ -551,13 +459,6 @@ class FIRMClientModule(L.LightningModule):
     def client_summary(self) -> dict[str, float]:
         """Means over this fit's local steps of every recorded quantity."""
         return {name: float(self.client_metrics[_metric_key(name)].compute()) for name in self._summary_names()}
-
-
-def _write_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
-        offset += p.numel()
 
 
 def _lora_state(policy) -> dict[str, torch.Tensor]:
