@@ -136,7 +136,8 @@ def test_flat_gradients_cover_unused_parameters_and_are_written_back_in_place(se
     head = sum(p.numel() for p in model.body.parameters())
     assert torch.equal(flat[head:], torch.zeros_like(flat[head:])), "the head and the unused parameter: zero"
     write_grad([*params, unused], flat)
-    assert torch.equal(params[0].grad.flatten(), flat[: params[0].numel()]) and torch.equal(unused.grad, torch.zeros(2, 2))
+    assert torch.equal(params[0].grad.flatten(), flat[: params[0].numel()])
+    assert torch.equal(unused.grad, torch.zeros(2, 2))
 
 
 def test_the_representation_is_captured_only_while_asked_for(setup):
