@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 import torch
@@ -53,7 +53,7 @@ from firm_lightning.sequences import USER_MESSAGES, Rollout, concat_rollouts, mi
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
-CALIBRATION_SEED_OFFSET = 7919  # eval_seed + this: the sample that calibrates evaluation statistics
+CALIBRATION_SEED_OFFSET = 7919  # eval_seed + this: the sample that calibrates evaluation statistics (FitArguments)
 
 
 @dataclass
@@ -134,6 +134,20 @@ class PolicyGradientSettings:
     micro_batch_size: Optional[int] = None
 
 
+class FitArguments(L.Callback):
+    """What one fit or evaluation of the module runs with besides the module's configuration.
+
+    Handed to that call's own Trainer among its callbacks (``client.fit_client``: the algorithm's
+    weighting; ``engine.calibrated_statistics``: the calibration's seed offset), where the module
+    reads it (``FIRMClientModule.fit_arguments``). A Trainer serves one call, so nothing is set on
+    the module and nothing needs restoring; a Trainer without one runs the module's configuration.
+    """
+
+    def __init__(self, weighting: Optional[Weighting] = None, eval_seed_offset: int = 0) -> None:
+        self.weighting = weighting  # None: the module's configured weighting
+        self.eval_seed_offset = eval_seed_offset  # added to sampling.eval_seed in validation_step
+
+
 class FIRMClientModule(L.LightningModule):
     """Policy (base model + LoRA), reward functions and in-client weighting of one FIRM client.
 
@@ -167,13 +181,15 @@ class FIRMClientModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.objective_names = check_objective_names(objectives)
-        self.calibrating_evaluation = False  # set by the round engine while it calibrates evaluation statistics
         self.objectives = list(objectives)
         self.weighting = weighting if weighting is not None else RegularizedMinNorm()
         self.sampling = sampling
         self.loss_settings = loss
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
+        # The client optimiser from the optimizer:/lr_scheduler: groups, set once with the config
+        # (client_optimizer.use_client_optimizer): params -> what configure_optimizers returns.
+        self.optimizer_factory: Optional[Callable[[list[torch.nn.Parameter]], Any]] = None
         base, self.tokenizer = (policy or TinyPolicy()).build()
         self.policy = add_lora(base, lora)
         self.client_metrics = torch.nn.ModuleDict(
@@ -210,7 +226,23 @@ class FIRMClientModule(L.LightningModule):
     # ---- Lightning hooks ----
 
     def configure_optimizers(self):
+        """A fresh client optimiser per fit: ``optimizer_factory``'s, else AdamW(learning_rate, weight_decay)."""
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(self.trainable_parameters())
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    def fit_arguments(self) -> FitArguments:
+        """The ``FitArguments`` among the callbacks of the Trainer running the module; the defaults without one."""
+        trainer = self._trainer
+        found = [c for c in trainer.callbacks if isinstance(c, FitArguments)] if trainer is not None else []
+        if len(found) > 1:
+            raise ValueError(f"A Trainer carries {len(found)} FitArguments callbacks; give it at most one.")
+        return found[0] if found else FitArguments()
+
+    def fit_weighting(self) -> Weighting:
+        """The in-client weighting of this fit: its ``FitArguments``' (an algorithm's), else ``weighting``."""
+        weighting = self.fit_arguments().weighting
+        return weighting if weighting is not None else self.weighting
 
     def on_train_start(self) -> None:
         for metric in self.client_metrics.values():
@@ -382,7 +414,7 @@ class FIRMClientModule(L.LightningModule):
             gradients = gradients.summed_over_ranks(num_objectives)
         if not check_finite(gradients.finite, self.objective_names, refuse=scale.scaler is None):
             return self._skipped_step(optimizer, params, gradients.finite)
-        lambdas = objective_weights(self.weighting, gradients.gram())
+        lambdas = objective_weights(self.fit_weighting(), gradients.gram())
         direction = gradients.direction(lambdas, forwards, distributed=ranks is not None)
         direction, norm = clipped(direction, self.loss_settings.max_grad_norm)
         write_direction(params, direction, scale)
@@ -409,7 +441,7 @@ class FIRMClientModule(L.LightningModule):
         devices = [self.device] if self.device.type == "cuda" else []
         greedy = self.sampling.eval_greedy
         # A calibration pass (the federation's evaluation statistics) samples apart from every evaluation.
-        seed = self.sampling.eval_seed + batch_idx + (CALIBRATION_SEED_OFFSET if self.calibrating_evaluation else 0)
+        seed = self.sampling.eval_seed + batch_idx + self.fit_arguments().eval_seed_offset
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             per_prompt = 1 if greedy else self.sampling.eval_num_generations
