@@ -10,7 +10,7 @@ One step (``FIRMClientModule._weighted_step`` is its plan) runs, in this order:
      respect to a representation captured by ``capture_representation`` (the head's input or
      output), each a short backward through the head only; the micro-batches' Gram matrices add
      up (their representation rows are disjoint). The cheap λ equals the exact one when the
-     per-token loss weights of the objectives are proportional and approximates it otherwise;
+     per-token loss weights of the objectives are proportional and approximates it otherwise.
 
 2. **sum over ranks** under DDP (``summed_over_ranks``): every rank then computes the same λ and step;
 3. **refuse or skip** a non-finite gradient (``check_finite``);
@@ -30,7 +30,8 @@ underflow in the backward passes), every gradient is divided by it, and ``d × s
 written, which Lightning's precision plugin unscales before the step.
 
 Adding a Gram mode is one ``GramSource`` subclass here, named in ``GRAM_SOURCES`` (and, when it
-reads a new tensor of the model, in ``REPRESENTATIONS``).
+reads a new tensor of the model, in ``REPRESENTATIONS``); the name joins the choices of
+``PolicyGradientSettings.gram_from`` (module.py), which the configuration validates.
 """
 
 from __future__ import annotations

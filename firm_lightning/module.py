@@ -203,6 +203,8 @@ class FIRMClientModule(L.LightningModule):
                 f"sampling.user_message={sampling.user_message!r} is unknown; use one of {list(USER_MESSAGES)}."
             )
         check_loss_settings(loss)
+        if loss.gram_from not in GRAM_SOURCES:
+            raise ValueError(f"loss.gram_from={loss.gram_from!r} is unknown; use one of {list(GRAM_SOURCES)}.")
         if sampling.generation_batch_size is not None and sampling.generation_batch_size < 1:
             raise ValueError(
                 f"sampling.generation_batch_size must be >= 1 sequences, or null for one generate call; "

@@ -151,3 +151,11 @@ def test_the_representation_is_captured_only_while_asked_for(setup):
     assert nothing == {} and torch.equal(logits["tensor"], out)
     torch.testing.assert_close(hidden["tensor"], model.body(x).detach())
     assert not model.head._forward_hooks, "the hook is removed on exit"
+
+
+def test_an_unknown_gram_mode_is_refused_naming_the_key():
+    from conftest import make_module
+    from firm_lightning.module import PolicyGradientSettings
+
+    with pytest.raises(ValueError, match=r"loss\.gram_from='weights'.*\['parameters', 'hidden', 'logits'\]"):
+        make_module(loss=PolicyGradientSettings(gram_from="weights"))
