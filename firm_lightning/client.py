@@ -2,8 +2,9 @@
 
 ``fit_client`` is the one client fit of every transport: the in-process orchestrator calls it
 for each sampled client, a Flower ``ClientApp`` calls it on its own node. It seeds the fit by
-(seed, round, client), applies the algorithm's in-client weighting for the fit only, releases
-the fit's memory even when it raises, and encodes the upload (``federation.upload_dtype``).
+(seed, round, client), hands the algorithm's in-client weighting to each fit's own Trainer
+(``FitArguments``: the module's configuration is never changed), releases the fit's memory even
+when it raises, and encodes the upload (``federation.upload_dtype``).
 A *client procedure* is what differs between algorithms on the client side: FIRM trains once
 and uploads one adapter; FMGDA trains once per objective and uploads one adapter per objective.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import math
-from contextlib import contextmanager
 from typing import Callable, MutableMapping, Optional, Protocol
 
 import lightning as L
@@ -23,7 +23,7 @@ from firm_lightning.adapters import ClientUpdate
 from firm_lightning.client_optimizer import PersistOptimizerState
 from firm_lightning.datamodule import ClientData
 from firm_lightning.memory import release_client_memory
-from firm_lightning.module import FIRMClientModule
+from firm_lightning.module import FitArguments, FIRMClientModule
 from firm_lightning.rewards import load_objective_states, objective_states, stateful
 from firm_lightning.seeds import client_seed
 from firm_lightning.trainer_factory import TrainerFactory
@@ -68,35 +68,24 @@ def fit_client(
     objectives_key = f"{data.client_id}/objectives"
     load_objective_states(module.objectives, client_states.get(objectives_key) if client_states is not None else None)
 
-    def trainer(tag: str) -> L.Trainer:
-        persist = []
+    algorithm_weighting = algorithm.weighting(len(module.objective_names))  # None: the module's configured one
+
+    def trainer(tag: str, weighting: Optional[Weighting] = None) -> L.Trainer:
+        callbacks = [FitArguments(weighting if weighting is not None else algorithm_weighting)]
         if persist_optimizer and client_states is not None:
-            persist = [PersistOptimizerState(client_states, f"{data.client_id}{tag}")]
-        return trainers.client_trainer(data.client_id, round_idx, tag, persist)
+            callbacks.append(PersistOptimizerState(client_states, f"{data.client_id}{tag}"))
+        return trainers.client_trainer(data.client_id, round_idx, tag, callbacks)
 
     try:
-        with algorithm_weighting(module, algorithm):
-            update = algorithm.procedure().run(
-                module, global_adapter, dataloader=lambda: data.loader(round_idx), trainer=trainer,
-                client_id=data.client_id, num_examples=data.num_examples,
-            )
+        update = algorithm.procedure().run(
+            module, global_adapter, dataloader=lambda: data.loader(round_idx), trainer=trainer,
+            client_id=data.client_id, num_examples=data.num_examples,
+        )
     finally:  # a client that raised must not leave its memory behind either
         release_client_memory()
     if client_states is not None and stateful(module.objectives):
         client_states[objectives_key] = objective_states(module.objectives)
     return update.for_upload(global_adapter, upload_dtype)
-
-
-@contextmanager
-def algorithm_weighting(module: FIRMClientModule, algorithm: ClientAlgorithm):
-    """The algorithm's in-client weighting for one fit; the module's configured one afterwards."""
-    configured = module.weighting
-    weighting = algorithm.weighting(len(module.objective_names))
-    module.weighting = weighting if weighting is not None else configured
-    try:
-        yield
-    finally:
-        module.weighting = configured
 
 
 def train_client(
@@ -120,10 +109,35 @@ class ClientProcedure(abc.ABC):
         module: FIRMClientModule,
         global_adapter: dict[str, torch.Tensor],
         dataloader: Callable[[], DataLoader],
-        trainer: Callable[[str], L.Trainer],  # called with a tag naming the fit's log directory
+        trainer: Callable[..., L.Trainer],
         client_id: int,
         num_examples: int,
-    ) -> ClientUpdate: ...
+    ) -> ClientUpdate:
+        """One client's local work in one round: from the global adapter to its upload.
+
+        Receives:
+
+        - ``module``: the client module every client shares, holding whatever adapter the last
+          fit left: load ``global_adapter`` before each fit (``train_client`` does);
+        - ``global_adapter``: the round's global LoRA weights (CPU tensors), to read, not modify;
+        - ``dataloader()``: a fresh loader over this client's prompts for this round, per call;
+        - ``trainer(tag, weighting=None)``: a fresh Trainer for one fit, per call. ``tag`` ends the
+          fit's log directory (distinct per fit of one client round; the persisted optimiser state
+          is kept per tag too); ``weighting`` replaces the algorithm's in-client weighting for that
+          fit only (``FitArguments``);
+        - ``client_id``, ``num_examples``: the client and its prompt count (its FedAvg weight).
+
+        Returns a ``ClientUpdate`` of this ``client_id`` and ``num_examples`` with full adapter
+        states ``θ_i`` as trained (``fit_client`` turns them into the upload): one, or one per
+        objective, as the algorithm's aggregator expects; and the client's training metrics (the
+        ``client_summary`` names, means over its local steps).
+
+        Guarantees to keep: randomness only from torch's global generator, which ``fit_client``
+        seeded by (seed, round, client), and the same calls in the same order whatever ran before:
+        under DDP every rank runs the procedure in lockstep, and a resumed run repeats it exactly.
+        The module's configuration (weighting, sampling, loss) is left as it was. An exception leaves
+        the client out of its round (the round engine logs it); ``fit_client`` releases the memory.
+        """
 
 
 class SingleAdapter(ClientProcedure):
@@ -142,18 +156,14 @@ class AdapterPerObjective(ClientProcedure):
     """
 
     def run(self, module, global_adapter, dataloader, trainer, client_id, num_examples) -> ClientUpdate:
-        names = module.objective_names
-        configured, seed = module.weighting, torch.initial_seed()
+        names, seed = module.objective_names, torch.initial_seed()
         adapters, summaries = [], []
-        try:
-            for s, name in enumerate(names):
-                torch.manual_seed(seed)
-                module.weighting = LinearScalarization([float(i == s) for i in range(len(names))])
-                adapter, metrics = train_client(module, global_adapter, dataloader(), trainer(f"_{name}"))
-                adapters.append(adapter)
-                summaries.append(metrics)
-        finally:
-            module.weighting = configured
+        for s, name in enumerate(names):
+            torch.manual_seed(seed)
+            one_hot = LinearScalarization([float(i == s) for i in range(len(names))])
+            adapter, metrics = train_client(module, global_adapter, dataloader(), trainer(f"_{name}", one_hot))
+            adapters.append(adapter)
+            summaries.append(metrics)
         metrics = {k: sum(m[k] for m in summaries) / len(summaries) for k in summaries[0]}
         # Client-side λ are one-hot by construction; the weighting happens on the server.
         metrics.update({f"lambda/{n}": math.nan for n in names})

@@ -3,8 +3,9 @@
 ``optimizer:`` and ``lr_scheduler:`` are LightningCLI's usual groups (``--optimizer SGD
 --optimizer.lr 0.5``). LightningCLI's own wiring would build *one* optimiser when the CLI
 starts and hand it to every fit, so all clients would share one Adam state; here every client
-fit builds its own from the spec, over the adapter weights only. Without ``optimizer:`` the
-module's own ``configure_optimizers`` (AdamW with ``model.learning_rate``) stays.
+fit builds its own from the spec, over the adapter weights only: ``use_client_optimizer`` sets
+the module's ``optimizer_factory`` once, when the config is built. Without ``optimizer:`` the
+module's own default (AdamW with ``model.learning_rate``) stays.
 
 ``federation.client_optimizer_state``:
 
@@ -17,7 +18,6 @@ module's own ``configure_optimizers`` (AdamW with ``model.learning_rate``) stays
 
 from __future__ import annotations
 
-from types import MethodType
 from typing import Any, Optional
 
 import lightning as L
@@ -26,7 +26,8 @@ from lightning.pytorch.cli import instantiate_class
 
 
 def use_client_optimizer(module: L.LightningModule, optimizer: dict, lr_scheduler: Optional[dict] = None) -> None:
-    """Make ``module.configure_optimizers`` build a fresh optimiser (+ scheduler) from these specs at every fit.
+    """Make the module's ``configure_optimizers`` build a fresh optimiser (+ scheduler) from these specs at
+    every fit (``FIRMClientModule.optimizer_factory``).
 
     ``optimizer``/``lr_scheduler`` are ``{"class_path": ..., "init_args": {...}}`` without the
     ``params``/``optimizer`` argument.
@@ -36,19 +37,21 @@ def use_client_optimizer(module: L.LightningModule, optimizer: dict, lr_schedule
             "lr_scheduler: ReduceLROnPlateau needs a monitored metric, which local client fits do not have; "
             "use a step-based scheduler (StepLR, CosineAnnealingLR, LinearLR, ...)."
         )
-
-    def configure_optimizers(self):
-        return _configure(self, optimizer, lr_scheduler)
-
-    module.configure_optimizers = MethodType(configure_optimizers, module)
+    module.optimizer_factory = OptimizerFromSpecs(optimizer, lr_scheduler)
 
 
-def _configure(module, optimizer: dict, lr_scheduler: Optional[dict]):
-    params = [p for p in module.parameters() if p.requires_grad]  # the adapter: the base model is frozen
-    opt = instantiate_class(params, optimizer)
-    if not lr_scheduler:
-        return opt
-    return [opt], [instantiate_class(opt, lr_scheduler)]
+class OptimizerFromSpecs:
+    """``params`` -> an optimiser (and its scheduler) built from the ``optimizer:``/``lr_scheduler:`` specs."""
+
+    def __init__(self, optimizer: dict, lr_scheduler: Optional[dict] = None) -> None:
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+
+    def __call__(self, params: list[torch.nn.Parameter]):
+        opt = instantiate_class(params, self.optimizer)
+        if not self.lr_scheduler:
+            return opt
+        return [opt], [instantiate_class(opt, self.lr_scheduler)]
 
 
 class PersistOptimizerState(L.Callback):

@@ -35,7 +35,7 @@ from firm_lightning.callbacks import CallbackList
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.federation import RESUMABLE_SETTINGS, FederationConfig, refuse_for_hidden_uploads
 from firm_lightning.federation_metrics import client_evaluation, client_row, round_metrics
-from firm_lightning.module import FIRMClientModule
+from firm_lightning.module import CALIBRATION_SEED_OFFSET, FIRMClientModule, FitArguments
 from firm_lightning.privacy import SecretGenerator
 from firm_lightning.rewards import load_objective_states, objective_states, stateful, statistics_frozen
 from firm_lightning.progress import progress_callback
@@ -382,11 +382,9 @@ def calibrated_statistics(module: FIRMClientModule, trainers: TrainerFactory, da
     if not stateful(module.objectives):
         return {}
     load_objective_states(module.objectives, None)
-    module.calibrating_evaluation = True
-    try:
-        trainers.eval_trainer(limit_val_batches=1).validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
-    finally:
-        module.calibrating_evaluation = False
+    calibration = FitArguments(eval_seed_offset=CALIBRATION_SEED_OFFSET)
+    trainer = trainers.eval_trainer(limit_val_batches=1, extra_callbacks=[calibration])
+    trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
     return objective_states(module.objectives)
 
 

@@ -6,13 +6,14 @@
 2. score them with every objective: rewards ``R`` of shape (S, B*G);
 3. leave-one-out advantages per objective (optionally whitened);
 4. one forward pass for the response log-probs, reference log-probs with the adapter off;
-5. per-objective losses ``L_s`` = policy-gradient surrogate + the same KL penalty;
+5. per-objective losses ``L_s`` = policy-gradient surrogate + the same KL penalty (``firm_lightning.losses``);
 6. per-objective gradients over the adapter weights only (``S`` backward passes);
 7. Gram matrix of those gradients; 8. ``λ`` from the weighting;
 9. ``d = Σ λ_s g_s`` written into ``.grad``, optimiser step; 10. log λ, rewards, KL, ``‖d‖``.
 
-Optimisation is manual because the update is a combination of ``S`` gradients, not the
-gradient of one loss.
+Steps 6-9 are ``firm_lightning.gradients``; this module keeps the plan of the step, the
+optimiser, the lr schedulers and the fp16 scaler. Optimisation is manual because the update is
+a combination of ``S`` gradients, not the gradient of one loss.
 
 Memory: ``sampling.generation_batch_size`` samples step 1 in chunks of sequences;
 ``loss.micro_batch_size`` runs steps 4-6 a micro-batch of sequences at a time, adding each
@@ -29,9 +30,9 @@ same step.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import lightning as L
 import torch
@@ -40,6 +41,11 @@ from torchmetrics import MeanMetric
 
 from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import leave_one_out_advantages
+from firm_lightning.gradients import (
+    GRAM_SOURCES, ExactGradients, GramSource, LossScale, RepresentationGradients, capture_representation, check_finite,
+    clipped, objective_weights, write_direction, write_non_finite,
+)
+from firm_lightning.losses import check_loss_settings, policy_gradient_losses
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
 from firm_lightning.distributed import all_gather_objects, all_reduce_sum, shares
@@ -47,7 +53,7 @@ from firm_lightning.sequences import USER_MESSAGES, Rollout, concat_rollouts, mi
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
-CALIBRATION_SEED_OFFSET = 7919  # eval_seed + this: the sample that calibrates evaluation statistics
+CALIBRATION_SEED_OFFSET = 7919  # eval_seed + this: the sample that calibrates evaluation statistics (FitArguments)
 
 
 @dataclass
@@ -76,175 +82,70 @@ class SamplingSettings:
             distributed) responses than one call would (firm_lightning.sequences.sample).
     """
 
-    num_generations: int = 4  # G responses per prompt (>= 2 for the leave-one-out baseline)
+    num_generations: int = 4
     max_new_tokens: int = 32
     max_prompt_length: int = 256
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     eval_num_generations: int = 2
-    eval_seed: int = 1234  # fixed, so evaluations are comparable across rounds and algorithms
-    chat_template: Optional[bool] = None  # wrap prompts in the tokenizer's chat template; None: when it has one
-    system_prompt: Optional[str] = None  # a system message, with the chat template
-    eval_greedy: bool = False  # evaluate the most likely response (top-1): no sampling noise at all
-    user_message: Literal["question", "prompt"] = "question"  # with the chat template: HH prompts as the question alone
-    generation_batch_size: Optional[int] = None  # sequences per generate call; None: all at once
+    eval_seed: int = 1234
+    chat_template: Optional[bool] = None
+    system_prompt: Optional[str] = None
+    eval_greedy: bool = False
+    user_message: Literal["question", "prompt"] = "question"
+    generation_batch_size: Optional[int] = None
 
 
 @dataclass
 class PolicyGradientSettings:
-    """The per-objective policy-gradient loss.
-
-    Every ``L_s`` is ``(1/Z) Σ_rows Σ_response-tokens [−surrogate_s + κ · kl_penalty]`` with the
-    normaliser ``Z`` set by ``aggregation``. The PPO-clipped surrogate is ``min(ρ A, clip(ρ) A)``
-    with ``ρ = π/π_old`` per token (``ρ = 1`` with gradient ``∇ log π`` on the first epoch).
-
-    ``aggregation`` (how token terms become one number):
-
-    - ``token_sum`` (default): every token term of the batch summed, divided by the constant
-      ``Z = B·G·max_new_tokens``. Unbiased: the surrogate's expected gradient is
-      ``−∇J / max_new_tokens`` with ``J = E_{y~π}[reward(y)]`` the policy-gradient
-      objective (a constant step-size factor). Higher variance than ``sequence_mean``.
-    - ``sequence_mean``: each response's token terms averaged over its own length, then the
-      mean over responses (the earlier behaviour). Biased: a response of ``n`` tokens gets
-      weight ``1/n``, so among equally rewarded responses the long ones are pushed less, in
-      either direction (two equally wrong answers of 1 and 10 tokens at equal probability:
-      the long one gains probability relative to the short one, d/dt log π(long)/π(short) =
-      +0.11 in tests/test_loss_gradients.py, where the policy gradient gives 0).
-
-    ``kl_estimator`` (the penalty's loss term; the logged ``train/kl`` is always the k3 value
-    ``exp(r) − r − 1`` with ``r = log π_ref − log π``, an unbiased estimate of KL(π‖π_ref) per
-    token). With ``δ_t = log π(y_t) − log π_ref(y_t)``:
-
-    - ``k2`` (default): ``½ δ_t²``. Expected gradient (first epoch):
-      ``E_{y~π}[Σ_t ∇ KL(π(·|y<t) ‖ π_ref(·|y<t))]``, each position's KL with its context held
-      fixed: exactly ``∇ KL(π‖π_ref)`` for one-token responses; for longer ones it leaves out
-      the term through which earlier tokens change which contexts later tokens see. Low
-      variance, and κ keeps the per-token strength the earlier k3 loss had.
-    - ``sequence``: ``½ δ_t² + ρ_t · stopgrad(Σ_{t'>t} δ_t')`` (k2 plus REINFORCE on the KL of
-      the tokens after ``t``). Expected gradient (first epoch): exactly ``∇ KL(π‖π_ref)`` of
-      whole responses. Higher variance (the later-token sum grows with the response length)
-      and a stronger effective penalty for the same κ: in the single-objective conflict run of
-      tests/test_rewards.py (30 steps, one seed) n_to_z reached 0.84 instead of 1.0 with k2.
-    - ``k3``: ``exp(−δ_t) + δ_t − 1`` (the earlier behaviour). Expected gradient
-      ``∇ KL(π_ref‖π)`` per position: the reverse divergence (mass-covering instead of
-      mode-seeking); kept to reproduce earlier runs.
-
-    On later PPO epochs (samples from π_old), ``sequence`` and ``k2`` weight each token by the
-    detached ratio ``ρ_t`` (the per-token importance correction the surrogate also uses).
+    """The per-objective policy-gradient loss; ``firm_lightning.losses`` computes it and derives the expected
+    gradient of each estimator and aggregation.
 
     Args:
         kl_coef: κ: weight of the KL-to-reference penalty, the same inside every objective's loss.
         kl_estimator: The KL penalty's loss term: k2 (∇KL(π‖π_ref) per position), sequence (∇KL(π‖π_ref) of
-            whole responses, higher variance) or k3 (∇KL(π_ref‖π), the earlier behaviour); see above.
+            whole responses, higher variance) or k3 (∇KL(π_ref‖π), the reverse divergence).
         aggregation: token_sum (unbiased: constant normaliser B·G·max_new_tokens) or sequence_mean (each
-            response weighted by 1/its length: biased, the earlier behaviour); see above.
+            response weighted by 1/its length: biased towards long responses).
         whiten_advantages: Normalise each objective's advantages to unit variance so reward scales do not matter.
         ppo_epochs: Optimiser steps per batch of rollouts; more than 1 uses the clipped importance ratio.
             The last batch of a fit runs fewer, so a fit never exceeds trainer.max_steps optimiser steps.
         clip_range: PPO clip range of the importance ratio.
         max_grad_norm: Clip the norm of the combined direction d = Σ λ_s g_s; null disables clipping.
         gram_from: Gradients the Gram matrix is built from: parameters (exact, S backward passes over the
-            adapter), or hidden / logits (cheap: gradients at the head's input or output, then one full backward).
+            adapter), or hidden / logits (cheap, MGDA-UB style: gradients at the head's input or output, then one
+            full backward; λ is exact when the objectives' per-token loss weights are proportional, else an
+            approximation: firm_lightning.gradients).
         micro_batch_size: Sequences (of the B·G) per forward/backward pass, to bound activation memory; null:
             the whole batch. The S per-objective gradients are summed over the micro-batches, then the Gram
             matrix, λ and the step are computed once: the same step as the whole batch (the normalisers are
             the whole batch's). With gram_from hidden / logits, micro-batches cost a second forward pass.
     """
 
-    kl_coef: float = 0.05  # κ: the same KL-to-reference penalty inside every L_s
+    kl_coef: float = 0.05
     kl_estimator: Literal["k2", "sequence", "k3"] = "k2"
     aggregation: Literal["token_sum", "sequence_mean"] = "token_sum"
     whiten_advantages: bool = True
-    ppo_epochs: int = 1  # optimiser steps per batch of rollouts; >1 uses the clipped ratio
+    ppo_epochs: int = 1
     clip_range: float = 0.2
-    max_grad_norm: Optional[float] = 1.0  # clip ‖d‖; None to disable
-    # Which gradients the Gram matrix is built from. "parameters" (exact): the S per-objective
-    # gradients over the adapter weights, S full backward passes. "hidden" / "logits" (cheap,
-    # MGDA-UB style): gradients with respect to the final hidden states / the logits of the
-    # sequences, each a short backward through the head only, then ONE full backward for
-    # d = ∇ Σ λ_s L_s. The cheap λ equals the exact one when the per-token loss weights of the
-    # objectives are proportional and is an approximation otherwise (benchmarks/run.py measures
-    # how far it is).
+    max_grad_norm: Optional[float] = 1.0
     gram_from: Literal["parameters", "hidden", "logits"] = "parameters"
-    micro_batch_size: Optional[int] = None  # sequences per forward/backward; None: the whole batch
+    micro_batch_size: Optional[int] = None
 
 
-KL_ESTIMATORS = ("k2", "sequence", "k3")
-AGGREGATIONS = ("token_sum", "sequence_mean")
+class FitArguments(L.Callback):
+    """What one fit or evaluation of the module runs with besides the module's configuration.
 
-
-def check_loss_settings(loss: PolicyGradientSettings) -> None:
-    """Refuse settings that cannot work, naming the key and the fix."""
-    if loss.kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"loss.kl_estimator={loss.kl_estimator!r} is unknown; use one of {list(KL_ESTIMATORS)}.")
-    if loss.aggregation not in AGGREGATIONS:
-        raise ValueError(f"loss.aggregation={loss.aggregation!r} is unknown; use one of {list(AGGREGATIONS)}.")
-    if loss.ppo_epochs < 1:
-        raise ValueError(f"loss.ppo_epochs must be >= 1 (optimiser steps per batch of rollouts); got {loss.ppo_epochs}.")
-    if loss.micro_batch_size is not None and loss.micro_batch_size < 1:
-        raise ValueError(
-            f"loss.micro_batch_size must be >= 1 sequences, or null for the whole batch; got {loss.micro_batch_size}."
-        )
-
-
-def policy_gradient_losses(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    settings: PolicyGradientSettings,
-    max_new_tokens: int,
-    num_rows: Optional[int] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-objective losses ``L_s`` (shape (S,)) and the logged KL (k3, mean per token of each response).
-
-    ``logprobs``/``old_logprobs``/``ref_logprobs``/``mask``: (N, T) over response tokens;
-    ``advantages``: (S, N). See ``PolicyGradientSettings`` for the estimators and their gradients.
-
-    ``num_rows``: the rows of the whole batch when these N rows are one micro-batch of it. Every
-    normaliser is then the whole batch's, so the losses and the KL are this micro-batch's share:
-    summed over the micro-batches they are the whole batch's values (and so are the gradients).
+    Handed to that call's own Trainer among its callbacks (``client.fit_client``: the algorithm's
+    weighting; ``engine.calibrated_statistics``: the calibration's seed offset), where the module
+    reads it (``FIRMClientModule.fit_arguments``). A Trainer serves one call, so nothing is set on
+    the module and nothing needs restoring; a Trainer without one runs the module's configuration.
     """
-    num_rows = mask.shape[0] if num_rows is None else num_rows
-    if mask.shape[-1] > max_new_tokens:
-        raise ValueError(
-            f"Responses of {mask.shape[-1]} tokens but max_new_tokens={max_new_tokens}: the token_sum "
-            "normaliser B·G·max_new_tokens must bound every response; pass the sampling's max_new_tokens."
-        )
-    mask = mask.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - old_logprobs)  # 1 with grad ∇log π on the first epoch
-    clipped = ratio.clamp(1 - settings.clip_range, 1 + settings.clip_range)
-    adv = advantages[:, :, None].to(logprobs.dtype)  # (S, N, 1) broadcast over tokens
-    surrogate = torch.minimum(ratio * adv, clipped * adv)  # (S, N, T)
 
-    delta = (logprobs - ref_logprobs) * mask  # log π − log π_ref on response tokens
-    if settings.kl_estimator == "k3":
-        penalty = torch.exp(-delta) + delta - 1
-    else:
-        penalty = ratio.detach() * 0.5 * delta**2  # ∇: ρ δ ∇log π; E over π_old → E over π of δ ∇log π
-        if settings.kl_estimator == "sequence":
-            later = delta.detach().flip(-1).cumsum(-1).flip(-1) - delta.detach()  # Σ_{t'>t} δ_t'
-            penalty = penalty + ratio * later
-    tokens = -surrogate + settings.kl_coef * penalty  # (S, N, T)
-    losses = _aggregate(tokens, mask, settings.aggregation, max_new_tokens, num_rows)
-
-    log_ratio_ref = (ref_logprobs - logprobs).detach()
-    kl_tokens = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3: >= 0, unbiased value of KL(π‖π_ref)
-    kl = _sequence_mean(kl_tokens, mask).sum() / num_rows
-    return losses, kl
-
-
-def _aggregate(
-    tokens: torch.Tensor, mask: torch.Tensor, aggregation: str, max_new_tokens: int, num_rows: int
-) -> torch.Tensor:
-    """(S, N, T) token terms -> (S,): see ``PolicyGradientSettings.aggregation``. ``num_rows``: the
-    whole batch's rows (B·G), also when these N rows are one micro-batch of it."""
-    if aggregation == "token_sum":
-        # A constant normaliser: the response lengths (random, policy-dependent) never reweight tokens.
-        return (tokens * mask).sum(dim=(-1, -2)) / (num_rows * max_new_tokens)
-    return _sequence_mean(tokens, mask).sum(dim=-1) / num_rows
+    def __init__(self, weighting: Optional[Weighting] = None, eval_seed_offset: int = 0) -> None:
+        self.weighting = weighting  # None: the module's configured weighting
+        self.eval_seed_offset = eval_seed_offset  # added to sampling.eval_seed in validation_step
 
 
 class FIRMClientModule(L.LightningModule):
@@ -280,13 +181,15 @@ class FIRMClientModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.objective_names = check_objective_names(objectives)
-        self.calibrating_evaluation = False  # set by the round engine while it calibrates evaluation statistics
         self.objectives = list(objectives)
         self.weighting = weighting if weighting is not None else RegularizedMinNorm()
         self.sampling = sampling
         self.loss_settings = loss
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
+        # The client optimiser from the optimizer:/lr_scheduler: groups, set once with the config
+        # (client_optimizer.use_client_optimizer): params -> what configure_optimizers returns.
+        self.optimizer_factory: Optional[Callable[[list[torch.nn.Parameter]], Any]] = None
         base, self.tokenizer = (policy or TinyPolicy()).build()
         self.policy = add_lora(base, lora)
         self.client_metrics = torch.nn.ModuleDict(
@@ -300,6 +203,8 @@ class FIRMClientModule(L.LightningModule):
                 f"sampling.user_message={sampling.user_message!r} is unknown; use one of {list(USER_MESSAGES)}."
             )
         check_loss_settings(loss)
+        if loss.gram_from not in GRAM_SOURCES:
+            raise ValueError(f"loss.gram_from={loss.gram_from!r} is unknown; use one of {list(GRAM_SOURCES)}.")
         if sampling.generation_batch_size is not None and sampling.generation_batch_size < 1:
             raise ValueError(
                 f"sampling.generation_batch_size must be >= 1 sequences, or null for one generate call; "
@@ -323,7 +228,23 @@ class FIRMClientModule(L.LightningModule):
     # ---- Lightning hooks ----
 
     def configure_optimizers(self):
+        """A fresh client optimiser per fit: ``optimizer_factory``'s, else AdamW(learning_rate, weight_decay)."""
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory(self.trainable_parameters())
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    def fit_arguments(self) -> FitArguments:
+        """The ``FitArguments`` among the callbacks of the Trainer running the module; the defaults without one."""
+        trainer = self._trainer
+        found = [c for c in trainer.callbacks if isinstance(c, FitArguments)] if trainer is not None else []
+        if len(found) > 1:
+            raise ValueError(f"A Trainer carries {len(found)} FitArguments callbacks; give it at most one.")
+        return found[0] if found else FitArguments()
+
+    def fit_weighting(self) -> Weighting:
+        """The in-client weighting of this fit: its ``FitArguments``' (an algorithm's), else ``weighting``."""
+        weighting = self.fit_arguments().weighting
+        return weighting if weighting is not None else self.weighting
 
     def on_train_start(self) -> None:
         for metric in self.client_metrics.values():
@@ -401,7 +322,7 @@ class FIRMClientModule(L.LightningModule):
             fresh, kls = (torch.empty_like(reference) if parts else None), {}
 
             def forward(i: int, part: Rollout, rows: slice, old=old, fresh=fresh, kls=kls):
-                with self._representation() as representation:
+                with capture_representation(self.policy, self.loss_settings.gram_from) as representation:
                     logprobs = token_logprobs(self.policy, part)
                 fresh[rows] = logprobs.detach()
                 previous = logprobs.detach() if old is None else old[rows]
@@ -414,7 +335,7 @@ class FIRMClientModule(L.LightningModule):
 
             lambdas, norm = self._weighted_step(
                 [functools.partial(forward, i, part, rows) for i, (part, rows) in enumerate(zip(parts, local))],
-                num_objectives=len(advantages),
+                GRAM_SOURCES[self.loss_settings.gram_from], num_objectives=len(advantages),
             )
             old = fresh if old is None else old
             kl = sum(kls.values(), torch.zeros((), device=advantages.device))  # each micro-batch's share of the mean
@@ -446,24 +367,6 @@ class FIRMClientModule(L.LightningModule):
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
             scheduler.step()
 
-    @contextmanager
-    def _representation(self):
-        """Capture the head's input (final hidden states) or output (logits) for ``gram_from``."""
-        captured: dict[str, torch.Tensor] = {}
-        mode = self.loss_settings.gram_from
-        if mode == "parameters":
-            yield captured
-            return
-
-        def hook(module, inputs, output):
-            captured["tensor"] = inputs[0] if mode == "hidden" else output
-
-        handle = self.policy.get_output_embeddings().register_forward_hook(hook)
-        try:
-            yield captured
-        finally:
-            handle.remove()
-
     def _profile(self, phase: str):
         """A section of Lightning's profiler (``--trainer.profiler simple`` shows the split)."""
         trainer = self._trainer
@@ -488,121 +391,46 @@ class FIRMClientModule(L.LightningModule):
     def weighted_step(
         self, losses: torch.Tensor, representation: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step.
+        """Gram → λ → ``d = Σ λ_s g_s`` into ``.grad`` → optimiser step (``firm_lightning.gradients``).
 
         Without ``representation``: the Gram matrix of the exact per-objective gradients over the
         adapter weights (S backward passes). With it (``loss.gram_from``): the Gram matrix of the
         gradients with respect to that tensor (cheap), then one backward pass of ``Σ λ_s L_s``.
-
-        Precision: the backward passes, the Gram matrix, λ, ``d`` and its clipping run with
-        autocast off, in fp32, whatever the Trainer's precision (in bf16 the Gram matrix of
-        nearly aligned gradients, hence λ, is noise). Under ``16-mixed`` the losses are scaled
-        by the ``GradScaler``'s factor (no fp16 underflow in the backward passes) and
-        ``d × scale`` is written, which Lightning's precision plugin unscales before the step;
-        a non-finite gradient makes the scaler skip the step and lower its scale.
+        The algebra runs in fp32; under ``16-mixed`` a non-finite gradient makes the ``GradScaler``
+        skip the step and lower its scale, otherwise it is refused.
         """
-        return self._weighted_step([lambda: (losses, representation)])
+        source = ExactGradients if representation is None else RepresentationGradients
+        return self._weighted_step([lambda: (losses, representation)], source)
 
     def _weighted_step(
-        self, forwards: list[Callable[[], tuple]], num_objectives: Optional[int] = None
+        self, forwards: list[Callable[[], tuple]], source: type[GramSource], num_objectives: Optional[int] = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``weighted_step`` over micro-batches: each of ``forwards`` runs one micro-batch's forward
-        pass and returns its ``(losses, representation or None)``; the losses of all of them add
-        up to the batch's ``L_s``.
-
-        Exact gradients: the ``S`` per-objective gradients of each micro-batch are added into ``S``
-        accumulators (its graph is freed by its last backward pass, before the next forward), then
-        the Gram matrix, λ and ``d`` once. With a representation: the Gram matrix is the sum of
-        the micro-batches' Gram matrices (their representation rows are disjoint), then, λ known,
-        each micro-batch runs its forward again for its share of ``∇ Σ λ_s L_s`` (one micro-batch
-        keeps its graph instead).
-
-        Under DDP the accumulators (or the Gram matrix, then ``d``) are summed over the ranks before
-        anything is computed from them, so every rank computes the same λ and step; a rank without
-        rows (fewer prompts than ranks) adds zeros.
-        """
-        ranks = self._ranks()
-        params = self.trainable_parameters()
-        scaler = self._grad_scaler()
-        scale = lambda: float(scaler.get_scale()) if scaler is not None else 1.0  # noqa: E731 (set by the first scale())
+        """``weighted_step`` over micro-batches: each of ``forwards`` runs one micro-batch's forward pass
+        and returns its ``(losses, representation or None)``; ``source``: where the Gram matrix comes from;
+        ``num_objectives``: S, for a DDP rank without rows."""
+        params, scale, ranks = self.trainable_parameters(), LossScale(self._grad_scaler()), self._ranks()
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        keep_graph = len(forwards) == 1  # one batch: its graph also serves the direction's backward pass
-        grads = gram = finite = kept = None
-        for forward in forwards:
-            losses, representation = forward()
-            if scaler is not None:
-                losses = scaler.scale(losses)  # the official way in: also starts the scaler's state
-            last = len(losses) - 1
-            with torch.autocast(self.device.type, enabled=False):
-                if representation is None:  # (S, P): the exact per-objective gradients
-                    part = torch.stack(
-                        [self._flat_grad(loss, params, retain_graph=s < last) for s, loss in enumerate(losses)]
-                    ).float() / scale()
-                    grads = part if grads is None else grads.add_(part)
-                    part_finite = torch.isfinite(part).all(dim=1)
-                else:  # (S, R): gradients with respect to the representation
-                    part = torch.stack([
-                        torch.autograd.grad(loss, representation, retain_graph=keep_graph or s < last)[0].flatten()
-                        for s, loss in enumerate(losses)
-                    ]).float() / scale()
-                    gram = part @ part.T if gram is None else gram + part @ part.T
-                    part_finite = torch.isfinite(part).all(dim=1)
-                    kept = losses if keep_graph else None
-            finite = part_finite if finite is None else finite & part_finite
-        if ranks is not None:  # the whole batch's gradients (or Gram matrix): the sum of every rank's share
-            representation_mode = self.loss_settings.gram_from != "parameters"
-            if representation_mode:
-                gram = gram if gram is not None else torch.zeros(num_objectives, num_objectives, device=self.device)
-                gram = all_reduce_sum(gram)
-                finite = torch.isfinite(gram.diagonal())  # ‖g_s‖² is non-finite on every rank if anywhere
-            else:
-                size = sum(p.numel() for p in params)
-                grads = all_reduce_sum(grads if grads is not None else torch.zeros(num_objectives, size, device=self.device))
-                finite = torch.isfinite(grads).all(dim=1)
-        num_objectives = len(finite)
-        with torch.autocast(self.device.type, enabled=False):
-            if scaler is None and not finite.all():
-                bad = [n for n, ok in zip(self.objective_names, finite.tolist()) if not ok]
-                raise FloatingPointError(
-                    f"Non-finite gradient of objective(s) {bad}: the step is refused so the adapter stays finite. "
-                    "Check the rewards' scale (NormalizedReward), lower the learning rate, or use 32-true precision."
-                )
-            if not finite.all():  # fp16 overflow: the scaler sees it, skips this step and lowers its scale
-                _write_grad(params, torch.full((sum(p.numel() for p in params),), float("nan"), device=finite.device))
-                optimizer.step()
-                self._step_schedulers()  # a step the scaler skipped still counts: schedulers follow step calls
-                nan = torch.full((num_objectives,), float("nan"), device=finite.device)
-                return nan, torch.tensor(float("nan"), device=finite.device)
-            if grads is not None:
-                gram = grads @ grads.T
-            lambdas = self.weighting(gram.detach()).to(gram)
-            direction = None
-            if grads is not None:
-                direction = lambdas @ grads
-            elif kept is not None:
-                direction = self._flat_grad((lambdas * kept).sum(), params, retain_graph=False).float() / scale()
-        if direction is None:
-            for forward in forwards:  # the micro-batches again, now that λ is known (the Trainer's autocast on)
-                losses, _ = forward()
-                if scaler is not None:
-                    losses = scaler.scale(losses)
-                with torch.autocast(self.device.type, enabled=False):
-                    part = self._flat_grad((lambdas * losses).sum(), params, retain_graph=False).float() / scale()
-                direction = part if direction is None else direction.add_(part)
-            if ranks is not None:
-                size = sum(p.numel() for p in params)
-                direction = all_reduce_sum(direction if direction is not None else torch.zeros(size, device=self.device))
-        elif kept is not None and ranks is not None:
-            direction = all_reduce_sum(direction)
-        with torch.autocast(self.device.type, enabled=False):
-            norm = direction.norm()
-            if self.loss_settings.max_grad_norm is not None:  # as clip_grad_norm_, on the unscaled d
-                direction = direction * (self.loss_settings.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-            _write_grad(params, direction * scale())
+        gradients = source.accumulate(forwards, params, scale)
+        if ranks is not None:  # the whole batch's: the sum of every rank's share
+            gradients = gradients.summed_over_ranks(num_objectives)
+        if not check_finite(gradients.finite, self.objective_names, refuse=scale.scaler is None):
+            return self._skipped_step(optimizer, params, gradients.finite)
+        lambdas = objective_weights(self.fit_weighting(), gradients.gram())
+        direction = gradients.direction(lambdas, forwards, distributed=ranks is not None)
+        direction, norm = clipped(direction, self.loss_settings.max_grad_norm)
+        write_direction(params, direction, scale)
         optimizer.step()
         self._step_schedulers()
         return lambdas.detach(), norm.detach()
+
+    def _skipped_step(self, optimizer, params, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp16 overflow: a NaN gradient, so the scaler skips this step and lowers its scale; λ and ‖d‖ are NaN."""
+        write_non_finite(params, finite.device)
+        optimizer.step()
+        self._step_schedulers()  # a step the scaler skipped still counts: schedulers follow step calls
+        nan = torch.full((len(finite),), float("nan"), device=finite.device)
+        return nan, torch.tensor(float("nan"), device=finite.device)
 
     def _grad_scaler(self) -> Optional[torch.amp.GradScaler]:
         """The fp16 ``GradScaler`` of a ``16-mixed`` Trainer; None otherwise."""
@@ -610,20 +438,16 @@ class FIRMClientModule(L.LightningModule):
         scaler = getattr(plugin, "scaler", None)
         return scaler if scaler is not None and scaler.is_enabled() else None
 
-    @staticmethod
-    def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter], retain_graph: bool = True) -> torch.Tensor:
-        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Rewards of the current adapter on held-out prompts, sampled with a fixed seed."""
         devices = [self.device] if self.device.type == "cuda" else []
         greedy = self.sampling.eval_greedy
         # A calibration pass (the federation's evaluation statistics) samples apart from every evaluation.
-        seed = self.sampling.eval_seed + batch_idx + (CALIBRATION_SEED_OFFSET if self.calibrating_evaluation else 0)
+        seed = self.sampling.eval_seed + batch_idx + self.fit_arguments().eval_seed_offset
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            rollout = self.rollout(batch["prompt"], 1 if greedy else self.sampling.eval_num_generations, greedy, for_loss=False)
+            per_prompt = 1 if greedy else self.sampling.eval_num_generations
+            rollout = self.rollout(batch["prompt"], per_prompt, greedy, for_loss=False)
         rewards = score_all(self.objectives, rollout.prompts, rollout.responses)
         for name, value in zip(self.objective_names, rewards.mean(dim=1)):
             self.log(f"eval/reward/{name}", value, on_epoch=True, batch_size=len(rollout.responses))
@@ -671,21 +495,9 @@ class FIRMClientModule(L.LightningModule):
         return {name: float(self.client_metrics[_metric_key(name)].compute()) for name in self._summary_names()}
 
 
-def _write_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
-    offset = 0
-    for p in params:
-        p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
-        offset += p.numel()
-
-
 def _lora_state(policy) -> dict[str, torch.Tensor]:
     # Only the LoRA tensors: never the (frozen) embeddings peft may add for tied layers.
     return get_peft_model_state_dict(policy, save_embedding_layers=False)
-
-
-def _sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each sequence's response tokens (last dim)."""
-    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
 def _metric_key(name: str) -> str:

@@ -62,7 +62,8 @@ class TrainerFactory:
     def client_trainer(
         self, client_id: int, round_idx: int, tag: str = "", extra_callbacks: Sequence[Callback] = ()
     ) -> L.Trainer:
-        """``extra_callbacks``: the orchestrator's own per-fit callbacks (e.g. optimiser-state persistence)."""
+        """A fresh Trainer for one client fit; ``extra_callbacks``: the fit's own (``FitArguments``, optimiser-state
+        persistence)."""
         log_dir = self.output_dir / "clients"
         kwargs = {**CLIENT_DEFAULTS, **_built(self.kwargs, filename=f"client_{client_id:03d}_round_{round_idx:03d}{tag}")}
         kwargs = distributed.client_trainer_kwargs(kwargs)  # ddp: FIRM's DDP strategy, the whole batch on every rank
@@ -90,13 +91,15 @@ class TrainerFactory:
         self._parent_runs = {"mlflow.parentRunId": lg.run_id for lg in _as_list(loggers) if isinstance(lg, MLFlowLogger)}
         return [] if loggers is False else _as_list(loggers)
 
-    def eval_trainer(self, **overrides) -> L.Trainer:
+    def eval_trainer(self, extra_callbacks: Sequence[Callback] = (), **overrides) -> L.Trainer:
+        """A Trainer for one evaluation on the configured devices; ``extra_callbacks``: the caller's own
+        (e.g. ``FitArguments`` of a calibration pass); ``overrides``: Trainer arguments."""
         kwargs = {**_built({k: v for k, v in self.kwargs.items() if k in _DEVICE_KEYS}), **overrides}
         kwargs = distributed.single_device_kwargs(kwargs)  # under DDP rank 0 evaluates alone (distributed.py)
         with _entry_points_scanned_once():
             return L.Trainer(
                 **kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=str(self.output_dir),
+                enable_model_summary=False, default_root_dir=str(self.output_dir), callbacks=list(extra_callbacks),
             )
 
     def _fresh_loggers(self, save_dir: Path, name: str, version: str):

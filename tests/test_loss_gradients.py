@@ -12,7 +12,8 @@ import itertools
 import pytest
 import torch
 
-from firm_lightning.module import PolicyGradientSettings, policy_gradient_losses
+from firm_lightning.losses import policy_gradient_losses
+from firm_lightning.module import PolicyGradientSettings
 
 F64 = torch.float64
 

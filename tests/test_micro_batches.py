@@ -122,7 +122,7 @@ def test_micro_batched_step_equals_the_whole_batch_step(case, micro):
 def test_micro_batch_normalisers_are_the_whole_batch_ones():
     """Control: a micro-batch's own normaliser (its rows instead of B·G) would scale its share by
     B·G / rows; summed, the gradient would then differ from the whole batch's."""
-    from firm_lightning.module import policy_gradient_losses
+    from firm_lightning.losses import policy_gradient_losses
 
     torch.manual_seed(0)
     n, t = 6, 5

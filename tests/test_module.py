@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 
 from firm_lightning.advantages import leave_one_out_advantages
 from firm_lightning.datamodule import collate_prompts
-from firm_lightning.module import FIRMClientModule, PolicyGradientSettings, SamplingSettings
+from firm_lightning.client_optimizer import use_client_optimizer
+from firm_lightning.module import FIRMClientModule, FitArguments, PolicyGradientSettings, SamplingSettings
 from firm_lightning.policy import LoRASettings, TinyPolicy
 from firm_lightning.rewards import CharsetReward, score_all
 from firm_lightning.sequences import token_logprobs
-from firm_lightning.weighting import RegularizedMinNorm
+from firm_lightning.weighting import LinearScalarization, RegularizedMinNorm
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
@@ -360,3 +361,54 @@ def test_bad_sampling_or_loss_settings_are_refused(field, value, match):
         "loss": PolicyGradientSettings(ppo_epochs=value)}
     with pytest.raises(ValueError, match=match):
         make_module(**kwargs)
+
+
+# ---- what one fit runs with comes with its Trainer (FitArguments); the module keeps its configuration
+
+
+class _Weightings(L.Callback):
+    """At every step: the module's configured weighting and the weighting of the fit."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append((pl_module.weighting, pl_module.fit_weighting()))
+
+
+def test_a_fits_weighting_comes_with_its_trainer_and_the_module_keeps_its_own():
+    torch.manual_seed(0)
+    module = make_module()
+    configured, linear, probe = module.weighting, LinearScalarization([0.9, 0.1]), _Weightings()
+    fit(module, max_steps=2, callbacks=[FitArguments(weighting=linear), probe])
+    assert len(probe.seen) == 2 and all(mine is configured and fits is linear for mine, fits in probe.seen)
+    assert module.client_summary()["lambda/a_to_m"] == pytest.approx(0.9)
+    fit(module, max_steps=1, callbacks=[probe])  # a Trainer without FitArguments: the configured weighting
+    assert probe.seen[-1][1] is configured
+
+
+def _validate(module, callbacks=()):
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        devices=1, callbacks=list(callbacks))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return trainer.validate(module, dataloaders=loader(4, 4), verbose=False)[0]
+
+
+def test_an_evaluations_seed_offset_comes_with_its_trainer():
+    module = make_module(sampling=SamplingSettings(max_new_tokens=8, num_generations=2, eval_seed=5))
+    shifted = _validate(module, [FitArguments(eval_seed_offset=100)])
+    assert module.sampling.eval_seed == 5
+    module.sampling = SamplingSettings(max_new_tokens=8, num_generations=2, eval_seed=105)
+    assert _validate(module) == shifted
+
+
+def test_the_client_optimizer_is_configuration_not_a_patched_method():
+    module = make_module()
+    use_client_optimizer(module, {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}})
+    assert "configure_optimizers" not in vars(module)
+    optimizer = module.configure_optimizers()
+    params = optimizer.param_groups[0]["params"]
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.5
+    assert len(params) == len(module.trainable_parameters())
+    assert all(a is b for a, b in zip(params, module.trainable_parameters()))
