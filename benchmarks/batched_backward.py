@@ -54,7 +54,10 @@ def main(models=("tiny", "mid"), reps: int = 5) -> dict:
                     fn(s)
                     times.setdefault(f"{name}_s{s}", []).append(time.perf_counter() - tic)
         medians = {k: statistics.median(v) for k, v in times.items()}
-        result[model] = {**medians, **{f"batched_over_separate_s{s}": medians[f"batched_s{s}"] / medians[f"separate_s{s}"] for s in (2, 3)}}
+        result[model] = {
+            **medians,
+            **{f"batched_over_separate_s{s}": medians[f"batched_s{s}"] / medians[f"separate_s{s}"] for s in (2, 3)},
+        }
     print(json.dumps(result, indent=2))
     return result
 

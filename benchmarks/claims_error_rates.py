@@ -49,7 +49,11 @@ ALGORITHMS = ("firm_beta1", "firm_beta0.1", "firm_beta10", "local_mgda", "linear
 def load_before() -> types.ModuleType:
     """firm_lightning/claims.py at BEFORE_COMMIT, as a module (its pareto import stubbed: only hypervolumes use it)."""
     source = subprocess.run(
-        ["git", "show", f"{BEFORE_COMMIT}:firm_lightning/claims.py"], cwd=ROOT, check=True, capture_output=True, text=True
+        ["git", "show", f"{BEFORE_COMMIT}:firm_lightning/claims.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     source = source.replace("from firm_lightning.pareto import hypervolume", "hypervolume = None")
     module = types.ModuleType("claims_before")
@@ -93,7 +97,9 @@ def single_comparison(before, replications: int, n: int, seed: int) -> dict:
 
 
 def null_per_run(rng, alphas=(0.1, 1.0, 100.0), seeds=range(5), sweep_alphas=(0.1,)) -> dict:
-    """A compare study in which no algorithm differs (uplink bytes aside, fixed by construction); both versions' keys."""
+    """A compare study in which no algorithm differs (uplink bytes aside, fixed by construction).
+
+    Both versions' keys."""
     per_run = {}
     for alpha in alphas:
         for s in seeds:
@@ -135,7 +141,9 @@ def family(before, replications_before: int, replications_after: int, seed: int)
         table = after.claims_table(null_per_run(rng), "firm_beta1", new_claims)
         primary = [r for r in table if r["role"] == after.PRIMARY]
         hits_after += any(r["verdict"] != after.INCONCLUSIVE for r in primary)
-        any_row_after += any(r["verdict"] in (after.SUPPORTED, after.CONTRADICTED) for r in table if r["role"] != after.BY_CONSTRUCTION)
+        any_row_after += any(
+            r["verdict"] in (after.SUPPORTED, after.CONTRADICTED) for r in table if r["role"] != after.BY_CONSTRUCTION
+        )
     return {
         "shape": {"algorithms": len(ALGORITHMS), "alphas": 3, "seeds": 5, "rows_with_a_verdict_before": rows_before,
                   "primary_rows_after": len(primary), "rows_after": len(table)},

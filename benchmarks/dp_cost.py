@@ -67,7 +67,11 @@ def main_() -> None:
                                                          f"--federation.privacy.noise_multiplier={sigma}"]
     tic = time.perf_counter()
     runs = {name: {s: run(s, dp) for s in args.seeds} for name, dp in settings.items()}
-    report = {"seeds": args.seeds, "config": "tests/test_cli.py SHORT (4 clients, 3 rounds, 4 local steps)", "settings": {}}
+    report = {
+        "seeds": args.seeds,
+        "config": "tests/test_cli.py SHORT (4 clients, 3 rounds, 4 local steps)",
+        "settings": {},
+    }
     for name, by_seed in runs.items():
         failed = {s: r["failed"] for s, r in by_seed.items() if "failed" in r}
         if failed:

@@ -30,8 +30,20 @@ RUNS = {
     "simulation": ["flower"],
     "local_deployment": ["flower", "--flower.engine", "local-deployment"],
     "secagg_plus": ["flower", "--flower.secure_aggregation", "firm_lightning.flower.settings.SecureAggregation"],
-    "dp_z0.1_c2": ["flower", "--federation.privacy.noise_multiplier", "0.1", "--federation.privacy.clipping_norm", "2.0"],
-    "dp_z0.01_c2": ["flower", "--federation.privacy.noise_multiplier", "0.01", "--federation.privacy.clipping_norm", "2.0"],
+    "dp_z0.1_c2": [
+        "flower",
+        "--federation.privacy.noise_multiplier",
+        "0.1",
+        "--federation.privacy.clipping_norm",
+        "2.0",
+    ],
+    "dp_z0.01_c2": [
+        "flower",
+        "--federation.privacy.noise_multiplier",
+        "0.01",
+        "--federation.privacy.clipping_norm",
+        "2.0",
+    ],
 }
 
 
@@ -51,7 +63,11 @@ def run(name: str, args: list[str], out: Path, rounds: int) -> dict:
     result = {
         "wall_s": round(wall, 1),
         "federation_s": round(sum(float(r["time/round_s"]) for r in rounds_rows[1:]), 1),
-        "final_eval": {k.removeprefix("eval/reward/"): round(float(v), 4) for k, v in rounds_rows[-1].items() if k.startswith("eval/reward/")},
+        "final_eval": {
+            k.removeprefix("eval/reward/"): round(float(v), 4)
+            for k, v in rounds_rows[-1].items()
+            if k.startswith("eval/reward/")
+        },
         "payload_up_per_client_round": statistics.mean(int(r["comm/bytes_up"]) for r in clients),
         "payload_down_per_client_round": statistics.mean(int(r["comm/bytes_down"]) for r in clients),
     }
@@ -78,9 +94,15 @@ def main() -> None:
         if "fit" in results and "wall_s" in results["fit"]:
             ratios[f"{name}/fit wall"] = round(r["wall_s"] / results["fit"]["wall_s"], 2)
         if "flower_up_per_client_round" in r:
-            ratios[f"{name} Flower/payload up"] = round(r["flower_up_per_client_round"] / r["payload_up_per_client_round"], 4)
-            ratios[f"{name} Flower/payload down"] = round(r["flower_down_per_client_round"] / r["payload_down_per_client_round"], 4)
-    print(json.dumps({"rounds": args.rounds, "config": "configs/tiny.yaml", "runs": results, "ratios": ratios}, indent=2))
+            ratios[f"{name} Flower/payload up"] = round(
+                r["flower_up_per_client_round"] / r["payload_up_per_client_round"], 4
+            )
+            ratios[f"{name} Flower/payload down"] = round(
+                r["flower_down_per_client_round"] / r["payload_down_per_client_round"], 4
+            )
+    print(
+        json.dumps({"rounds": args.rounds, "config": "configs/tiny.yaml", "runs": results, "ratios": ratios}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ from firm_lightning.policy import LoRASettings, TinyPolicy
 from firm_lightning.testbed import heterogeneous_objectives
 
 
-def dispersion_by_alpha(seeds, alphas=(0.1, 100.0), rounds=2, clients=4, steps=2, batch_size=16, output_dir=None) -> dict:
+def dispersion_by_alpha(
+    seeds, alphas=(0.1, 100.0), rounds=2, clients=4, steps=2, batch_size=16, output_dir=None
+) -> dict:
     """Mean λ dispersion (over rounds ≥ 1) of local MGDA per (α, seed)."""
     module = FIRMClientModule(
         objectives=heterogeneous_objectives(),

@@ -1,7 +1,7 @@
 """Peak RSS of ``validate`` against ``fit`` on the HH-RLHF Qwen config, offline.
 
     python benchmarks/hh_validate_memory.py                      # this checkout
-    python benchmarks/hh_validate_memory.py --checkout /tmp/old  # another checkout (e.g. `git archive` of an old commit)
+    python benchmarks/hh_validate_memory.py --checkout /tmp/old  # another checkout (`git archive` of an old commit)
     python benchmarks/hh_validate_memory.py --hidden 1024 --layers 12 --dtype bfloat16
 
 Builds a Qwen2-shaped policy with random weights (``--hidden``/``--layers``; byte-level BPE
@@ -96,7 +96,9 @@ def peak_rss_mb(command: list[str], env: dict, cwd: str) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkout", default=str(ROOT), help="the firm_lightning checkout (and its configs/) to measure")
+    parser.add_argument(
+        "--checkout", default=str(ROOT), help="the firm_lightning checkout (and its configs/) to measure"
+    )
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

@@ -72,7 +72,10 @@ def measure(variant: str, mode: str, vocab: int, rows: int, prompt: int, respons
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tic = time.perf_counter()
     run(rows, prompt, response)
-    return {"peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024, "s": time.perf_counter() - tic}
+    return {
+        "peak_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024,
+        "s": time.perf_counter() - tic,
+    }
 
 
 def main() -> None:
@@ -102,7 +105,11 @@ def main() -> None:
                 row["peak_ratio_after_vs_before"] = round(row["after_peak_mb"] / row["before_peak_mb"], 3)
                 results.append(row)
     full_logits_mb = [v * args.rows * (args.prompt + args.response) * 4 / 2**20 for v in args.vocab]
-    print(json.dumps({"shape": shape, "fp32_full_logits_mb": [round(m, 1) for m in full_logits_mb], "results": results}, indent=2))
+    print(
+        json.dumps(
+            {"shape": shape, "fp32_full_logits_mb": [round(m, 1) for m in full_logits_mb], "results": results}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

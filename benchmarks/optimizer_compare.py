@@ -59,7 +59,9 @@ def _run(seed: int, optimizer_args: list[str]) -> dict:
         clients = list(csv.DictReader(open(Path(out) / "client_metrics.csv")))
         adapters = [load_file(str(Path(out) / "adapters" / f"round_{r:03d}.safetensors")) for r in range(len(rows))]
     result = {k: float(rows[-1][k]) for k in rows[0] if k.startswith("eval/reward/")}
-    result.update({f"change/{k}": float(rows[-1][k]) - float(rows[0][k]) for k in rows[0] if k.startswith("eval/reward/")})
+    result.update(
+        {f"change/{k}": float(rows[-1][k]) - float(rows[0][k]) for k in rows[0] if k.startswith("eval/reward/")}
+    )
     for key in ("lambda_dispersion", "update_dispersion"):
         result[key] = statistics.mean(float(r[key]) for r in rows[1:])
     # ‖d‖ (the clipped min-norm direction, mean over local steps) and the global step per round
@@ -88,11 +90,18 @@ def main_() -> None:
     runs = {name: {s: run(s, name) for s in args.seeds} for name in args.optimizers}
     ok = {name: {s: r for s, r in by_seed.items() if "failed" not in r} for name, by_seed in runs.items()}
     metrics = sorted({m for by_seed in ok.values() for r in by_seed.values() for m in r})
-    summary = {name: {m: interval([r[m] for r in by_seed.values()]) for m in metrics} for name, by_seed in ok.items() if by_seed}
+    summary = {
+        name: {m: interval([r[m] for r in by_seed.values()]) for m in metrics}
+        for name, by_seed in ok.items()
+        if by_seed
+    }
     base = "adamw_lr0.01"
     paired = {
-        f"{name} - {base}": {m: interval([ok[name][s][m] - ok[base][s][m] for s in ok[name] if s in ok[base]]) for m in metrics}
-        for name in ok if name != base and base in ok and ok[name]
+        f"{name} - {base}": {
+            m: interval([ok[name][s][m] - ok[base][s][m] for s in ok[name] if s in ok[base]]) for m in metrics
+        }
+        for name in ok
+        if name != base and base in ok and ok[name]
     }
     print(json.dumps({"config": SHORT, "seeds": args.seeds, "runs": runs, "summary": summary, "paired": paired,
                       "wall_s": time.perf_counter() - tic}, indent=2))

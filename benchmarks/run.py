@@ -209,15 +209,20 @@ def local_step_section(model: str, mode: dict) -> dict:
         "update_floor_ratio_s2": stats(ratio("floor", 2)),
         "step_ratio_s2": stats(ratio("step", 2)),
         "floor_step_ratio_s2": stats(ratio("floor_step", 2)),
-        "step_ratio_s2_over_floor_step_ratio": per_rep(lambda a, b, c, d: (a / b) / (c / d),
-                                                       "step_s2", "step_s1", "floor_step_s2", "floor_step_s1"),
+        "step_ratio_s2_over_floor_step_ratio": per_rep(
+            lambda a, b, c, d: (a / b) / (c / d), "step_s2", "step_s1", "floor_step_s2", "floor_step_s1"
+        ),
         "update_over_floor_s2": per_rep(lambda u, f: u / f, "update_s2", "floor_s2"),
-        "update_over_floor_with_reference_s2": per_rep(lambda u, f, r: u / (f + r), "update_s2", "floor_s2",
-                                                       "reference_forward"),
+        "update_over_floor_with_reference_s2": per_rep(
+            lambda u, f, r: u / (f + r), "update_s2", "floor_s2", "reference_forward"
+        ),
         "reference_share_of_update_s2": per_rep(lambda r, u: r / u, "reference_forward", "update_s2"),
-        "overhead_beyond_floor_and_reference_s2": per_rep(lambda u, f, r: (u - f - r) / f, "update_s2", "floor_s2",
-                                                          "reference_forward"),
-        "step_split_s2": {k: per_rep(lambda a, b: a / b, f"{k}_s2", "step_s2") for k in ("sampling", "scoring", "update")},
+        "overhead_beyond_floor_and_reference_s2": per_rep(
+            lambda u, f, r: (u - f - r) / f, "update_s2", "floor_s2", "reference_forward"
+        ),
+        "step_split_s2": {
+            k: per_rep(lambda a, b: a / b, f"{k}_s2", "step_s2") for k in ("sampling", "scoring", "update")
+        },
         "sampling_share_s2": per_rep(lambda a, b: a / b, "sampling_s2", "step_s2"),
     }
     if 3 in variants:
@@ -347,7 +352,12 @@ def rss_child(num_clients: int, rounds: int) -> dict:
         before = _proc_status_mb("VmRSS")
         tiny_federation(Path(out) / "run", num_clients, rounds, 1)
         after = _proc_status_mb("VmRSS")
-    return {"clients": num_clients, "peak_rss_mb": _proc_status_mb("VmHWM"), "rss_before_mb": before, "rss_after_mb": after}
+    return {
+        "clients": num_clients,
+        "peak_rss_mb": _proc_status_mb("VmHWM"),
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+    }
 
 
 def memory_section(mode: dict) -> dict:
@@ -385,7 +395,9 @@ def communication_section(mode: dict) -> dict:
             _, state = tiny_federation(Path(out) / f"cast_{dtype}", 2, mode["cast_rounds"], 2, upload_dtype=dtype)
             key = dtype or "float32"
             result[f"uplink_bytes_firm_s2_{key}"] = state.history[-1]["comm/bytes_up_per_client"]
-            rewards[key] = {k.removeprefix("eval/reward/"): v for k, v in state.history[-1].items() if k.startswith("eval/reward/")}
+            rewards[key] = {
+                k.removeprefix("eval/reward/"): v for k, v in state.history[-1].items() if k.startswith("eval/reward/")
+            }
         result["eval_reward_by_upload_dtype"] = rewards
     return result
 
@@ -481,8 +493,13 @@ def trl_section(model: str, mode: dict) -> dict:
             max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False, fp16=False,
             save_strategy="no", disable_tqdm=True, seed=0, shuffle_dataset=False,
         )
-        lora = LoraConfig(r=LORA.r, lora_alpha=LORA.alpha, target_modules=list(LORA.target_modules), fan_in_fan_out=True,
-                          task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=LORA.r,
+            lora_alpha=LORA.alpha,
+            target_modules=list(LORA.target_modules),
+            fan_in_fan_out=True,
+            task_type="CAUSAL_LM",
+        )
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             trainer = GRPOTrainer(model=base, reward_funcs=[reward_fn], args=args, train_dataset=dataset,
@@ -604,7 +621,8 @@ def print_table(result: dict) -> None:
                   f"peak {row['peak_rss_mb']:.0f} MB, peak above before {row['peak_above_before_mb']:.0f} MB, "
                   f"{row['seconds']:.1f} s")
     for t in flat["targets"]:
-        print(f"target {t['measure']:<36}{t['model']:>10} {t['value']:.3f} ({t['target']}): {'met' if t['met'] else 'NOT met'}")
+        verdict = "met" if t["met"] else "NOT met"
+        print(f"target {t['measure']:<36}{t['model']:>10} {t['value']:.3f} ({t['target']}): {verdict}")
 
 
 def main(argv=None) -> dict:

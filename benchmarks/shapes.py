@@ -29,11 +29,16 @@ END_OF_TEXT = "<|endoftext|>"
 
 @functools.lru_cache(maxsize=1)
 def _gpt2_backend_json() -> str:
-    prompts = [json.loads(line)["prompt"] for line in (ROOT / "firm_lightning" / "data" / "prompts.jsonl").read_text().splitlines()
-               if line.strip()]
+    prompts = [
+        json.loads(line)["prompt"]
+        for line in (ROOT / "firm_lightning" / "data" / "prompts.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=4000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=4000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     trained.train_from_iterator(prompts, trainer)
     model = json.loads(trained.to_str())["model"]
     vocab: dict[str, int] = dict(model["vocab"])

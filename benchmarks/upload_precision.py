@@ -40,15 +40,25 @@ def measure(uploads: list[ClientUpdate], theta: dict) -> dict:
     idle = ClientUpdate(99, [dict(theta)], uploads[0].num_examples, {})
     out = {"update_norm": float(exact.norm())}
     for dtype in (torch.bfloat16, torch.float16):
-        weights = [ClientUpdate(u.client_id, [{k: t.to(dtype).float() for k, t in u.adapters[0].items()}], u.num_examples, {})
-                   for u in uploads]
+        weights = [
+            ClientUpdate(u.client_id, [{k: t.to(dtype).float() for k, t in u.adapters[0].items()}], u.num_examples, {})
+            for u in uploads
+        ]
         deltas = [u.for_upload(theta, dtype).applied_to(theta) for u in uploads]
         name = str(dtype).removeprefix("torch.")
         out[name] = {
-            "relative_error_weights_cast": float((flat(FedAvg().aggregate(theta, weights).adapter, theta) - exact).norm() / exact.norm()),
-            "relative_error_update_cast": float((flat(FedAvg().aggregate(theta, deltas).adapter, theta) - exact).norm() / exact.norm()),
-            "idle_client_moves_weights_cast": float(flat({k: t.to(dtype).float() for k, t in theta.items()}, theta).norm()),
-            "idle_client_moves_update_cast": float(flat(idle.for_upload(theta, dtype).applied_to(theta).adapters[0], theta).norm()),
+            "relative_error_weights_cast": float(
+                (flat(FedAvg().aggregate(theta, weights).adapter, theta) - exact).norm() / exact.norm()
+            ),
+            "relative_error_update_cast": float(
+                (flat(FedAvg().aggregate(theta, deltas).adapter, theta) - exact).norm() / exact.norm()
+            ),
+            "idle_client_moves_weights_cast": float(
+                flat({k: t.to(dtype).float() for k, t in theta.items()}, theta).norm()
+            ),
+            "idle_client_moves_update_cast": float(
+                flat(idle.for_upload(theta, dtype).applied_to(theta).adapters[0], theta).norm()
+            ),
         }
     return out
 
@@ -61,15 +71,27 @@ def main() -> None:
     torch.set_num_threads(1)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
-        comps = build_components(["--config", str(ROOT / "configs" / "tiny.yaml"), "--federation.output_dir", tmp,
-                                  "--federation.num_rounds", str(max(1, args.warm_rounds)), "--federation.progress", "off",
-                                  *(["--model.learning_rate", str(args.learning_rate)] if args.learning_rate else [])])
+        comps = build_components(
+            [
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--federation.output_dir",
+                tmp,
+                "--federation.num_rounds",
+                str(max(1, args.warm_rounds)),
+                "--federation.progress",
+                "off",
+                *(["--model.learning_rate", str(args.learning_rate)] if args.learning_rate else []),
+            ]
+        )
         orchestrator = FederatedOrchestrator(comps.module, comps.datamodule, comps.federation,
                                              TrainerFactory(comps.trainer_config, tmp), echo=lambda _: None)
         comps.datamodule.setup()
         with quiet_lightning(True):
             start = comps.module.adapter_state()
-            report["round_1_from_initial_adapter"] = measure([orchestrator.train_one(start, c, 1) for c in range(4)], start)
+            report["round_1_from_initial_adapter"] = measure(
+                [orchestrator.train_one(start, c, 1) for c in range(4)], start
+            )
             if args.warm_rounds:
                 theta = orchestrator.run().global_adapter
                 nxt = args.warm_rounds + 1

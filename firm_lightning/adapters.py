@@ -39,7 +39,9 @@ class ClientUpdate:
         """The adapters ``θ^t + Δ_i`` in the global adapter's dtypes (the server's view of a delta upload)."""
         if not self.delta:
             return self
-        adapters = [{k: (v.float() + a[k].float()).to(v.dtype) for k, v in global_adapter.items()} for a in self.adapters]
+        adapters = [
+            {k: (v.float() + a[k].float()).to(v.dtype) for k, v in global_adapter.items()} for a in self.adapters
+        ]
         return dataclasses.replace(self, adapters=adapters, delta=False)
 
 

@@ -135,7 +135,8 @@ def with_rule(default: Aggregator, rule: str, server_lr: float, trim_fraction: f
     if type(default) is not FedAvg:
         raise ValueError(
             f"federation.aggregator={rule!r} replaces FedAvg, but this algorithm aggregates with "
-            f"{type(default).__name__}; use a single-adapter algorithm (FIRM, LocalMGDA, Linear) or aggregator 'fedavg'."
+            f"{type(default).__name__}; use a single-adapter algorithm (FIRM, LocalMGDA, Linear) or "
+            "aggregator 'fedavg'."
         )
     return CoordinateMedian(server_lr) if rule == "median" else TrimmedMean(server_lr, trim_fraction)
 
@@ -166,7 +167,9 @@ class MinNormOverObjectives(Aggregator):
         return AggregationResult(self._step(global_state, combined), clients, server_lambdas=lambdas)
 
 
-def weighted_delta(global_state: AdapterState, states: Sequence[AdapterState], num_examples: Sequence[int]) -> AdapterState:
+def weighted_delta(
+    global_state: AdapterState, states: Sequence[AdapterState], num_examples: Sequence[int]
+) -> AdapterState:
     """``Σ_i w_i (θ_i − θ)`` in float32, ``w_i ∝ n_i``."""
     weights = example_weights(num_examples)
     return {

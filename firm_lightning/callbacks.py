@@ -60,7 +60,9 @@ class FederationCallback:
 
     def on_federation_start(self, federation: "Federation", state: "FederationState") -> None: ...
 
-    def on_round_start(self, federation: "Federation", state: "FederationState", round_idx: int, clients: list[int]) -> None: ...
+    def on_round_start(
+        self, federation: "Federation", state: "FederationState", round_idx: int, clients: list[int]
+    ) -> None: ...
 
     def on_client_start(self, federation: "Federation", round_idx: int, client_id: int) -> None: ...
 
@@ -71,7 +73,14 @@ class FederationCallback:
     def on_federation_end(self, federation: "Federation", state: "FederationState") -> None: ...
 
 
-HOOKS = ("on_federation_start", "on_round_start", "on_client_start", "on_client_end", "on_round_end", "on_federation_end")
+HOOKS = (
+    "on_federation_start",
+    "on_round_start",
+    "on_client_start",
+    "on_client_end",
+    "on_round_end",
+    "on_federation_end",
+)
 
 
 class CallbackList:
@@ -111,7 +120,9 @@ class _MonitorsMetric(FederationCallback):
     def _value(self, row: dict) -> float:
         if self.monitor not in row:
             metrics = ", ".join(k for k in row if k != "round")
-            raise KeyError(f"{type(self).__name__} monitors {self.monitor!r}, which no round records; recorded: {metrics}.")
+            raise KeyError(
+                f"{type(self).__name__} monitors {self.monitor!r}, which no round records; recorded: {metrics}."
+            )
         return float(row[self.monitor])
 
     def _improves(self, value: float, min_delta: float = 0.0) -> bool:
@@ -135,7 +146,9 @@ class EarlyStopping(_MonitorsMetric):
         min_delta: The smallest change that counts as an improvement.
     """
 
-    def __init__(self, monitor: str, mode: Literal["max", "min"] = "max", patience: int = 3, min_delta: float = 0.0) -> None:
+    def __init__(
+        self, monitor: str, mode: Literal["max", "min"] = "max", patience: int = 3, min_delta: float = 0.0
+    ) -> None:
         super().__init__(monitor, mode)
         if patience < 1:
             raise ValueError(f"EarlyStopping.patience must be >= 1 round; got {patience}.")

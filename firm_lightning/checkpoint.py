@@ -57,7 +57,9 @@ def encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
         return value
     if type(value).__module__ == "numpy" and hasattr(value, "item"):  # numpy scalars in metric rows
         return value.item()
-    raise TypeError(f"Cannot checkpoint {path!r} of type {type(value).__name__}: use tensors, numbers, strings, lists or dicts.")
+    raise TypeError(
+        f"Cannot checkpoint {path!r} of type {type(value).__name__}: use tensors, numbers, strings, lists or dicts."
+    )
 
 
 def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -145,13 +147,19 @@ def load_state(directory: Path, state_type: Type[T]) -> tuple[T, dict[str, Any]]
     except (OSError, ValueError, KeyError) as error:
         raise CheckpointError(f"Cannot read the federation checkpoint in {directory}: {error}.") from error
     if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path} has format version {meta.get('format_version')}; this version reads {FORMAT_VERSION}.")
+        raise CheckpointError(
+            f"{meta_path} has format version {meta.get('format_version')}; this version reads {FORMAT_VERSION}."
+        )
     if hashlib.sha256(blob).hexdigest() != meta["tensor_sha256"]:
-        raise CheckpointError(f"{directory / meta['tensor_file']} does not match its checksum in {meta_path}: the file is damaged.")
+        raise CheckpointError(
+            f"{directory / meta['tensor_file']} does not match its checksum in {meta_path}: the file is damaged."
+        )
     try:
         tensors = load_safetensors(blob)
     except SafetensorError as error:
-        raise CheckpointError(f"{directory / meta['tensor_file']} is not a valid safetensors file ({error}).") from error
+        raise CheckpointError(
+            f"{directory / meta['tensor_file']} is not a valid safetensors file ({error})."
+        ) from error
     names = {f.name for f in dataclasses.fields(state_type)}
     fields = {k: decode(v, tensors) for k, v in meta.pop("fields").items() if k in names}
     return state_type(**fields), meta

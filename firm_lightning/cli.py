@@ -28,7 +28,14 @@ import torch
 from jsonargparse import ArgumentError
 
 from firm_lightning.studies import claims
-from firm_lightning.studies.compare import CompareSettings, claims_report, markdown_table, plot_comparison, run_comparison, summarize
+from firm_lightning.studies.compare import (
+    CompareSettings,
+    claims_report,
+    markdown_table,
+    plot_comparison,
+    run_comparison,
+    summarize,
+)
 from firm_lightning.config import Components, build_components
 from firm_lightning.distributed import launch_ranks
 from firm_lightning.engine import calibrated_statistics
@@ -54,16 +61,29 @@ class Command:
 
 
 COMMANDS = {
-    "fit": Command("Run a whole federation: N rounds of client sampling, local LoRA fits, aggregation and evaluation "
-                   "of the global adapter; writes metrics, adapters, plots and logs to federation.output_dir."),
-    "validate": Command("Evaluate a saved global adapter (--ckpt_path) on the held-out prompts with the fixed eval "
-                        "sampling seed, or by the evaluation protocol of --evaluation.",
-                        {"evaluation": EvaluationProtocol}, ckpt_path=True, data_unless="evaluation"),
-    "generate": Command("Print responses of a saved global adapter (--ckpt_path) to --generate.prompts, with every "
-                        "objective's reward.", {"generate": GenerateSettings}, ckpt_path=True),
+    "fit": Command(
+        "Run a whole federation: N rounds of client sampling, local LoRA fits, aggregation and evaluation "
+        "of the global adapter; writes metrics, adapters, plots and logs to federation.output_dir."
+    ),
+    "validate": Command(
+        "Evaluate a saved global adapter (--ckpt_path) on the held-out prompts with the fixed eval "
+        "sampling seed, or by the evaluation protocol of --evaluation.",
+        {"evaluation": EvaluationProtocol},
+        ckpt_path=True,
+        data_unless="evaluation",
+    ),
+    "generate": Command(
+        "Print responses of a saved global adapter (--ckpt_path) to --generate.prompts, with every objective's reward.",
+        {"generate": GenerateSettings},
+        ckpt_path=True,
+    ),
     "compare": Command("Run several algorithms with identical seeds, data and budget.", {"compare": CompareSettings}),
-    "pareto": Command("Sweep preferences for FIRM and linear scalarisation; draw the fronts.", {"pareto": ParetoSettings}),
-    "flower": Command("Run the federation on Flower: simulation engine or SuperLink + SuperNodes.", {"flower": FlowerSettings}),
+    "pareto": Command(
+        "Sweep preferences for FIRM and linear scalarisation; draw the fronts.", {"pareto": ParetoSettings}
+    ),
+    "flower": Command(
+        "Run the federation on Flower: simulation engine or SuperLink + SuperNodes.", {"flower": FlowerSettings}
+    ),
 }
 
 
@@ -137,7 +157,9 @@ class FIRMCLI:
                 FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=lambda _: None).serve()
                 return
             output_dir = self._prepare_output_dir()
-            algorithm = federation.algorithm.name if federation.algorithm is not None else f"weighting {self.model.weighting!r}"
+            algorithm = (
+                federation.algorithm.name if federation.algorithm is not None else f"weighting {self.model.weighting!r}"
+            )
             print(
                 f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
                 f"objectives {self.model.objective_names}, {algorithm}; writing to {output_dir}/"
@@ -177,7 +199,9 @@ class FIRMCLI:
         federation, out = self.components.federation, self._prepare_output_dir()
         settings = self._section("pareto")
         names = self.model.objective_names
-        print(f"pareto: {[a.name for a in settings.algorithms]} × preferences {settings.preferences}; writing to {out}/")
+        print(
+            f"pareto: {[a.name for a in settings.algorithms]} × preferences {settings.preferences}; writing to {out}/"
+        )
         tic = time.perf_counter()
         rows = run_sweep(self.model, self.datamodule, federation, self.components.trainer_config, settings, _echo)
         report = front_report(rows, names, settings.reference)
@@ -185,8 +209,12 @@ class FIRMCLI:
         write_outputs(rows, names, report, out)
         print(f"reference point {report['reference']} ({report['reference_source']})")
         for algorithm, entry in report["algorithms"].items():
-            print(f"{algorithm:<16} hypervolume {entry['hypervolume']:.5f}  non-dominated "
-                  + ", ".join(f"p={e['preference']} → {[round(x, 3) for x in e['rewards']]}" for e in entry["non_dominated"]))
+            print(
+                f"{algorithm:<16} hypervolume {entry['hypervolume']:.5f}  non-dominated "
+                + ", ".join(
+                    f"p={e['preference']} → {[round(x, 3) for x in e['rewards']]}" for e in entry["non_dominated"]
+                )
+            )
         print(f"outputs in {out}/ (pareto.csv, pareto.png, hypervolume.json, runs/)")
         self.report = report
 
@@ -248,7 +276,10 @@ class FIRMCLI:
                 statistics = self._read_run(trainers)
                 with statistics_frozen(self.model.objectives):
                     results = trainers.eval_trainer().validate(self.model, datamodule=self.datamodule, verbose=False)[0]
-        print(f"adapter: {self._ckpt_path() or '(freshly initialised)'}" + (f" (statistics: {statistics})" if statistics else ""))
+        print(
+            f"adapter: {self._ckpt_path() or '(freshly initialised)'}"
+            + (f" (statistics: {statistics})" if statistics else "")
+        )
         for key, value in results.items():
             print(f"{key:<32}{value:.4f}")
         self.results = results
@@ -258,7 +289,10 @@ class FIRMCLI:
             statistics = self._read_run(self._eval_trainers())
         with statistics_frozen(self.model.objectives):
             self.generations = generate(self.model, self._section("generate"), self._device())
-        print(f"adapter: {self._ckpt_path() or '(freshly initialised)'}" + (f" (statistics: {statistics})" if statistics else ""))
+        print(
+            f"adapter: {self._ckpt_path() or '(freshly initialised)'}"
+            + (f" (statistics: {statistics})" if statistics else "")
+        )
         print(format_generations(self.generations))
 
 

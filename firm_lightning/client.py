@@ -60,7 +60,9 @@ def fit_client(
     ``persist_optimizer`` (``federation.client_optimizer_state=persist``), its optimiser state.
     """
     if data.num_examples == 0:
-        raise ValueError(f"client {data.client_id} has no prompts (an empty shard); use fewer clients or another partition.")
+        raise ValueError(
+            f"client {data.client_id} has no prompts (an empty shard); use fewer clients or another partition."
+        )
     # Each client fit draws its samples from a seed of its own (seed, round, client): the result
     # does not depend on which clients ran before it, so a resumed run or a client on another
     # machine reproduces it.

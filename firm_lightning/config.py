@@ -43,7 +43,10 @@ class _ConfigDumper(yaml.SafeDumper):
 
 
 _ConfigDumper.add_multi_representer(enum.Enum, lambda dumper, value: dumper.represent_data(value.value))
-set_dumper("yaml", lambda data: yaml.dump(data, Dumper=_ConfigDumper, default_flow_style=False, allow_unicode=True, sort_keys=False))
+set_dumper(
+    "yaml",
+    lambda data: yaml.dump(data, Dumper=_ConfigDumper, default_flow_style=False, allow_unicode=True, sort_keys=False),
+)
 
 
 @dataclass
@@ -154,7 +157,9 @@ class ComponentBuilder(LightningCLI):
         self.trainer = None
         optimizer, lr_scheduler = (_as_dict(self.config_init.get(k)) for k in ("optimizer", "lr_scheduler"))
         if lr_scheduler and not optimizer:
-            raise ValueError("lr_scheduler: needs an optimizer: group too, e.g. `--optimizer AdamW --optimizer.lr 0.01`.")
+            raise ValueError(
+                "lr_scheduler: needs an optimizer: group too, e.g. `--optimizer AdamW --optimizer.lr 0.01`."
+            )
         if optimizer:
             use_client_optimizer(self.model, optimizer, lr_scheduler)
 

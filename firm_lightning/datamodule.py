@@ -405,7 +405,9 @@ class PromptDataModule(L.LightningDataModule):
 
     def client_data(self, client_id: int) -> ClientData:
         """Client ``client_id``'s shard, as a client holds it."""
-        return ClientData(client_id, self.client_prompts(client_id), self._client_groups(client_id), self.batch_size, self.seed)
+        return ClientData(
+            client_id, self.client_prompts(client_id), self._client_groups(client_id), self.batch_size, self.seed
+        )
 
     # ------------------------------------------------------------------ loaders
     def client_dataloader(self, client_id: int, round_idx: int = 0) -> DataLoader:

@@ -257,7 +257,10 @@ class RoundEngine:
         if privacy is None:
             return {}
         rate = self.clients_per_round / self.config.num_clients
-        return {"privacy/epsilon": privacy.epsilon(rate, round_idx), "privacy/noise_std": privacy.noise_std(self.clients_per_round)}
+        return {
+            "privacy/epsilon": privacy.epsilon(rate, round_idx),
+            "privacy/noise_std": privacy.noise_std(self.clients_per_round),
+        }
 
     # ---- evaluation ----
 
@@ -340,7 +343,9 @@ class RoundEngine:
         if self.secret is not None and state.secret_rng_state:
             self.secret.load_state_dict(state.secret_rng_state)
         self.module.load_adapter_state(state.global_adapter)
-        self.echo(f"resume: round {state.round} of {self.config.num_rounds} finished in {self.checkpoint_dir}; continuing")
+        self.echo(
+            f"resume: round {state.round} of {self.config.num_rounds} finished in {self.checkpoint_dir}; continuing"
+        )
         return state
 
     def fingerprint(self) -> dict:
@@ -375,7 +380,9 @@ class RoundEngine:
         }
 
 
-def calibrated_statistics(module: FIRMClientModule, trainers: TrainerFactory, datamodule: PromptDataModule) -> dict[str, dict]:
+def calibrated_statistics(
+    module: FIRMClientModule, trainers: TrainerFactory, datamodule: PromptDataModule
+) -> dict[str, dict]:
     """The configured objectives' statistics after scoring the module's current adapter on the first
     held-out batch, sampled with a seed apart from every evaluation's (round 0 is then not zero by
     construction); {} when no objective has statistics."""

@@ -35,7 +35,8 @@ class FederationConfig:
         upload_dtype: Clients upload their update θ_i − θ in bfloat16 or float16 (half the uplink bytes; the server
             adds it to θ in float32); null uploads θ_i in float32. Flower carries float16 only.
         quiet: Hide Lightning's start-up messages, which one Trainer per client per round would repeat.
-        progress: Round progress: a bar in a terminal and plain lines otherwise (auto), always a bar, always lines, or off.
+        progress: Round progress: a bar in a terminal and plain lines otherwise (auto), always a bar, always lines,
+            or off.
         client_optimizer_state: reset: a fresh client optimiser every round (stateless clients);
             persist: each client keeps its optimiser (and lr scheduler) state between its rounds (cross-silo).
         resume: Continue from <output_dir>/checkpoint (the last finished round); more num_rounds extends the run.
@@ -78,9 +79,13 @@ class FederationConfig:
                 f"federation.min_clients must be between 1 and num_clients={self.num_clients}; got {self.min_clients}."
             )
         if self.max_update_norm is not None and not self.max_update_norm > 0:
-            raise ValueError(f"federation.max_update_norm must be > 0 (or null for no bound); got {self.max_update_norm}.")
+            raise ValueError(
+                f"federation.max_update_norm must be > 0 (or null for no bound); got {self.max_update_norm}."
+            )
         if self.client_optimizer_state not in ("reset", "persist"):
-            raise ValueError(f"federation.client_optimizer_state must be 'reset' or 'persist'; got {self.client_optimizer_state!r}.")
+            raise ValueError(
+                f"federation.client_optimizer_state must be 'reset' or 'persist'; got {self.client_optimizer_state!r}."
+            )
         if self.upload_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"federation.upload_dtype must be bfloat16, float16 or null; got {self.upload_dtype!r}.")
         if isinstance(self.privacy, dict):  # a plain dict from Python code

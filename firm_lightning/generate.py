@@ -49,11 +49,17 @@ class Generation:
 
 
 @torch.no_grad()
-def generate(module: FIRMClientModule, settings: GenerateSettings, device: str | torch.device = "cpu") -> list[Generation]:
+def generate(
+    module: FIRMClientModule, settings: GenerateSettings, device: str | torch.device = "cpu"
+) -> list[Generation]:
     """Sample ``num_responses`` per prompt from the module's current adapter and score them with every objective."""
     module.to(device)
     sampling = module.sampling
-    overrides = {k: v for k, v in (("max_new_tokens", settings.max_new_tokens), ("temperature", settings.temperature)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("max_new_tokens", settings.max_new_tokens), ("temperature", settings.temperature))
+        if v is not None
+    }
     saved = {k: getattr(sampling, k) for k in overrides}
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     try:

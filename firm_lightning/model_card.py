@@ -18,7 +18,14 @@ if TYPE_CHECKING:
     from firm_lightning.federation import FederationConfig
     from firm_lightning.state import FederationState
 
-CARD_TAGS = ["firm_lightning", "peft", "lora", "federated-learning", "multi-objective-alignment", "reinforcement-learning"]
+CARD_TAGS = [
+    "firm_lightning",
+    "peft",
+    "lora",
+    "federated-learning",
+    "multi-objective-alignment",
+    "reinforcement-learning",
+]
 
 
 class ModelCard:
@@ -105,8 +112,10 @@ class ModelCard:
             command = "pareto" if "pareto" in self.config else "compare"
             where = self.run_dir.relative_to(self.config_path.parent)
             fresh = _display_path(self.config_path.parent.parent / f"{self.config_path.parent.name}_reproduced")
-            return (f"This is run `{where}` of a `{command}` sweep, which trains it again in a fresh folder:\n\n"
-                    f"```bash\npython -m firm_lightning {command} --config {config} --federation.output_dir {fresh}\n```")
+            return (
+                f"This is run `{where}` of a `{command}` sweep, which trains it again in a fresh folder:\n\n"
+                f"```bash\npython -m firm_lightning {command} --config {config} --federation.output_dir {fresh}\n```"
+            )
         command = "flower" if "flower" in self.config else "fit"
         fresh = _display_path(self.run_dir.parent / f"{self.run_dir.name}_reproduced")
         return f"```bash\npython -m firm_lightning {command} --config {config} --federation.output_dir {fresh}\n```"
@@ -121,7 +130,11 @@ class ModelCard:
             build = ["import firm_lightning as fl", f"base_model, tokenizer = fl.TinyPolicy({shown}).build()"]
         else:
             build = ["base_model = ...  # the model this adapter was trained on (built in code)"]
-        return ["from peft import PeftModel", *build, 'model = PeftModel.from_pretrained(base_model, "path/to/this/folder")']
+        return [
+            "from peft import PeftModel",
+            *build,
+            'model = PeftModel.from_pretrained(base_model, "path/to/this/folder")',
+        ]
 
     def eval_table(self, round_idx: int) -> list[str]:
         rows = {int(r["round"]): r for r in self.state.history}
@@ -159,20 +172,24 @@ class ModelCard:
         data_args = data.get("init_args", data) if isinstance(data, dict) else {}
         privacy = fed.privacy
         table = [
-            "| | |", "|---|---|",
+            "| | |",
+            "|---|---|",
             f"| base model | {base} |",
             f"| algorithm | {self.algorithm()} |",
             f"| weighting | {self.weighting()} |",
             f"| objectives | {'; '.join(self.objectives())} |",
-            f"| rounds | {self.state.round} of federation.num_rounds = {fed.num_rounds} (this adapter: round {round_idx}) |",
+            f"| rounds | {self.state.round} of federation.num_rounds = {fed.num_rounds} "
+            f"(this adapter: round {round_idx}) |",
             f"| clients | {fed.num_clients}, {fed.clients_per_round} per round |",
             f"| local steps per client per round | {trainer.get('max_steps', 'see the Trainer settings')} |",
-            f"| data | {_display_path(Path(str(data_args.get('path', ''))))} ({data_args.get('partition', '?')} split) |"
-            if data_args else "| data | the data module given in Python |",
+            f"| data | {_display_path(Path(str(data_args.get('path', ''))))} "
+            f"({data_args.get('partition', '?')} split) |"
+            if data_args
+            else "| data | the data module given in Python |",
             f"| LoRA | {lora} |",
             f"| seed | {fed.seed} |",
             f"| uplink | {self.uplink(round_idx)} |",
-            f"| differential privacy | {'off' if privacy is None else f'C = {privacy.clipping_norm}, σ = {privacy.noise_multiplier}, δ = {privacy.delta}'} |",
+            f"| differential privacy | {_privacy_line(privacy)} |",
         ]
         sampling = model.get("sampling") or {}
         eval_note = ("greedy responses" if sampling.get("eval_greedy") else "sampled responses with a fixed seed")
@@ -217,6 +234,12 @@ def _display_path(path: Path) -> str:
         except ValueError:
             continue
     return str(path)
+
+
+def _privacy_line(privacy) -> str:
+    if privacy is None:
+        return "off"
+    return f"C = {privacy.clipping_norm}, σ = {privacy.noise_multiplier}, δ = {privacy.delta}"
 
 
 def _fmt(value) -> str:

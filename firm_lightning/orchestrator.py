@@ -73,7 +73,9 @@ class FederatedOrchestrator:
     def train_clients(
         self, global_adapter: dict, clients: list[int], round_idx: int, client_states: Optional[dict] = None
     ) -> tuple[list[ClientUpdate], list[str]]:
-        """Fit each client; one that raises is reported and left out (one client's fault must not end the federation)."""
+        """Fit each client; one that raises is reported and left out.
+
+        One client's fault must not end the federation."""
         updates, failures = [], []
         for client_id in clients:
             try:
@@ -82,7 +84,9 @@ class FederatedOrchestrator:
                 reason = f"client {client_id} failed: {type(error).__name__}: {error}"
                 failures.append(reason)
                 self.echo(f"round {round_idx} | {reason} (left out of this round)")
-                _log.error("round %d, client %d raised:\n%s", round_idx, client_id, "".join(traceback.format_exception(error)))
+                _log.error(
+                    "round %d, client %d raised:\n%s", round_idx, client_id, "".join(traceback.format_exception(error))
+                )
         return updates, failures
 
     def train_one(
@@ -101,9 +105,16 @@ class FederatedOrchestrator:
     ) -> ClientUpdate:
         """The client fit itself: what every rank runs for a client under DDP (``serve_client_fits``)."""
         return fit_client(
-            self.module, self.engine.algorithm, global_adapter, self.datamodule.client_data(client_id), round_idx,
-            self.trainers, self.config.seed, client_states=client_states,
-            persist_optimizer=self.config.client_optimizer_state == "persist", upload_dtype=self.config.upload_torch_dtype,
+            self.module,
+            self.engine.algorithm,
+            global_adapter,
+            self.datamodule.client_data(client_id),
+            round_idx,
+            self.trainers,
+            self.config.seed,
+            client_states=client_states,
+            persist_optimizer=self.config.client_optimizer_state == "persist",
+            upload_dtype=self.config.upload_torch_dtype,
         )
 
     def serve(self) -> int:

@@ -126,7 +126,9 @@ class PrivateMean(Aggregator):
         if self.clipped_on_client:
             deltas = [(u.num_examples, _delta(u.adapters[0], global_state)) for u in updates]
         else:
-            deltas = [(1, clip_delta(_delta(u.adapters[0], global_state), self.settings.clipping_norm)) for u in updates]
+            deltas = [
+                (1, clip_delta(_delta(u.adapters[0], global_state), self.settings.clipping_norm)) for u in updates
+            ]
         mean = {
             k: sum((w * d[k] for w, d in deltas), torch.zeros_like(v, dtype=torch.float32)) / self.clients_per_round
             for k, v in global_state.items()

@@ -18,7 +18,9 @@ from firm_lightning.callbacks import FederationCallback
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 
 
-def progress_callback(mode: ProgressMode, echo: Callable[[str], None] = print, stream: Optional[TextIO] = None) -> FederationCallback:
+def progress_callback(
+    mode: ProgressMode, echo: Callable[[str], None] = print, stream: Optional[TextIO] = None
+) -> FederationCallback:
     stream = stream or sys.stdout
     if mode == "auto":
         mode = "bar" if _is_terminal(stream) else "lines"

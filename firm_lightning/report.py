@@ -129,7 +129,9 @@ def summary_table(state: "FederationState", names: list[str], wall_s: Optional[f
             up = sum(r["comm/bytes_up"] for r in rows) / len(rows)
             down = sum(r["comm/bytes_down"] for r in rows) / len(rows)
             lines.append(f"{client:<8}{len(rows):>7}{lams}{up:>13,.0f}{down:>14,.0f}")
-        lines.append("(λ: mean over the client's local steps and rounds; bytes: adapter tensors sent, numel × element size)")
+        lines.append(
+            "(λ: mean over the client's local steps and rounds; bytes: adapter tensors sent, numel × element size)"
+        )
     return "\n".join(lines)
 
 

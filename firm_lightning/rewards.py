@@ -97,7 +97,9 @@ class HFRewardModel(RewardFunction):
         self.name = name
         self.name_or_path = name_or_path
         if user_message not in USER_MESSAGES:
-            raise ValueError(f"Reward model {name!r}: user_message={user_message!r} is unknown; use one of {list(USER_MESSAGES)}.")
+            raise ValueError(
+                f"Reward model {name!r}: user_message={user_message!r} is unknown; use one of {list(USER_MESSAGES)}."
+            )
         self.template = template
         self.chat_template = chat_template
         self.user_message = user_message
@@ -199,7 +201,9 @@ class HFRewardModel(RewardFunction):
         return self._model(**{k: v.to(self._model.device) for k, v in batch.items()}).logits[:, 0]
 
 
-def _keep_response(ids: list[int], offsets, special: list[int], prompt_span: tuple[int, int], max_length: int) -> list[int]:
+def _keep_response(
+    ids: list[int], offsets, special: list[int], prompt_span: tuple[int, int], max_length: int
+) -> list[int]:
     """Drop the prompt's first tokens until ``max_length`` fits; if that is not enough, cut the
     end of the text (trailing special tokens, such as a classifier's EOS, kept)."""
     excess = len(ids) - max_length

@@ -21,7 +21,9 @@ from firm_lightning.trainer_factory import finish_wandb_runs
 
 
 class RoundLogger(FederationCallback):
-    """``make_loggers`` builds the run's loggers when the federation starts (e.g. ``TrainerFactory.federation_loggers``)."""
+    """Round metrics into the run's loggers, which ``make_loggers`` builds when the federation starts.
+
+    E.g. ``TrainerFactory.federation_loggers``."""
 
     def __init__(self, make_loggers: Callable[[], list[Logger]]) -> None:
         self.make_loggers = make_loggers

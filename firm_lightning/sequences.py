@@ -102,7 +102,7 @@ def concat_rollouts(parts: list["Rollout"], pad_token_id: int, group_size: int) 
     sequences, attention, responses, supports = [], [], [], []
     for part in parts:
         left, right = P - part.prompt_length, T - part.response_mask.shape[1]
-        pad = lambda x, value: torch.nn.functional.pad(x, (left, right), value=value)  # noqa: E731
+        pad = lambda x, value, left=left, right=right: torch.nn.functional.pad(x, (left, right), value=value)
         sequences.append(pad(part.sequences, pad_token_id))
         attention.append(pad(part.attention_mask, 0))
         responses.append(torch.nn.functional.pad(part.response_mask, (0, right), value=0))
@@ -191,7 +191,9 @@ def encode_prompts(
     if uses_chat_template(tokenizer, chat_template):
         messages = [user_message(p, user_message_mode) for p in prompts]
         encoded = tokenizer(messages, add_special_tokens=False)["input_ids"]
-        kept = [m if len(ids) <= max_length else tokenizer.decode(ids[-max_length:]) for m, ids in zip(messages, encoded)]
+        kept = [
+            m if len(ids) <= max_length else tokenizer.decode(ids[-max_length:]) for m, ids in zip(messages, encoded)
+        ]
         texts = [_chat(tokenizer, text, system_prompt) for text in kept]
         rows = tokenizer(texts, add_special_tokens=False)["input_ids"]  # the template holds its own BOS
     else:

@@ -14,10 +14,10 @@ and weights set how the objectives relate:
 
 :func:`heterogeneous_objectives` is the pair used by ``configs/claims*.yaml`` (the table in
 :class:`TopicTradeoffReward`): two topics in conflict, two where the first objective leads,
-two where the second leads. Under a topic-skewed (Dirichlet α → 0) split, local MGDA's clients then pick very different weights;
-under an IID-like split every client sees the same mixture and they agree. Turn advantage
-whitening off with these objectives: whitening rescales each objective per batch and erases
-the weights that make the agreeing groups asymmetric.
+two where the second leads. Under a topic-skewed (Dirichlet α → 0) split, local MGDA's clients
+then pick very different weights; under an IID-like split every client sees the same mixture
+and they agree. Turn advantage whitening off with these objectives: whitening rescales each
+objective per batch and erases the weights that make the agreeing groups asymmetric.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ class GroupCharsetReward(RewardFunction):
             raise ValueError(f"GroupCharsetReward {name!r}: weights for groups {unknown} that have no charset.")
         empty = sorted(g for g, c in charsets.items() if not c)
         if empty:
-            raise ValueError(f"GroupCharsetReward {name!r}: empty charset for groups {empty}; give characters to reward.")
+            raise ValueError(
+                f"GroupCharsetReward {name!r}: empty charset for groups {empty}; give characters to reward."
+            )
         self.name = name
         self.charsets = {g: frozenset(c) for g, c in charsets.items()}
         self.weights = {g: float(weights.get(g, 1.0)) for g in charsets}

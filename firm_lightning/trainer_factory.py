@@ -57,7 +57,9 @@ class TrainerFactory:
                 "trainer.max_steps sets the number of local steps K per client per round and must be > 0 "
                 f"(got {max_steps}), e.g. `--trainer.max_steps 8`."
             )
-        distributed.check_strategy(self.kwargs)  # auto or ddp (several devices per client): firm_lightning/distributed.py
+        distributed.check_strategy(
+            self.kwargs
+        )  # auto or ddp (several devices per client): firm_lightning/distributed.py
 
     def client_trainer(
         self, client_id: int, round_idx: int, tag: str = "", extra_callbacks: Sequence[Callback] = ()
@@ -65,7 +67,10 @@ class TrainerFactory:
         """A fresh Trainer for one client fit; ``extra_callbacks``: the fit's own (``FitArguments``, optimiser-state
         persistence)."""
         log_dir = self.output_dir / "clients"
-        kwargs = {**CLIENT_DEFAULTS, **_built(self.kwargs, filename=f"client_{client_id:03d}_round_{round_idx:03d}{tag}")}
+        kwargs = {
+            **CLIENT_DEFAULTS,
+            **_built(self.kwargs, filename=f"client_{client_id:03d}_round_{round_idx:03d}{tag}"),
+        }
         kwargs = distributed.client_trainer_kwargs(kwargs)  # ddp: FIRM's DDP strategy, the whole batch on every rank
         kwargs.update(
             default_root_dir=str(log_dir),
@@ -88,7 +93,8 @@ class TrainerFactory:
         """The configured loggers once more, as one run for the federation's round metrics."""
         self._parent_runs = {}
         loggers = self._fresh_loggers(self.output_dir, "federation", "")
-        self._parent_runs = {"mlflow.parentRunId": lg.run_id for lg in _as_list(loggers) if isinstance(lg, MLFlowLogger)}
+        mlflow_runs = [lg.run_id for lg in _as_list(loggers) if isinstance(lg, MLFlowLogger)]
+        self._parent_runs = {"mlflow.parentRunId": mlflow_runs[-1]} if mlflow_runs else {}
         return [] if loggers is False else _as_list(loggers)
 
     def eval_trainer(self, extra_callbacks: Sequence[Callback] = (), **overrides) -> L.Trainer:

@@ -394,7 +394,9 @@ def _solve_exact(q: np.ndarray, beta: float, p: np.ndarray) -> np.ndarray:
     m = (np.linalg.pinv(kkt, rcond=1e-13) @ rhs[:, :, None])[:, :n, 0]
     candidates = np.clip(np.where(faces, m / safe, 0.0), 0.0, None)
     totals = candidates.sum(1, keepdims=True)
-    candidates = np.where(totals > 0, candidates / np.where(totals > 0, totals, 1.0), faces / faces.sum(1, keepdims=True))
+    candidates = np.where(
+        totals > 0, candidates / np.where(totals > 0, totals, 1.0), faces / faces.sum(1, keepdims=True)
+    )
     values = 0.5 * np.einsum("fi,ij,fj->f", candidates, q, candidates)
     distance = ((candidates - p) ** 2).sum(1)
     values += 0.5 * beta * distance

@@ -36,10 +36,14 @@ def _error_line(capsys, args: list[str]) -> str:
 
 def test_empty_prompt_file(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
-    line = _error_line(capsys, ["fit", *FAST, f"--data.path={tmp_path / 'empty.jsonl'}", f"--federation.output_dir={tmp_path / 'o'}"])
+    line = _error_line(
+        capsys, ["fit", *FAST, f"--data.path={tmp_path / 'empty.jsonl'}", f"--federation.output_dir={tmp_path / 'o'}"]
+    )
     assert f"the prompt file {tmp_path / 'empty.jsonl'} is empty (no rows)" in line
     (tmp_path / "blank.jsonl").write_text("\n\n")
-    line = _error_line(capsys, ["fit", *FAST, f"--data.path={tmp_path / 'blank.jsonl'}", f"--federation.output_dir={tmp_path / 'o'}"])
+    line = _error_line(
+        capsys, ["fit", *FAST, f"--data.path={tmp_path / 'blank.jsonl'}", f"--federation.output_dir={tmp_path / 'o'}"]
+    )
     assert "is empty (no rows)" in line
 
 
@@ -56,9 +60,14 @@ def test_corrupt_adapter_file_to_validate(tmp_path, capsys):
 
 
 def test_negative_beta_and_preference_off_the_simplex(tmp_path, capsys):
-    line = _error_line(capsys, ["fit", *FAST, "--model.weighting.init_args.beta=-1", f"--federation.output_dir={tmp_path}"])
+    line = _error_line(
+        capsys, ["fit", *FAST, "--model.weighting.init_args.beta=-1", f"--federation.output_dir={tmp_path}"]
+    )
     assert line.startswith("error: beta must be finite and >= 0 (got -1.0)")
-    line = _error_line(capsys, ["fit", *FAST, "--model.weighting.init_args.preference=[0.7, 0.7]", f"--federation.output_dir={tmp_path}"])
+    line = _error_line(
+        capsys,
+        ["fit", *FAST, "--model.weighting.init_args.preference=[0.7, 0.7]", f"--federation.output_dir={tmp_path}"],
+    )
     assert line.startswith("error: preference must sum to 1")
 
 
@@ -94,7 +103,9 @@ class _OneEmptyShard(Partitioner):
 def test_an_empty_client_shard_is_refused():
     data = make_datamodule(num_clients=2)
     data._make_partitioner = lambda: _OneEmptyShard()
-    with pytest.raises(ValueError, match=r"the 'iid' partition left client\(s\) \[1\] without prompts; use fewer clients"):
+    with pytest.raises(
+        ValueError, match=r"the 'iid' partition left client\(s\) \[1\] without prompts; use fewer clients"
+    ):
         data.setup()
 
 

@@ -51,9 +51,23 @@ def test_each_command_has_its_own_options(command, option, capsys):
 
 
 def test_print_config_round_trips_and_links_num_clients_and_seed(tmp_path, capsys):
-    code, out, _ = _exit(["fit", "--config", CONFIG, "--federation.num_clients", "3", "--federation.seed", "7",
-                          "--federation.algorithm", "firm_lightning.algorithms.FIRM", "--federation.algorithm.beta", "0.5",
-                          "--print_config"], capsys)
+    code, out, _ = _exit(
+        [
+            "fit",
+            "--config",
+            CONFIG,
+            "--federation.num_clients",
+            "3",
+            "--federation.seed",
+            "7",
+            "--federation.algorithm",
+            "firm_lightning.algorithms.FIRM",
+            "--federation.algorithm.beta",
+            "0.5",
+            "--print_config",
+        ],
+        capsys,
+    )
     assert code == 0
     printed = yaml.safe_load(out)
     assert printed["federation"]["num_clients"] == 3 and printed["federation"]["seed"] == 7
@@ -74,7 +88,9 @@ def test_a_misspelt_option_is_one_line_naming_it(capsys):
 
 def test_a_misspelt_class_path_is_named_without_a_usage_dump(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  objectives:\n    - class_path: firm_lightning.rewards.NoSuchReward\n      init_args: {name: x}\n")
+    bad.write_text(
+        "model:\n  objectives:\n    - class_path: firm_lightning.rewards.NoSuchReward\n      init_args: {name: x}\n"
+    )
     code, _, err = _exit(["fit", "--config", CONFIG, "--config", str(bad)], capsys)
     assert code == 1 and "NoSuchReward" in err and "usage:" not in err
     assert len(err.splitlines()) <= 3, err

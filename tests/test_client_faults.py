@@ -42,7 +42,9 @@ class Faulty(ClientProcedure):
         if fault == "raise":
             raise RuntimeError("simulated crash inside the client")
         if fault == "nan":
-            return ClientUpdate(client_id, [{k: torch.full_like(v, math.nan) for k, v in global_adapter.items()}], num_examples, {})
+            return ClientUpdate(
+                client_id, [{k: torch.full_like(v, math.nan) for k, v in global_adapter.items()}], num_examples, {}
+            )
         if fault == "shape":
             return ClientUpdate(client_id, [{k: torch.zeros(3) for k in global_adapter}], num_examples, {})
         update = self.inner.run(module, global_adapter, dataloader, trainer, client_id, num_examples)
@@ -119,8 +121,9 @@ def test_update_screening_checks_keys_shapes_dtypes_finiteness_and_norm():
     assert "dtype torch.float16, expected torch.float32" in screen_update(half, g)
     assert "dtype torch.float16, expected torch.float32" in screen_update(half, g, upload_dtype=torch.float16)
     # federation.upload_dtype: a client uploads its update θ_i − θ in that dtype
-    half_delta = ClientUpdate(7, [{"a": torch.ones(2, dtype=torch.float16), "b": torch.ones(1, 1, dtype=torch.float16)}],
-                              1, {}, delta=True)
+    half_delta = ClientUpdate(
+        7, [{"a": torch.ones(2, dtype=torch.float16), "b": torch.ones(1, 1, dtype=torch.float16)}], 1, {}, delta=True
+    )
     assert screen_update(half_delta, g, upload_dtype=torch.float16) is None
     assert "expected torch.bfloat16" in screen_update(half_delta, g, upload_dtype=torch.bfloat16)
     assert "no federation.upload_dtype" in screen_update(half_delta, g)
@@ -128,8 +131,13 @@ def test_update_screening_checks_keys_shapes_dtypes_finiteness_and_norm():
     big = update({"a": torch.tensor([3.0, 4.0]), "b": torch.zeros(1, 1)})  # ‖Δ‖ = 5
     assert screen_update(big, g, max_update_norm=5.0) is None
     assert "update norm 5 exceeds federation.max_update_norm=4.9" in screen_update(big, g, max_update_norm=4.9)
-    big_delta = ClientUpdate(7, [{"a": torch.tensor([3.0, 4.0], dtype=torch.bfloat16), "b": torch.zeros(1, 1, dtype=torch.bfloat16)}],
-                             1, {}, delta=True)  # ‖Δ‖ = 5, uploaded as the delta itself
+    big_delta = ClientUpdate(
+        7,
+        [{"a": torch.tensor([3.0, 4.0], dtype=torch.bfloat16), "b": torch.zeros(1, 1, dtype=torch.bfloat16)}],
+        1,
+        {},
+        delta=True,
+    )  # ‖Δ‖ = 5, uploaded as the delta itself
     assert "update norm 5 exceeds" in screen_update(big_delta, {k: v + 1 for k, v in g.items()}, 4.9, torch.bfloat16)
 
 

@@ -69,7 +69,9 @@ def test_fit_launches_its_ranks_itself_and_only_rank_0_writes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "FIRM_DDP_LAUNCHED")}
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("FIRM federation: 1 rounds, 2 clients") == 1 and "2 devices per client (ddp)" in proc.stdout
+    assert (
+        proc.stdout.count("FIRM federation: 1 rounds, 2 clients") == 1 and "2 devices per client (ddp)" in proc.stdout
+    )
     assert "rank 1: served 2 client fits" in proc.stderr  # rank 1 took part in both clients' fits
     assert (out / "metrics.csv").read_text().count("\n") == 3  # header, round 0, round 1
     assert not list(out.rglob("*rank*")), "ranks > 0 write nothing"

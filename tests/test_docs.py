@@ -22,8 +22,22 @@ ROOT = Path(__file__).resolve().parents[1]
 def mkdocs_build(config: Path, site_dir: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site_dir)],
-        cwd=config.parent, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(config),
+            "--site-dir",
+            str(site_dir),
+        ],
+        cwd=config.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -134,9 +148,12 @@ def chromium(tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+    for path in (CHROMIUM, CHROMEDRIVER):
         if not Path(path).is_file():
-            pytest.fail(f"{path} is missing: `apt-get install chromium chromium-driver` (.ci/run does it) for the docs' browser test.")
+            pytest.fail(
+                f"{path} is missing: `apt-get install chromium chromium-driver` (.ci/run does it) "
+                "for the docs' browser test."
+            )
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -158,7 +175,9 @@ def test_main_pages_render_with_their_navigation_in_a_headless_browser(served, t
             assert driver.title == title, f"/{path}: title {driver.title!r}"
             assert driver.find_element(By.CSS_SELECTOR, "article h1").text.strip() == heading
             nav = driver.find_element(By.CSS_SELECTOR, "nav.md-nav--primary")
-            links = [a.get_attribute("textContent").strip() for a in nav.find_elements(By.CSS_SELECTOR, "a.md-nav__link")]
+            links = [
+                a.get_attribute("textContent").strip() for a in nav.find_elements(By.CSS_SELECTOR, "a.md-nav__link")
+            ]
             missing = [entry for entry in NAV_ENTRIES if entry not in links]
             assert not missing, f"/{path}: navigation lacks {missing}"
             # the theme's stylesheet is applied (the header is the palette's indigo, not unstyled)

@@ -24,7 +24,9 @@ from firm_lightning.trainer_factory import TrainerFactory
                                      (0.3, 10, 3), (0.25, 4, 1), (1.0, 7, 7), (0.01, 10, 1)])
 def test_clients_per_round_is_exact(q, n, m):
     assert FederationConfig(num_clients=n, client_fraction=q).clients_per_round == m
-    assert FederationConfig(num_clients=n, client_fraction=q, min_clients=min(n, m + 1)).clients_per_round == min(n, m + 1)
+    assert FederationConfig(num_clients=n, client_fraction=q, min_clients=min(n, m + 1)).clients_per_round == min(
+        n, m + 1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,9 @@ def parts():
 def _engine(parts, tmp_path, **federation) -> RoundEngine:
     module, data = parts
     config = FederationConfig(num_clients=10, output_dir=str(tmp_path), **federation)
-    return RoundEngine(module, data, config, TrainerFactory({"max_steps": 1, "logger": False}, tmp_path), echo=lambda _: None)
+    return RoundEngine(
+        module, data, config, TrainerFactory({"max_steps": 1, "logger": False}, tmp_path), echo=lambda _: None
+    )
 
 
 def test_public_sampling_follows_the_seed_and_private_sampling_does_not(parts, tmp_path):
@@ -53,8 +57,11 @@ def test_public_sampling_follows_the_seed_and_private_sampling_does_not(parts, t
 
 
 def test_hidden_uploads_refuse_what_needs_one_upload_at_a_time(parts, tmp_path):
-    for setting, named in (({"max_update_norm": 1.0}, "max_update_norm"), ({"aggregator": "median"}, "aggregator=median"),
-                           ({"upload_dtype": "float16"}, "upload_dtype")):
+    for setting, named in (
+        ({"max_update_norm": 1.0}, "max_update_norm"),
+        ({"aggregator": "median"}, "aggregator=median"),
+        ({"upload_dtype": "float16"}, "upload_dtype"),
+    ):
         with pytest.raises(ValueError, match=f"SecAgg\\+.*{named}"):
             refuse_for_hidden_uploads(FederationConfig(num_clients=10, **setting))
         with pytest.raises(ValueError, match="cannot honour"):
@@ -70,10 +77,14 @@ def test_privacy_on_a_secure_sum_equals_privacy_on_the_single_uploads():
     theta = {"w": torch.randn(6, generator=gen)}
     states = [{"w": theta["w"] + s * torch.randn(6, generator=gen)} for s in (0.1, 3.0, 10.0)]
     dp = DifferentialPrivacy(clipping_norm=1.0, noise_multiplier=0.0)
-    server_side = dp.wrap(FedAvg(), 4, SecretGenerator()).aggregate(theta, [ClientUpdate(i, [s], 5, {}) for i, s in enumerate(states)])
+    server_side = dp.wrap(FedAvg(), 4, SecretGenerator()).aggregate(
+        theta, [ClientUpdate(i, [s], 5, {}) for i, s in enumerate(states)]
+    )
     clipped = [clip_state(s, theta, 1.0) for s in states]
     mean = {"w": sum(c["w"] for c in clipped) / 3}
-    secure = dp.wrap(FedAvg(), 4, SecretGenerator(), clipped_on_client=True).aggregate(theta, [ClientUpdate(-1, [mean], 3, {})])
+    secure = dp.wrap(FedAvg(), 4, SecretGenerator(), clipped_on_client=True).aggregate(
+        theta, [ClientUpdate(-1, [mean], 3, {})]
+    )
     torch.testing.assert_close(secure.adapter["w"], server_side.adapter["w"])
     assert float((clipped[2]["w"] - theta["w"]).norm()) == pytest.approx(1.0)
 

@@ -22,7 +22,9 @@ def _state(*values):
 
 def _updates(states, num_examples=None):
     num_examples = num_examples or [1] * len(states)
-    return [ClientUpdate(i, s if isinstance(s, list) else [s], n, {}) for i, (s, n) in enumerate(zip(states, num_examples))]
+    return [
+        ClientUpdate(i, s if isinstance(s, list) else [s], n, {}) for i, (s, n) in enumerate(zip(states, num_examples))
+    ]
 
 
 def test_fedavg_matches_hand_computed_weighted_average():
@@ -81,7 +83,9 @@ def test_dispersion_metrics_on_hand_made_cases():
     same = [{"w": torch.tensor([1.0, 1.0])}] * 3
     assert update_dispersion(same, g) == pytest.approx(0.0)
     # deltas (1,0) and (-1,0)+(2,0)... mean (1,0); deviations (±1, 0) → mean sq 1; / ‖mean‖² = 1
-    assert update_dispersion([{"w": torch.tensor([0.0, 0.0])}, {"w": torch.tensor([2.0, 0.0])}], g) == pytest.approx(1.0)
+    assert update_dispersion([{"w": torch.tensor([0.0, 0.0])}, {"w": torch.tensor([2.0, 0.0])}], g) == pytest.approx(
+        1.0
+    )
     assert lambda_dispersion([[0.5, 0.5], [0.5, 0.5]]) == pytest.approx(0.0)
     # mean (0.5, 0.5); each deviates by (±0.5, ∓0.5) → squared norm 0.5
     assert lambda_dispersion([[1.0, 0.0], [0.0, 1.0]]) == pytest.approx(0.5)
@@ -155,7 +159,9 @@ def test_orchestrator_holds_one_base_model_whatever_the_number_of_clients(tmp_pa
 def test_per_client_log_directories_are_distinct(tmp_path):
     orch = _orchestrator(tmp_path, 3, num_rounds=2)
     orch.run()
-    dirs = sorted(p.relative_to(tmp_path / "clients").as_posix() for p in (tmp_path / "clients").glob("client_*/round_*"))
+    dirs = sorted(
+        p.relative_to(tmp_path / "clients").as_posix() for p in (tmp_path / "clients").glob("client_*/round_*")
+    )
     assert dirs == [f"client_{c:03d}/round_{r:03d}" for c in range(3) for r in (1, 2)]
     assert all(any((tmp_path / "clients" / d).iterdir()) for d in dirs)
 
@@ -182,7 +188,11 @@ def test_data_and_federation_client_counts_must_agree(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"client_fraction": 0.0}, "client_fraction"), ({"min_clients": 9}, "min_clients"), ({"num_rounds": 0}, "num_rounds")],
+    [
+        ({"client_fraction": 0.0}, "client_fraction"),
+        ({"min_clients": 9}, "min_clients"),
+        ({"num_rounds": 0}, "num_rounds"),
+    ],
 )
 def test_federation_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

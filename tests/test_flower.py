@@ -126,20 +126,42 @@ def _rules_config(tmp: Path) -> list[str]:
     data.setup()
     rules = {
         "federation": {
-            "num_rounds": 4, "num_clients": 3, "min_clients": 2, "aggregator": "median", "max_update_norm": 100.0,
+            "num_rounds": 4,
+            "num_clients": 3,
+            "min_clients": 2,
+            "aggregator": "median",
+            "max_update_norm": 100.0,
             "callbacks": [
-                {"class_path": "firm_lightning.callbacks.EarlyStopping",
-                 "init_args": {"monitor": "eval/reward/a_to_m", "min_delta": 1.0, "patience": 2}},
-                {"class_path": "firm_lightning.callbacks.SaveBestAdapter", "init_args": {"monitor": "eval/reward/n_to_z"}},
+                {
+                    "class_path": "firm_lightning.callbacks.EarlyStopping",
+                    "init_args": {"monitor": "eval/reward/a_to_m", "min_delta": 1.0, "patience": 2},
+                },
+                {
+                    "class_path": "firm_lightning.callbacks.SaveBestAdapter",
+                    "init_args": {"monitor": "eval/reward/n_to_z"},
+                },
             ],
         },
-        "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp)}}},
-        "model": {"objectives": [
-            {"class_path": "firm_lightning.rewards.CharsetReward", "init_args": {"name": "a_to_m", "charset": "abcdefghijklm"}},
-            {"class_path": "tests.flower_faults.FailsOnPrompts",
-             "init_args": {"name": "n_to_z", "charset": "nopqrstuvwxyz", "prompts": data.client_prompts(1),
-                           "block_file": str(tmp / "hold_round")}},
-        ]},
+        "trainer": {
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp)}}
+        },
+        "model": {
+            "objectives": [
+                {
+                    "class_path": "firm_lightning.rewards.CharsetReward",
+                    "init_args": {"name": "a_to_m", "charset": "abcdefghijklm"},
+                },
+                {
+                    "class_path": "tests.flower_faults.FailsOnPrompts",
+                    "init_args": {
+                        "name": "n_to_z",
+                        "charset": "nopqrstuvwxyz",
+                        "prompts": data.client_prompts(1),
+                        "block_file": str(tmp / "hold_round"),
+                    },
+                },
+            ]
+        },
     }
     path = tmp / "rules.yaml"
     path.write_text(yaml.safe_dump(rules))
@@ -182,7 +204,9 @@ def test_simulation_honours_every_federation_rule_as_in_process(simulation):
             torch.testing.assert_close(flower[k], local[k], rtol=0, atol=1e-6)
     assert not torch.equal(load_file(str(tmp / "flower" / "adapters" / "round_000.safetensors"))[k], flower[k])
     for a, b in zip(flower_rows[1:], local_rows[1:]):
-        assert (a["failed_clients"], a["clients"]) == (b["failed_clients"], b["clients"]) == ("1", "2")  # client 1 left out
+        assert (
+            (a["failed_clients"], a["clients"]) == (b["failed_clients"], b["clients"]) == ("1", "2")
+        )  # client 1 left out
         for key in ("eval/reward/a_to_m", "eval/reward/n_to_z", "lambda/a_to_m", "comm/bytes_up", "update_dispersion"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), key
     assert "client 1 failed" in run.output and "simulated crash" in run.output
@@ -198,7 +222,11 @@ def test_flower_counts_the_adapter_plus_framing(simulation):
     rows = _rows(tmp / "flower" / "client_metrics.csv")
     assert len(rows) == 4  # 2 healthy clients × 2 rounds
     for row in rows:
-        payload, up, down = int(row["comm/bytes_up"]), int(row["comm/transport_bytes_up"]), int(row["comm/transport_bytes_down"])
+        payload, up, down = (
+            int(row["comm/bytes_up"]),
+            int(row["comm/transport_bytes_up"]),
+            int(row["comm/transport_bytes_down"]),
+        )
         assert int(row["comm/messages_up"]) == 1
         # Flower sends the same float32 tensors plus its framing (npy headers, keys, object
         # headers, metrics): more than the tensors, by a bounded overhead.
@@ -257,8 +285,10 @@ def test_privacy_and_16_bit_uploads_on_flower_then_ctrl_c_stops_every_process(tm
              "--federation.upload_dtype", "float16"]
     out = tmp_path / "flower"
     # Many rounds, so that the federation cannot end on its own before the Ctrl-C.
-    run = Run(["flower", *_config(tmp_path), "--federation.output_dir", str(out), "--federation.num_rounds", "40", *extra],
-              interrupt_when=lambda text: "round 1/40 | eval" in text)
+    run = Run(
+        ["flower", *_config(tmp_path), "--federation.output_dir", str(out), "--federation.num_rounds", "40", *extra],
+        interrupt_when=lambda text: "round 1/40 | eval" in text,
+    )
     assert run.interrupted, run.output[-3000:]
     assert "raylet" in run.names()
     # Not asserted: the exit code and the CLI's "interrupted" line. Inside the full suite the
@@ -314,10 +344,14 @@ def test_local_deployment_runs_fmgda_with_s_times_the_upload(simulation, capsys)
     ratio = int(fmgda_row["comm/transport_bytes_up"]) / int(firm_row["comm/transport_bytes_up"])
     assert 1.9 < ratio <= 2.0, ratio  # S× the arrays, as Flower counts them; the envelope is paid once
     adapter = out / "adapters" / "round_002.safetensors"
-    cli_main(["validate", *_config(tmp_path), "--ckpt_path", str(adapter), "--federation.output_dir", str(tmp_path / "v")])
+    cli_main(
+        ["validate", *_config(tmp_path), "--ckpt_path", str(adapter), "--federation.output_dir", str(tmp_path / "v")]
+    )
     printed = capsys.readouterr().out
     assert f"adapter: {adapter}" in printed and "eval/reward/a_to_m" in printed
-    assert float(printed.split("eval/reward/a_to_m")[1].split()[0]) == pytest.approx(float(rows[-1]["eval/reward/a_to_m"]), abs=1e-4)
+    assert float(printed.split("eval/reward/a_to_m")[1].split()[0]) == pytest.approx(
+        float(rows[-1]["eval/reward/a_to_m"]), abs=1e-4
+    )
 
 
 @pytest.mark.parametrize("num_objectives", [1, 2])  # FedAvg (FIRM), MinNormOverObjectives (FMGDA)
@@ -340,7 +374,9 @@ def test_secure_aggregation_needs_only_the_weighted_mean(num_objectives):
     uploads = [[{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in initial.items()}
                 for _ in range(num_objectives)] for _ in counts]
     aggregator = FedAvg(0.5) if num_objectives == 1 else MinNormOverObjectives(0.5)
-    expected = aggregator.aggregate(initial, [ClientUpdate(i, u, n, {}) for i, (u, n) in enumerate(zip(uploads, counts))]).adapter
+    expected = aggregator.aggregate(
+        initial, [ClientUpdate(i, u, n, {}) for i, (u, n) in enumerate(zip(uploads, counts))]
+    ).adapter
 
     class Engine:  # the round engine's side of the protocol, recording what it is handed
         stop_reason = None

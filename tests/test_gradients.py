@@ -80,7 +80,7 @@ def test_the_representation_gram_is_the_gram_of_the_gradients_with_respect_to_th
     tensor = hidden if gram_from == "hidden" else model.head(hidden)
     out = tensor if gram_from == "logits" else model.head(tensor)
     whole = ((out[None] - targets) ** 2).sum(dim=(1, 2)) / N
-    per_objective = torch.stack([torch.autograd.grad(l, tensor, retain_graph=True)[0].flatten() for l in whole])
+    per_objective = torch.stack([torch.autograd.grad(loss, tensor, retain_graph=True)[0].flatten() for loss in whole])
     torch.testing.assert_close(gradients.gram(), per_objective @ per_objective.T)
     assert (gradients.kept is not None) == (len(chunks) == 1), "one micro-batch keeps its graph for the direction"
     # The direction: ∇ Σ λ_s L_s over the parameters, from the kept graph or the micro-batches run again.

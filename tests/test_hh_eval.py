@@ -74,7 +74,12 @@ def stand_ins(tmp_path_factory) -> dict[str, Path]:
 def test_the_config_is_the_published_protocol(stand_ins):
     text = (ROOT / "configs" / "hh_rlhf_eval.yaml").read_text()
     assert "Ray2333/gpt2-large-harmless-reward_model" in text and "Ray2333/gpt2-large-helpful-reward_model" in text
-    cli_args = ["--config", str(stand_ins["config"]), "--trainer.accelerator=cpu", "--model.lora.target_modules=[c_attn]"]
+    cli_args = [
+        "--config",
+        str(stand_ins["config"]),
+        "--trainer.accelerator=cpu",
+        "--model.lora.target_modules=[c_attn]",
+    ]
     from firm_lightning.config import build_components
 
     components = build_components(cli_args, COMMANDS["validate"].sections, ckpt_path=True, data_unless="evaluation")

@@ -139,7 +139,9 @@ def _save_tiny_models(root: Path) -> dict[str, Path]:
     paths["qwen"] = save_real_like(root / "real_like")["policy"]
     for i, name in enumerate(("helpful", "harmless")):
         torch.manual_seed(i)
-        rm = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=99, num_labels=1, pad_token_id=0))
+        rm = GPT2ForSequenceClassification(
+            GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=99, num_labels=1, pad_token_id=0)
+        )
         rm.save_pretrained(root / f"rm_{name}")
         char_tokenizer().save_pretrained(root / f"rm_{name}")
         paths[name] = root / f"rm_{name}"
@@ -147,7 +149,9 @@ def _save_tiny_models(root: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("config, arch", [("hh_rlhf_gpt2.yaml", "gpt2"), ("hh_rlhf_qwen.yaml", "qwen")])
-def test_the_real_config_runs_offline_with_every_name_replaced_by_a_local_path(tmp_path, hh_folder, config, arch, capfd):
+def test_the_real_config_runs_offline_with_every_name_replaced_by_a_local_path(
+    tmp_path, hh_folder, config, arch, capfd
+):
     import warnings
 
     from firm_lightning.cli import main

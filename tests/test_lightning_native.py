@@ -29,10 +29,18 @@ from firm_lightning.trainer_factory import TrainerFactory
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
 TINY = [
-    "--config", CONFIG,
-    "--federation.num_clients=2", "--federation.client_fraction=0.5", "--federation.min_clients=1",
-    "--trainer.max_steps=1", "--data.eval_size=4", "--data.max_prompts=48", "--data.batch_size=2",
-    "--model.sampling.max_new_tokens=4", "--model.sampling.num_generations=2", "--model.sampling.eval_num_generations=1",
+    "--config",
+    CONFIG,
+    "--federation.num_clients=2",
+    "--federation.client_fraction=0.5",
+    "--federation.min_clients=1",
+    "--trainer.max_steps=1",
+    "--data.eval_size=4",
+    "--data.max_prompts=48",
+    "--data.batch_size=2",
+    "--model.sampling.max_new_tokens=4",
+    "--model.sampling.num_generations=2",
+    "--model.sampling.eval_num_generations=1",
 ]
 OBJECTIVES = ("a_to_m", "n_to_z")
 
@@ -81,7 +89,9 @@ def test_tensorboard_holds_one_eval_point_per_round(logged_run: Path):
         assert [e.value for e in series] == pytest.approx([float(r[f"eval/reward/{name}"]) for r in recorded])
     assert {"lambda_dispersion", "update_dispersion", "comm/bytes_up"} <= set(events.Tags()["scalars"])
     # each client fit is a run of its own, with its local steps
-    client_runs = sorted(p.relative_to(logged_run / "clients").as_posix() for p in (logged_run / "clients").glob("client_*/round_*"))
+    client_runs = sorted(
+        p.relative_to(logged_run / "clients").as_posix() for p in (logged_run / "clients").glob("client_*/round_*")
+    )
     assert len(client_runs) == 2 and all(re.fullmatch(r"client_00\d/round_00[12]", r) for r in client_runs)
     client_events = EventAccumulator(str(logged_run / "clients" / client_runs[0]))
     client_events.Reload()
@@ -137,7 +147,9 @@ def test_lightning_callback_runs_inside_client_fits_from_yaml(name, tmp_path, mo
         from lightning.pytorch.callbacks import ModelSummary
 
         real = ModelSummary.summarize
-        monkeypatch.setattr(ModelSummary, "summarize", staticmethod(lambda *a, **k: summaries.append(a) or real(*a, **k)))
+        monkeypatch.setattr(
+            ModelSummary, "summarize", staticmethod(lambda *a, **k: summaries.append(a) or real(*a, **k))
+        )
     extra = _write_config(tmp_path, {"trainer": {"callbacks": [LIGHTNING_CALLBACKS[name]]}})
     main(["fit", *TINY, "--config", extra, "--federation.num_rounds=1", "--trainer.max_steps=2",
           "--federation.progress=off", f"--federation.output_dir={tmp_path}"])
@@ -193,8 +205,9 @@ class Recorder(FederationCallback):
 
 
 def _orchestrator(tmp_path, callbacks=(), trainer=None, **config) -> FederatedOrchestrator:
-    config = FederationConfig(**{"num_rounds": 2, "num_clients": 2, "output_dir": str(tmp_path), "callbacks": list(callbacks),
-                                 **config})
+    config = FederationConfig(
+        **{"num_rounds": 2, "num_clients": 2, "output_dir": str(tmp_path), "callbacks": list(callbacks), **config}
+    )
     trainers = TrainerFactory({"max_steps": 1, "accelerator": "cpu", **(trainer or {})}, tmp_path)
     module = make_module()
     return FederatedOrchestrator(module, make_datamodule(2, max_prompts=32, eval_size=4), config, trainers)
@@ -210,13 +223,18 @@ def test_federation_callbacks_see_every_hook_in_order_and_early_stopping_says_wh
     assert recorder.calls == [("federation_start", 0), *per_round(1), *per_round(2), ("federation_end", 2)]
     assert state.round == 2 and len(state.history) == 3
     out = capsys.readouterr().out
-    assert "stopped after round 2/4: EarlyStopping: eval/reward/a_to_m did not improve by more than 1.0 for 2 rounds" in out
+    assert (
+        "stopped after round 2/4: EarlyStopping: eval/reward/a_to_m did not improve by more than 1.0 for 2 rounds"
+        in out
+    )
     assert re.search(r"^round 1/4 \| eval a_to_m=\d\.\d{3} n_to_z=\d\.\d{3} \| λ-dispersion", out, re.M)
     assert "\r" not in out  # plain lines: stdout is not a terminal
     # the best global adapter by eval/reward/n_to_z is the one of the best round
     values = [r["eval/reward/n_to_z"] for r in state.history]
     meta = json.loads((tmp_path / "adapters" / "best.json").read_text())
-    assert meta["round"] == max(range(len(values)), key=lambda r: (values[r], -r)) and meta["value"] == pytest.approx(max(values))
+    assert meta["round"] == max(range(len(values)), key=lambda r: (values[r], -r)) and meta["value"] == pytest.approx(
+        max(values)
+    )
     saved, expected = load_file(str(tmp_path / "adapters" / "best.safetensors")), load_file(
         str(tmp_path / "adapters" / f"round_{meta['round']:03d}.safetensors"))
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
@@ -272,7 +290,9 @@ def _one_client_step(tmp_path: Path, optimizer: list[str]) -> dict[str, torch.Te
 
 def test_optimizer_config_reaches_the_client_sgd_steps_along_d_adam_moves_each_coordinate_by_lr(tmp_path):
     lr = 0.01
-    adam = _one_client_step(tmp_path / "adam", ["--optimizer=AdamW", f"--optimizer.lr={lr}", "--optimizer.weight_decay=0"])
+    adam = _one_client_step(
+        tmp_path / "adam", ["--optimizer=AdamW", f"--optimizer.lr={lr}", "--optimizer.weight_decay=0"]
+    )
     sgd = _one_client_step(tmp_path / "sgd", ["--optimizer=SGD", f"--optimizer.lr={lr}"])
     adam_flat, sgd_flat = (torch.cat([v.flatten() for v in d.values()]) for d in (adam, sgd))
     moved = adam_flat.abs() > 0.1 * lr

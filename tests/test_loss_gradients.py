@@ -31,7 +31,13 @@ def _expected_grad(theta, responses, settings, max_new_tokens):
     total = torch.zeros_like(theta)
     for prob, logprobs, ref, advantage, mask in responses(theta):
         losses, _ = policy_gradient_losses(
-            logprobs[None], logprobs.detach()[None], ref[None], advantage.view(1, 1), mask[None], settings, max_new_tokens
+            logprobs[None],
+            logprobs.detach()[None],
+            ref[None],
+            advantage.view(1, 1),
+            mask[None],
+            settings,
+            max_new_tokens,
         )
         (grad,) = torch.autograd.grad(losses[0], theta, retain_graph=True)  # the responses share one graph
         total += prob.detach() * grad
@@ -67,7 +73,8 @@ def test_k2_penalty_has_the_gradient_of_kl_policy_to_reference_and_k3_the_revers
     k3 = _expected_grad(theta, _one_token, _kl_penalty_only("k3"), max_new_tokens=1)
     sequence = _expected_grad(theta, _one_token, _kl_penalty_only("sequence"), max_new_tokens=1)
     default = _expected_grad(theta, _one_token, PolicyGradientSettings(kl_coef=1.0), max_new_tokens=1)
-    print(f"\n∇KL(π‖ref) {grad_forward.tolist()}\nE∇k2 {k2.tolist()}\nE∇k3 {k3.tolist()}\n∇KL(ref‖π) {grad_reverse.tolist()}")
+    print(f"\n∇KL(π‖ref) {grad_forward.tolist()}\nE∇k2 {k2.tolist()}")
+    print(f"E∇k3 {k3.tolist()}\n∇KL(ref‖π) {grad_reverse.tolist()}")
     assert (k2 - grad_forward).abs().max() <= 1e-10
     assert (sequence - grad_forward).abs().max() <= 1e-10, "one token: nothing comes after it"
     assert torch.equal(default, k2), "k2 is the default"

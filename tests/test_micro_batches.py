@@ -131,8 +131,10 @@ def test_micro_batch_normalisers_are_the_whole_batch_ones():
     mask = (torch.rand(n, t) > 0.3).long()
     settings = PolicyGradientSettings(kl_coef=0.1)
     whole, kl = policy_gradient_losses(logprobs, logprobs.detach(), ref, adv, mask, settings, t)
-    parts = [policy_gradient_losses(logprobs[r], logprobs.detach()[r], ref[r], adv[:, r], mask[r], settings, t, num_rows=n)
-             for r in (slice(0, 4), slice(4, 6))]
+    parts = [
+        policy_gradient_losses(logprobs[r], logprobs.detach()[r], ref[r], adv[:, r], mask[r], settings, t, num_rows=n)
+        for r in (slice(0, 4), slice(4, 6))
+    ]
     torch.testing.assert_close(sum(p[0] for p in parts), whole)
     torch.testing.assert_close(sum(p[1] for p in parts), kl)
     own = [policy_gradient_losses(logprobs[r], logprobs.detach()[r], ref[r], adv[:, r], mask[r], settings, t)
@@ -140,9 +142,13 @@ def test_micro_batch_normalisers_are_the_whole_batch_ones():
     assert not torch.allclose(sum(p[0] for p in own), whole)
 
 
-@pytest.mark.parametrize("field, settings", [("loss.micro_batch_size", dict(loss=PolicyGradientSettings(micro_batch_size=0))),
-                                             ("sampling.generation_batch_size",
-                                              dict(sampling=SamplingSettings(generation_batch_size=0)))])
+@pytest.mark.parametrize(
+    "field, settings",
+    [
+        ("loss.micro_batch_size", dict(loss=PolicyGradientSettings(micro_batch_size=0))),
+        ("sampling.generation_batch_size", dict(sampling=SamplingSettings(generation_batch_size=0))),
+    ],
+)
 def test_a_micro_batch_of_no_rows_is_refused_naming_the_key(field, settings):
     with pytest.raises(ValueError, match=field.replace(".", r"\.") + ".*null"):
         make_module(**settings)

@@ -21,10 +21,18 @@ from firm_lightning.model_card import ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--config", str(ROOT / "configs" / "tiny.yaml"),
-    "--federation.num_rounds=1", "--federation.num_clients=2", "--federation.progress=off",
-    "--trainer.max_steps=1", "--data.max_prompts=48", "--data.eval_size=8", "--data.batch_size=2",
-    "--model.sampling.num_generations=2", "--model.sampling.max_new_tokens=4", "--model.sampling.eval_num_generations=1",
+    "--config",
+    str(ROOT / "configs" / "tiny.yaml"),
+    "--federation.num_rounds=1",
+    "--federation.num_clients=2",
+    "--federation.progress=off",
+    "--trainer.max_steps=1",
+    "--data.max_prompts=48",
+    "--data.eval_size=8",
+    "--data.batch_size=2",
+    "--model.sampling.num_generations=2",
+    "--model.sampling.max_new_tokens=4",
+    "--model.sampling.eval_num_generations=1",
     "--federation.callbacks+=firm_lightning.callbacks.SaveBestAdapter",
     "--federation.callbacks.monitor=eval/reward/n_to_z",
 ]
@@ -100,7 +108,10 @@ def test_adapter_folders_with_cards_still_load_with_peft(run_dir, folder, file):
 def test_best_adapter_card_names_its_round_and_metric(run_dir):
     best = yaml.safe_load((run_dir / "adapters" / "best.json").read_text())
     text = (run_dir / "adapters" / "best" / "README.md").read_text()
-    assert f"best global adapter by eval/reward/n_to_z (eval/reward/n_to_z = {best['value']:.4f} in round {best['round']}" in text
+    assert (
+        f"best global adapter by eval/reward/n_to_z (eval/reward/n_to_z = {best['value']:.4f} in round {best['round']}"
+        in text
+    )
     assert f"(this adapter: round {best['round']})" in text
 
 
@@ -130,7 +141,9 @@ def test_card_of_a_hub_policy_with_normalised_reward_models(tmp_path):
     ]
     federation = fl.FederationConfig(num_rounds=1, num_clients=2, output_dir=str(out),
                                      algorithm=fl.FIRM(beta=2.0, preference=[1.0]))
-    card = ModelCard(out, ["helpful"], LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"), federation, _state(history))
+    card = ModelCard(
+        out, ["helpful"], LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"), federation, _state(history)
+    )
     text = card.text(1, "the global adapter after round 1")
     assert front_matter(text)["base_model"] == "gpt2"
     assert "`helpful`: HFRewardModel `Ray2333/gpt2-large-helpful-reward_model`, normalised (calibration)" in text

@@ -134,7 +134,7 @@ def test_weighted_step_writes_grad_of_lambda_weighted_sum(monkeypatch):
     fresh_logprobs = token_logprobs(module.policy, rollout)
     assert torch.equal(fresh_logprobs.detach(), old)
     fresh, _ = module.objective_losses(fresh_logprobs, old, reference, advantages, rollout.response_mask)
-    per_objective = [torch.autograd.grad(l, params, retain_graph=True, allow_unused=True) for l in fresh]
+    per_objective = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in fresh]
     flat = torch.stack([
         torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
         for gs in per_objective
@@ -335,7 +335,8 @@ def test_ppo_epochs_never_exceed_max_steps_and_the_scheduler_steps_with_the_opti
     counter = _StepCounter()
     limits = dict(max_epochs=1, limit_train_batches=batches) if batches else {}
     trainer = fit(module, max_steps=max_steps, callbacks=[counter], **limits)
-    print(f"\nmax_steps {max_steps}: optimiser steps {len(counter.lrs)}, scheduler steps {len(scheduler_steps)}, lrs {counter.lrs}")
+    steps = f"optimiser steps {len(counter.lrs)}, scheduler steps {len(scheduler_steps)}"
+    print(f"\nmax_steps {max_steps}: {steps}, lrs {counter.lrs}")
     assert len(counter.lrs) == expected and trainer.global_step == expected
     assert len(scheduler_steps) == expected, "one scheduler step per optimiser step"
     assert counter.lrs == [1e-2 * 0.5**k for k in range(expected)], "each step uses the lr of its place in the schedule"
@@ -353,7 +354,9 @@ def test_llama_policy_fits():
     assert all(torch.isfinite(v).all() for v in after.values())
 
 
-@pytest.mark.parametrize("field, value, match", [("num_generations", 1, "num_generations"), ("ppo_epochs", 0, "ppo_epochs")])
+@pytest.mark.parametrize(
+    "field, value, match", [("num_generations", 1, "num_generations"), ("ppo_epochs", 0, "ppo_epochs")]
+)
 def test_bad_sampling_or_loss_settings_are_refused(field, value, match):
     from firm_lightning.module import PolicyGradientSettings, SamplingSettings
 

@@ -138,7 +138,9 @@ def test_generate_scores_with_the_runs_statistics_and_shows_raw_scores(normalize
 def test_a_reward_constant_up_to_round_off_normalises_to_zero():
     class Ulp(CharsetReward):
         def __call__(self, prompts, responses):  # 4.0 and its float32 neighbour: one ulp of spread
-            return torch.tensor([4.0, float(torch.nextafter(torch.tensor(4.0), torch.tensor(5.0)))] * (len(responses) // 2))
+            return torch.tensor(
+                [4.0, float(torch.nextafter(torch.tensor(4.0), torch.tensor(5.0)))] * (len(responses) // 2)
+            )
 
     flat = NormalizedReward(Ulp("u", "a"), mode="calibration")
     assert torch.equal(flat(["p"] * 4, ["x"] * 4), torch.zeros(4))

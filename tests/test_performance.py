@@ -99,8 +99,10 @@ def test_16bit_uploads_carry_the_update_to_its_own_relative_precision():
         error = float((merged_update - update).norm() / update.norm())
         assert error <= unit, (dtype, error)
         # What casting the weights did instead: the rounding of |θ| ~ 1 swamps a 1e-3 update.
-        cast = [ClientUpdate(u.client_id, [{k: t.to(dtype).float() for k, t in u.adapters[0].items()}], u.num_examples, {})
-                for u in uploads]
+        cast = [
+            ClientUpdate(u.client_id, [{k: t.to(dtype).float() for k, t in u.adapters[0].items()}], u.num_examples, {})
+            for u in uploads
+        ]
         cast_update = torch.cat([(FedAvg(1.0).aggregate(global_state, cast).adapter[k] - v).flatten()
                                  for k, v in global_state.items()])
         assert float((cast_update - update).norm() / update.norm()) > 10 * unit
@@ -114,8 +116,16 @@ def test_federation_upload_dtype_halves_counted_uplink(tmp_path):
         module = make_module()
         config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path / str(dtype)),
                                   save_adapters=False, upload_dtype=dtype)
-        state = run_federation(module, make_datamodule(2), config, {"max_steps": 1, "accelerator": "cpu", "logger": False},
-                               FIRM(beta=1.0), module.adapter_state(), tmp_path / str(dtype), echo=lambda m: None)
+        state = run_federation(
+            module,
+            make_datamodule(2),
+            config,
+            {"max_steps": 1, "accelerator": "cpu", "logger": False},
+            FIRM(beta=1.0),
+            module.adapter_state(),
+            tmp_path / str(dtype),
+            echo=lambda m: None,
+        )
         bytes_up[dtype] = state.history[-1]["comm/bytes_up_per_client"]
         assert all(v.dtype == torch.float32 for v in state.global_adapter.values())
     assert bytes_up["bfloat16"] * 2 == bytes_up[None] == payload_bytes(module.adapter_state())
@@ -146,7 +156,10 @@ def test_benchmark_smoke_mode_emits_every_key_with_sane_values(tmp_path):
             assert value > 0, (key, value)
     # Counted bytes are exact, not timings: FIRM uploads one adapter, FMGDA one per objective.
     assert all(isinstance(flat[k], int) for k in BYTE_KEYS)
-    assert flat["uplink_bytes_firm_s2"] == flat["adapter_bytes"] and flat["uplink_bytes_fmgda_s2"] == 2 * flat["adapter_bytes"]
+    assert (
+        flat["uplink_bytes_firm_s2"] == flat["adapter_bytes"]
+        and flat["uplink_bytes_fmgda_s2"] == 2 * flat["adapter_bytes"]
+    )
 
 
 HIDE_TRL = """

@@ -21,7 +21,10 @@ from firm_lightning.trainer_factory import TrainerFactory
 
 def test_updates_are_clipped_to_the_norm_and_averaged_with_equal_weights():
     g = {"w": torch.zeros(2)}
-    long, short = ClientUpdate(0, [{"w": torch.tensor([30.0, 40.0])}], 100, {}), ClientUpdate(1, [{"w": torch.tensor([0.3, 0.4])}], 1, {})
+    long, short = (
+        ClientUpdate(0, [{"w": torch.tensor([30.0, 40.0])}], 100, {}),
+        ClientUpdate(1, [{"w": torch.tensor([0.3, 0.4])}], 1, {}),
+    )
     assert torch.allclose(clip_delta(long.adapters[0], 1.0)["w"], torch.tensor([0.6, 0.8]))
     assert torch.allclose(clip_delta(short.adapters[0], 1.0)["w"], torch.tensor([0.3, 0.4]))
     dp = DifferentialPrivacy(clipping_norm=1.0, noise_multiplier=0.0)
@@ -57,8 +60,13 @@ def test_the_secret_generator_resumes_exactly_and_two_generators_differ():
 
 
 def _private_run(tmp_path, sigma=1.1, delta=1e-5, rounds=2, num_clients=2, fraction=0.5):
-    config = FederationConfig(num_rounds=rounds, num_clients=num_clients, client_fraction=fraction, output_dir=str(tmp_path),
-                              privacy=DifferentialPrivacy(clipping_norm=0.1, noise_multiplier=sigma, delta=delta))
+    config = FederationConfig(
+        num_rounds=rounds,
+        num_clients=num_clients,
+        client_fraction=fraction,
+        output_dir=str(tmp_path),
+        privacy=DifferentialPrivacy(clipping_norm=0.1, noise_multiplier=sigma, delta=delta),
+    )
     orch = FederatedOrchestrator(make_module(), make_datamodule(num_clients), config,
                                  TrainerFactory({"max_steps": 1, "accelerator": "cpu"}, tmp_path), echo=lambda _: None)
     return orch, orch.run()
@@ -70,7 +78,7 @@ def test_epsilon_per_round_matches_opacus_accountant(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))[1:]
     accountant = RDPAccountant()
-    for r, row in enumerate(rows, start=1):
+    for row in rows:
         accountant.step(noise_multiplier=sigma, sample_rate=0.5)  # one client of two per round
         assert float(row["privacy/epsilon"]) == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
         assert float(row["privacy/noise_std"]) == pytest.approx(sigma * 0.1 / 1)

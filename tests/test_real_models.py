@@ -24,7 +24,15 @@ from firm_lightning.sequences import (
     unpack_support,
 )
 from firm_lightning.tokenizer import char_tokenizer
-from real_like import CHECKPOINT_GENERATION, END_OF_TEXT, IM_END, bpe_tokenizer, eos_ids, save_real_like, tiny_chat_model
+from real_like import (
+    CHECKPOINT_GENERATION,
+    END_OF_TEXT,
+    IM_END,
+    bpe_tokenizer,
+    eos_ids,
+    save_real_like,
+    tiny_chat_model,
+)
 
 PROMPTS = ["Hi", "What is a good substitute for butter in omelettes?", "Why?", "Tell me a joke."]
 LORA = LoRASettings(target_modules=["q_proj", "v_proj"])
@@ -86,7 +94,9 @@ def test_decoded_response_is_exactly_the_generated_tokens_before_eos(tokenizer, 
 
 
 def _repeat_free_rows(rollout) -> float:
-    rows = [ids[m.bool()].tolist() for ids, m in zip(rollout.sequences[:, rollout.prompt_length :], rollout.response_mask)]
+    rows = [
+        ids[m.bool()].tolist() for ids, m in zip(rollout.sequences[:, rollout.prompt_length :], rollout.response_mask)
+    ]
     return sum(len(set(r)) == len(r) for r in rows) / len(rows)
 
 
@@ -141,7 +151,9 @@ def _generate_reference(model, tokenizer, prompts, group, max_new, temperature, 
     """``generate`` with its own warpers: the sampled ids and the distribution each token was drawn from."""
     repeated = [p for p in prompts for _ in range(group)]
     encoded = encode_prompts(tokenizer, repeated, 256, torch.device("cpu"))
-    config = sampling_config(max_new, temperature, top_k, top_p, tokenizer.pad_token_id, eos_token_ids(model, tokenizer))
+    config = sampling_config(
+        max_new, temperature, top_k, top_p, tokenizer.pad_token_id, eos_token_ids(model, tokenizer)
+    )
     config.output_scores, config.return_dict_in_generate = True, True
     torch.manual_seed(seed)
     with torch.no_grad(), checkpoint_generation_settings_ignored(model):
@@ -197,13 +209,17 @@ def test_support_bits_round_trip():
 def test_prompts_get_the_chat_template_or_bos_and_never_an_eos(tokenizer):
     device = torch.device("cpu")
     chat = encode_prompts(tokenizer, ["Hi", "Why is the sky blue?"], 64, device)  # default: the template
-    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}], add_generation_prompt=True)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Why is the sky blue?"}], add_generation_prompt=True
+    )
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
     assert chat["input_ids"][1].tolist() == list(expected)
     assert chat["attention_mask"][0].tolist()[0] == 0, "left padding"
     truncated = encode_prompts(tokenizer, ["Why is the sky blue?"], 4, device)["input_ids"][0]
     tail = tokenizer.decode(tokenizer("Why is the sky blue?", add_special_tokens=False)["input_ids"][-4:])
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": tail}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": tail}], tokenize=False, add_generation_prompt=True
+    )
     assert tokenizer.decode(truncated) == rendered, "a long prompt keeps its end inside an intact template"
     raw = encode_prompts(tokenizer, ["Hi", "Why is the sky blue?"], 4, device, chat_template=False)
     ids = raw["input_ids"][1].tolist()
@@ -331,7 +347,10 @@ def test_hh_prompts_reach_chat_templates_as_the_question_alone(tmp_path, tokeniz
     paths = save_real_like(tmp_path)
     reward = HFRewardModel("helpful", str(paths["reward"]), chat_template=True)
     (ids,) = _reward_inputs(reward, [HH_PROMPT], ["Put it in boiling water."])
-    pair = [{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Put it in boiling water."}]
+    pair = [
+        {"role": "user", "content": "How do I boil an egg?"},
+        {"role": "assistant", "content": "Put it in boiling water."},
+    ]
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(pair, tokenize=False), "one BOS, the question alone"
 
 
@@ -474,8 +493,14 @@ def _one_step(precision_plugin=None):
     module.rollout = lambda prompts, group_size: rollout
     recorder = _GradAtStep()
     trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[recorder.callback], plugins=[precision_plugin] if precision_plugin else None,
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder.callback],
+        plugins=[precision_plugin] if precision_plugin else None,
     )
     loader = torch.utils.data.DataLoader([{"prompt": p} for p in PROMPTS], batch_size=4, collate_fn=collate_prompts)
     trainer.fit(module, train_dataloaders=loader)

@@ -91,7 +91,10 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     assert _rows(killed / "client_metrics.csv") == _rows(straight / "client_metrics.csv")
     assert len(_rows(straight / "metrics.csv")) == ROUNDS + 1
     # SaveBestAdapter kept the same best round and adapter across the resume.
-    best = lambda d: (json.loads((d / "adapters" / "best.json").read_text()), load_file(str(d / "adapters" / "best.safetensors")))
+    best = lambda d: (
+        json.loads((d / "adapters" / "best.json").read_text()),
+        load_file(str(d / "adapters" / "best.safetensors")),
+    )
     (meta_a, best_a), (meta_b, best_b) = best(killed), best(straight)
     assert meta_a == meta_b and meta_b["round"] < ROUNDS, (meta_a, meta_b)
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_b)
@@ -110,8 +113,13 @@ def seeded(build, **kwargs):
 
 
 def test_more_rounds_extend_a_finished_run_and_reward_statistics_are_restored(tmp_path):
-    normalized = lambda: seeded(make_module, objectives=[
-        NormalizedReward(CharsetReward("a_to_m", "abcdefghijklm"), mode="running"), CharsetReward("n_to_z", "nopqrstuvwxyz")])
+    normalized = lambda: seeded(
+        make_module,
+        objectives=[
+            NormalizedReward(CharsetReward("a_to_m", "abcdefghijklm"), mode="running"),
+            CharsetReward("n_to_z", "nopqrstuvwxyz"),
+        ],
+    )
     first = _orchestrator(tmp_path / "a", normalized()).run()
     stats = first.objective_state["a_to_m"]
     assert stats["count"] > 0
@@ -181,7 +189,9 @@ def test_a_crash_while_writing_metrics_leaves_the_previous_file_whole(tmp_path):
 def test_disk_full_while_saving_keeps_the_previous_state_and_says_so(tmp_path):
     _saved(tmp_path, 1)
     with mock.patch("firm_lightning.checkpoint.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device")):
-        with pytest.raises(OSError, match="No space left on the device while writing .*earlier checkpoint is intact.*resume true"):
+        with pytest.raises(
+            OSError, match="No space left on the device while writing .*earlier checkpoint is intact.*resume true"
+        ):
             _saved(tmp_path, 2)
     assert not list(tmp_path.glob(".*.tmp"))
     assert checkpoint.load_state(tmp_path, FederationState)[0].round == 1

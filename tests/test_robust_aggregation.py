@@ -62,7 +62,11 @@ def test_one_adversarial_client_drags_fedavg_but_not_median_or_trimmed_mean(tmp_
     honest_deltas = torch.stack([flat(u.adapters[0]) for u in honest[:2]])
     lo, hi = honest_deltas.min(0).values, honest_deltas.max(0).values
     norms, rewards = {}, {}
-    for name, aggregator in {"fedavg": FedAvg(), "median": CoordinateMedian(), "trimmed_mean": TrimmedMean(trim_fraction=0.34)}.items():
+    for name, aggregator in {
+        "fedavg": FedAvg(),
+        "median": CoordinateMedian(),
+        "trimmed_mean": TrimmedMean(trim_fraction=0.34),
+    }.items():
         new = aggregator.aggregate(theta, updates).adapter
         delta = flat(new)
         norms[name] = float(delta.norm())

@@ -35,7 +35,9 @@ def _objective_gradients(module: FIRMClientModule, prompts: list[str]) -> torch.
     rewards = score_all(module.objectives, rollout.prompts, rollout.responses)
     advantages = leave_one_out_advantages(rewards, rollout.group_size, whiten=False)
     logprobs = token_logprobs(module.policy, rollout)
-    losses, _ = module.objective_losses(logprobs, logprobs.detach(), logprobs.detach(), advantages, rollout.response_mask)
+    losses, _ = module.objective_losses(
+        logprobs, logprobs.detach(), logprobs.detach(), advantages, rollout.response_mask
+    )
     params = module.trainable_parameters()
     return torch.stack([
         torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)]) for loss in losses

@@ -321,7 +321,11 @@ def test_invalid_solver_settings(kwargs, match):
 @pytest.mark.parametrize(
     "preference, match",
     [
-        ([0.6, 0.6], r"preference must sum to 1 \(got \[0\.6, 0\.6\], sum 1\.2\); pass normalised weights such as \[0\.5, 0\.5\]"),
+        (
+            [0.6, 0.6],
+            r"preference must sum to 1 \(got \[0\.6, 0\.6\], sum 1\.2\); "
+            r"pass normalised weights such as \[0\.5, 0\.5\]",
+        ),
         ([1.2, -0.2], r"preference must be nonnegative \(got \[1\.2, -0\.2\]\)"),
         ([], r"preference is empty"),
         ([0.5, float("nan")], r"preference contains non-finite"),
@@ -354,7 +358,10 @@ def test_validate_preference():
     [
         (torch.ones(3), r"must be 2-D"),
         (torch.ones(2, 3), r"must be square"),
-        (torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), r"contains NaN: a reward or loss produced non-finite values"),
+        (
+            torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]),
+            r"contains NaN: a reward or loss produced non-finite values",
+        ),
         (torch.tensor([[float("inf"), 0.0], [0.0, 1.0]]), r"contains inf"),
         (torch.diag(torch.tensor([-1.0, 1.0])), r"negative diagonal"),
     ],

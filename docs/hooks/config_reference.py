@@ -84,7 +84,10 @@ def config_table(path: str, prefix: str, page: str) -> str:
     fallback = (_state["fallback"].get(path) or {})
     rows = []
     for param in cls.parameters:
-        if param.name == "self" or param.kind in (griffe.ParameterKind.var_positional, griffe.ParameterKind.var_keyword):
+        if param.name == "self" or param.kind in (
+            griffe.ParameterKind.var_positional,
+            griffe.ParameterKind.var_keyword,
+        ):
             continue
         text = documented.get(param.name)
         if param.name in fallback:

@@ -62,7 +62,9 @@ def client_app(config_text: Optional[str] = None) -> ClientApp:
     return app
 
 
-def fit_round(comps: Components, data: ClientData, content: RecordDict, node_config: dict, secure: bool = False) -> ClientUpdate:
+def fit_round(
+    comps: Components, data: ClientData, content: RecordDict, node_config: dict, secure: bool = False
+) -> ClientUpdate:
     """``fit_client`` on this node's data; under SecAgg+ with privacy, the client clips its own update."""
     federation = comps.federation
     round_idx = int(content[CONFIG]["server-round"])

@@ -25,8 +25,13 @@ from firm_lightning.state import FederationError
 LOCAL_CONNECTION = "firm-local"
 
 
-def launch(config_path: Path, settings: FlowerSettings, datamodule: PromptDataModule, echo: Callable[[str], None] = print,
-           processes: ProcessGroup | None = None) -> ProcessGroup:
+def launch(
+    config_path: Path,
+    settings: FlowerSettings,
+    datamodule: PromptDataModule,
+    echo: Callable[[str], None] = print,
+    processes: ProcessGroup | None = None,
+) -> ProcessGroup:
     """Run the federation the saved config describes; return the (stopped) processes it used."""
     text = _absolute_output_dir(config_path.read_text())
     run = RunFolder(yaml.safe_load(text)["federation"]["output_dir"])
@@ -84,8 +89,23 @@ def _local_deployment(group: ProcessGroup, work: Path, text: str, settings: Flow
         node = work / f"node_{client}"
         prompts = write_partition(datamodule, client, node / "prompts.jsonl")  # all this node holds
         node_config = f'{PARTITION_ID}={client} {PROMPTS_FILE}="{prompts}" output-dir="{node}"'
-        group.start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--host", "127.0.0.1",
-                     "--port", str(free_port()), "--node-config", node_config], env, work / f"node_{client}.log", cwd=node)
+        group.start(
+            [
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+            ],
+            env,
+            work / f"node_{client}.log",
+            cwd=node,
+        )
     echo(f"Flower local deployment: SuperLink 127.0.0.1:{port}, {datamodule.num_clients} SuperNodes; logs in {work}/")
     _flwr_run(group, write_app(work / "app", text), LOCAL_CONNECTION, env)
 

@@ -61,7 +61,9 @@ class ProcessGroup:
             if self._previous is not None:
                 signal.signal(signal.SIGTERM, self._previous)
 
-    def start(self, command: Sequence[str], env: dict, log: Optional[Path] = None, cwd: Optional[Path] = None) -> subprocess.Popen:
+    def start(
+        self, command: Sequence[str], env: dict, log: Optional[Path] = None, cwd: Optional[Path] = None
+    ) -> subprocess.Popen:
         out = open(log, "w") if log is not None else None
         try:
             proc = subprocess.Popen(
@@ -164,11 +166,15 @@ def _signal(p: psutil.Process, sig: int) -> None:
         pass
 
 
-def wait_for_port(port: int, timeout_s: float = 60.0, proc: Optional[subprocess.Popen] = None, log: Optional[Path] = None) -> None:
+def wait_for_port(
+    port: int, timeout_s: float = 60.0, proc: Optional[subprocess.Popen] = None, log: Optional[Path] = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with code {proc.returncode} before listening on 127.0.0.1:{port}; see {log}.")
+            raise RuntimeError(
+                f"{proc.args[0]} exited with code {proc.returncode} before listening on 127.0.0.1:{port}; see {log}."
+            )
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return

@@ -75,8 +75,10 @@ class SecAggStrategy(LegacyStrategy):
         secure = ClientUpdate(-1, mean, sum(r.num_examples for r in reports), {})
         traffic = {}, {}
         if self.grid is not None:
-            traffic = ({r.client_id: self.grid.client_metrics(round_idx, self.client_nodes[r.client_id]) for r in reports},
-                       self.grid.round_metrics(round_idx, [self.client_nodes[c] for c in self.sampled[round_idx]]))
+            traffic = (
+                {r.client_id: self.grid.client_metrics(round_idx, self.client_nodes[r.client_id]) for r in reports},
+                self.grid.round_metrics(round_idx, [self.client_nodes[c] for c in self.sampled[round_idx]]),
+            )
         self.state = self.engine.conclude(self.state, round_idx, reports, lost, secure_mean=secure if reports else None,
                                           client_extras=traffic[0], round_extras=traffic[1])
         return ndarrays_to_parameters([t.numpy() for t in self.state.global_adapter.values()]), {}
@@ -108,7 +110,9 @@ def run_secure(engine: RoundEngine, state: FederationState, client_nodes: dict[i
 
     strategy = SecAggStrategy(engine, state, client_nodes, timeout_s, grid)
     rounds = len(engine.remaining_rounds(state))
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds, round_timeout=timeout_s), strategy=strategy)
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=rounds, round_timeout=timeout_s), strategy=strategy
+    )
     max_weight = 1.0 if engine.config.privacy is not None else float(max(num_examples.values()))
     workflow = SecAggPlusWorkflow(
         settings.num_shares, settings.reconstruction_threshold, max_weight=max_weight,

@@ -39,7 +39,9 @@ def server_app(config_text: Optional[str] = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         text = config_text if config_text is not None else context.run_config.get(CONFIG_KEY)
         if text is None:
-            raise ValueError(f"The run config has no {CONFIG_KEY!r}: start the run with `python -m firm_lightning flower`.")
+            raise ValueError(
+                f"The run config has no {CONFIG_KEY!r}: start the run with `python -m firm_lightning flower`."
+            )
         run_server(grid, load_components(str(text), {"flower": FlowerSettings}), context)
 
     return app
@@ -66,7 +68,9 @@ def _run_server(grid: Grid, comps: Components, context: Context, echo: Callable[
     with quiet_lightning(federation.quiet), stays_on_device(comps.module), steady_memory():
         state = engine.start()
         if secure:
-            state = run_secure(engine, state, nodes, num_examples, settings.secure_aggregation, grid, context, settings.timeout_s)
+            state = run_secure(
+                engine, state, nodes, num_examples, settings.secure_aggregation, grid, context, settings.timeout_s
+            )
         else:
             strategy = FIRMStrategy(engine, state, nodes, grid)
             strategy.start(grid, adapter_record(state.global_adapter), len(engine.remaining_rounds(state)),
@@ -75,19 +79,26 @@ def _run_server(grid: Grid, comps: Components, context: Context, echo: Callable[
         return engine.finish(state)
 
 
-def discover_clients(grid: Grid, num_clients: int, timeout_s: float, echo=print) -> tuple[dict[int, int], dict[int, int]]:
+def discover_clients(
+    grid: Grid, num_clients: int, timeout_s: float, echo=print
+) -> tuple[dict[int, int], dict[int, int]]:
     """Client id -> node id and client id -> example count, from each SuperNode's answer to a ``query``."""
     deadline = time.monotonic() + timeout_s
     while len(node_ids := sorted(grid.get_node_ids())) < num_clients:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"Only {len(node_ids)} of federation.num_clients={num_clients} SuperNodes connected in {timeout_s:.0f}s.")
+            raise TimeoutError(
+                f"Only {len(node_ids)} of federation.num_clients={num_clients} SuperNodes connected in "
+                f"{timeout_s:.0f}s."
+            )
         time.sleep(1.0)
     queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in node_ids]
     clients: dict[int, int] = {}
     num_examples: dict[int, int] = {}
     for reply in grid.send_and_receive(queries, timeout=timeout_s):
         if reply.has_error():
-            raise RuntimeError(f"SuperNode {reply.metadata.src_node_id} could not say which client it is: {reply.error.reason}")
+            raise RuntimeError(
+                f"SuperNode {reply.metadata.src_node_id} could not say which client it is: {reply.error.reason}"
+            )
         client = int(reply.content[METRICS][CLIENT_ID])
         if client in clients:
             raise ValueError(f"Two SuperNodes claim client {client}: give each node its own partition-id.")

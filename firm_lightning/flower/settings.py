@@ -80,6 +80,8 @@ class FlowerSettings:
     def check(self, federation: FederationConfig) -> None:
         """Refuse, before anything starts, the ``federation:`` settings this transport cannot carry."""
         if federation.upload_dtype == "bfloat16":  # Flower's ArrayRecord holds numpy arrays: no bfloat16
-            raise ValueError("federation.upload_dtype=bfloat16 cannot travel in Flower messages; use float16 on Flower.")
+            raise ValueError(
+                "federation.upload_dtype=bfloat16 cannot travel in Flower messages; use float16 on Flower."
+            )
         if self.secure_aggregation is not None:
             refuse_for_hidden_uploads(federation)

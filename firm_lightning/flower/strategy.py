@@ -43,7 +43,9 @@ class FIRMStrategy(Strategy):
         log(INFO, "\t├──> FIRM round engine: %s, aggregator %s, clients %s", self.engine.algorithm.name,
             type(self.engine.aggregator).__name__, sorted(self.client_nodes))
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         round_idx = self.federation_round(server_round)
         if self.engine.stop_reason:  # a callback stopped the federation: no clients for the remaining rounds
             return []
@@ -54,12 +56,18 @@ class FIRMStrategy(Strategy):
         messages = []
         for client in clients:
             self.engine.client_started(round_idx, client)
-            messages.append(Message(
-                RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=self.client_nodes[client], message_type=MessageType.TRAIN
-            ))
+            messages.append(
+                Message(
+                    RecordDict({ARRAYS: arrays, CONFIG: config}),
+                    dst_node_id=self.client_nodes[client],
+                    message_type=MessageType.TRAIN,
+                )
+            )
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         round_idx = self.federation_round(server_round)
         if round_idx not in self.sampled:  # stopped before this round
             return None, None
@@ -98,7 +106,9 @@ class FIRMStrategy(Strategy):
             return {}
         return self.grid.round_metrics(round_idx, [self.client_nodes[c] for c in self.sampled[round_idx]])
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return []  # the engine evaluates the global adapter itself, on the held-out prompts
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:

@@ -31,8 +31,8 @@ So the chance that a study in which nothing differs reports *any* primary verdic
 (uplink bytes: FMGDA uploads S adapters, FIRM one) is marked ``by_construction=True`` on its
 claim, never inferred from the data. Such a row is not a statistical test: its "interval" is
 the exact range of the differences and its verdict their sign, which must be the same on every
-seed (else the row says so and is inconclusive); it does not enter the Holm family. Any other metric that happens to be equal on
-every seed is treated as zero-variance data (inconclusive).
+seed (else the row says so and is inconclusive); it does not enter the Holm family. Any other
+metric that happens to be equal on every seed is treated as zero-variance data (inconclusive).
 
 **Minimum detectable effect.** Beside each primary verdict: the smallest true mean difference
 that a two-sided paired t-test at level ``family_error_rate / m`` (``m`` = number of tested
@@ -178,7 +178,9 @@ def t_test_power(noncentrality: float, df: int, alpha: float) -> float:
     scale = critical / math.sqrt(df)
 
     def integrand(x: float) -> float:
-        return (stats.norm.cdf(noncentrality - scale * x) + stats.norm.cdf(-noncentrality - scale * x)) * stats.chi.pdf(x, df)
+        return (stats.norm.cdf(noncentrality - scale * x) + stats.norm.cdf(-noncentrality - scale * x)) * stats.chi.pdf(
+            x, df
+        )
 
     value, _ = integrate.quad(integrand, 0.0, np.inf, epsabs=1e-12, epsrel=1e-10, limit=200)
     return float(value)
@@ -328,7 +330,9 @@ def default_claims(
     check_claims(claims, metrics=None)  # the declaration: one primary metric per claim
     present += (aa_control,) if aa_control else ()
     kept = [replace(c, baselines=tuple(b for b in c.baselines if b in present)) for c in claims]
-    return [c for c in kept if c.baselines]  # rows without a baseline here are left out (their claim may lose its primary)
+    return [
+        c for c in kept if c.baselines
+    ]  # rows without a baseline here are left out (their claim may lose its primary)
 
 
 # --------------------------------------------------------------------------- per-run numbers
@@ -465,7 +469,9 @@ def claims_table(
                     continue
                 if claim.by_construction:  # no test: the exact range of the differences
                     d = [x for x in diffs if not math.isnan(x)]
-                    interval = Interval(statistics.mean(d), min(d), max(d), len(d), 0.0 if min(d) == max(d) else math.nan)
+                    interval = Interval(
+                        statistics.mean(d), min(d), max(d), len(d), 0.0 if min(d) == max(d) else math.nan
+                    )
                 else:
                     interval = t_interval(diffs, confidence)
                 role = BY_CONSTRUCTION if claim.by_construction else PRIMARY if claim.primary else EXPLORATORY

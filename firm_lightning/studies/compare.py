@@ -113,7 +113,9 @@ def _as_claim(entry) -> Claim:
                 f"compare.claims entry {entry}: {error}; keys are claim, metric, better, baselines, primary, "
                 "by_construction."
             ) from error
-    raise ValueError(f"compare.claims entry {entry!r} is not a claim; write a mapping with claim, metric, better, baselines.")
+    raise ValueError(
+        f"compare.claims entry {entry!r} is not a claim; write a mapping with claim, metric, better, baselines."
+    )
 
 
 def _check_identical_copy(by_name: dict, reference: str, copy_name: str) -> None:
@@ -177,7 +179,9 @@ def run_comparison(
         for seed in settings.seeds:
             data = _rebuilt(datamodule, dirichlet_alpha=alpha, seed=seed)
             for algorithm, preference in _runs_of(settings, alpha):
-                label = f"{algorithm.name}{'' if preference == 'default' else ' p=' + preference} α={alpha:g} seed={seed}"
+                label = (
+                    f"{algorithm.name}{'' if preference == 'default' else ' p=' + preference} α={alpha:g} seed={seed}"
+                )
                 run_dir = run_directory(out, algorithm.name, alpha, seed, preference)
                 history = finished_history(run_dir, federation.num_rounds)
                 if history is None:
@@ -349,7 +353,9 @@ def claims_report(
     The claims are ``settings.claims_for(objectives)`` (by default :func:`claims.default_claims`);
     the text starts with a paragraph saying how the verdicts were reached (family size included).
     """
-    per_run = stats.per_run_table(rows, objectives, lambda a, alpha, seed: _round_adapters(run_directory(out, a, alpha, seed)))
+    per_run = stats.per_run_table(
+        rows, objectives, lambda a, alpha, seed: _round_adapters(run_directory(out, a, alpha, seed))
+    )
     table = stats.claims_table(
         per_run, settings.reference, settings.claims_for(objectives), settings.family_error_rate, settings.min_seeds
     )

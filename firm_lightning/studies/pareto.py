@@ -132,7 +132,9 @@ def plot_fronts(rows: list[dict], names: list[str], path: Path, reference: Seque
             ys = [r[f"eval/reward/{names[j]}"] for r in mine]
             ax.plot(xs, ys, marker="o", label=algorithm)
             for r, x, y in zip(mine, xs, ys):
-                ax.annotate(preference_label(r["preference"]), (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
+                ax.annotate(
+                    preference_label(r["preference"]), (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4)
+                )
         ax.scatter([reference[i]], [reference[j]], marker="x", color="black", label="reference")
         ax.set(xlabel=f"eval reward {names[i]}", ylabel=f"eval reward {names[j]}", title="Pareto front")
         ax.grid(alpha=0.3)

@@ -1,4 +1,5 @@
-"""Claims as statistics: t-intervals, Holm verdicts on primary metrics, MDE, smoothness; per-client and greedy evaluation.
+"""Claims as statistics: t-intervals, Holm verdicts on primary metrics, MDE, smoothness; per-client and greedy
+evaluation.
 
 The error-rate tests simulate with a fixed numpy seed and state their Monte-Carlo error: a
 rate ``p`` estimated over ``R`` replications has standard error ``√(p(1 − p)/R)``.
@@ -37,7 +38,9 @@ def test_t_interval_is_the_textbook_student_interval():
     assert i.sd == pytest.approx(math.sqrt(2.5))
     assert i.low == pytest.approx(3.0 - 1.963243, abs=1e-6) and i.high == pytest.approx(3.0 + 1.963243, abs=1e-6)
     # 90 %: t_{0.95, 4} = 2.131847
-    assert t_interval([1.0, 2.0, 3.0, 4.0, 5.0], 0.90).high == pytest.approx(3.0 + 2.131847 * math.sqrt(2.5 / 5), abs=1e-6)
+    assert t_interval([1.0, 2.0, 3.0, 4.0, 5.0], 0.90).high == pytest.approx(
+        3.0 + 2.131847 * math.sqrt(2.5 / 5), abs=1e-6
+    )
 
 
 def test_t_interval_edge_cases():
@@ -175,7 +178,11 @@ def test_by_construction_is_declared_on_the_claim_not_inferred_from_equal_differ
     assert math.isnan(row["mde"]) and "detectable" not in verdict_sentence(row, "firm")  # no test, no MDE
     # Uplink bytes marked by construction: a verdict from the sign, whatever the number of seeds, outside Holm.
     [row] = claims_table(_two_algorithms([100.0, 100.0], [200.0, 200.0]), "firm", [uplink])
-    assert (row["role"], row["verdict"], row["interval"]) == (BY_CONSTRUCTION, SUPPORTED, Interval(-100.0, -100.0, -100.0, 2))
+    assert (row["role"], row["verdict"], row["interval"]) == (
+        BY_CONSTRUCTION,
+        SUPPORTED,
+        Interval(-100.0, -100.0, -100.0, 2),
+    )
     assert math.isnan(row["p_holm"])
     # Marked by construction but not constant: no verdict, and the table says why.
     [row] = claims_table(_two_algorithms([100.0, 150.0, 100.0], [200.0] * 3), "firm", [uplink])
@@ -375,7 +382,9 @@ def test_compare_settings_check_the_aa_control_and_claims():
     settings = CompareSettings(algorithms, aa_control="firm_copy")
     aa = [c for c in settings.claims_for(list(OBJECTIVES)) if c.claim == "A/A control"]
     assert aa and all(c.baselines == ("firm_copy",) for c in aa)
-    with pytest.raises(ValueError, match=r"compare.aa_control='firm_other' is not an identical copy.*changing only name"):
+    with pytest.raises(
+        ValueError, match=r"compare.aa_control='firm_other' is not an identical copy.*changing only name"
+    ):
         CompareSettings(algorithms, aa_control="firm_other")
     with pytest.raises(ValueError, match=r"compare.aa_control='missing' is not an algorithm here"):
         CompareSettings(algorithms, aa_control="missing")
@@ -457,7 +466,11 @@ def test_per_client_eval_weights_group_rewards_by_each_clients_share(tmp_path):
     module = make_module()
     orchestrator = _orchestrator(tmp_path, module, data)
     groups = sorted(set(data.train_groups))
-    metrics = {f"eval/group/{g}/{n}": float(k + s) / 10 for k, g in enumerate(groups) for s, n in enumerate(module.objective_names)}
+    metrics = {
+        f"eval/group/{g}/{n}": float(k + s) / 10
+        for k, g in enumerate(groups)
+        for s, n in enumerate(module.objective_names)
+    }
     result = orchestrator.engine.client_evaluation(metrics)
     expected = []
     for indices in data.client_indices:
@@ -533,7 +546,9 @@ def test_compare_reports_paired_claims_runs_the_aa_copy_separately_and_reuses_fi
     messages = []
     again = run_comparison(module, data, federation, trainer, settings, echo=messages.append)
     assert len(messages) == 9 and all("reused" in m for m in messages)
-    assert [(r["algorithm"], r["seed"], r["round"]) for r in again] == [(r["algorithm"], r["seed"], r["round"]) for r in rows]
+    assert [(r["algorithm"], r["seed"], r["round"]) for r in again] == [
+        (r["algorithm"], r["seed"], r["round"]) for r in rows
+    ]
     assert again[-1]["eval/reward/a_to_m"] == pytest.approx(rows[-1]["eval/reward/a_to_m"])
 
 
@@ -544,7 +559,13 @@ def test_beta_ablation_plot_orders_beta_from_mgda_to_linear(tmp_path):
     algorithms = [Linear(), FIRM(beta=1.0), LocalMGDA()]
     assert [a.beta_axis for a in algorithms] == [math.inf, 1.0, 0.0]
     per_run = {
-        (a.name, 0.1, s): {"lambda_dispersion": 0.1, "update_dispersion_weighted": 1.0, "final/mean": 0.5, "worst_client": 0.4}
-        for a in algorithms for s in range(3)
+        (a.name, 0.1, s): {
+            "lambda_dispersion": 0.1,
+            "update_dispersion_weighted": 1.0,
+            "final/mean": 0.5,
+            "worst_client": 0.4,
+        }
+        for a in algorithms
+        for s in range(3)
     }
     assert plot_beta_ablation(per_run, algorithms, tmp_path / "beta.png").is_file()
