@@ -58,6 +58,16 @@ class FederatedOrchestrator:
         self.engine = RoundEngine(module, datamodule, config, trainer_factory, writer=writer, echo=echo)
 
     def run(self) -> FederationState:
+        """The whole federation, in this process; returns its final state.
+
+        Starts or resumes (``federation.resume``), then per round: the engine samples the clients, each
+        fits in turn on the one shared module (a client that raises is reported and left out of the
+        round), the engine concludes the round (merge, evaluate, record, checkpoint, hooks). Stops after
+        ``num_rounds`` or when a callback asks; the run folder is then finished (final adapter, plots,
+        summary). Raises ``FederationError`` when a round has fewer than ``min_clients`` usable uploads
+        (the state after the previous round stays saved for a resume). The module ends on the device it
+        started on, holding the last adapter the engine loaded into it.
+        """
         engine = self.engine
         with quiet_lightning(self.config.quiet), stays_on_device(self.module), steady_memory():
             state = engine.start()

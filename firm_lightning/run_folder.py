@@ -127,9 +127,19 @@ class RunFolder:
     def clients(self) -> Path:
         return self.path / "clients"
 
+    @staticmethod
+    def client_name(client_id: int) -> str:
+        """A client's folder under ``clients/`` (its fits' logs, a Flower node's state)."""
+        return f"client_{client_id:03d}"
+
+    @staticmethod
+    def round_name(round_idx: int) -> str:
+        """One round's folder of a client's logs."""
+        return f"round_{round_idx:03d}"
+
     def client_state(self, client_id: int) -> Path:
         """A Flower node's own copy of its client's state (stateful objectives, persisted optimiser)."""
-        return self.clients / f"client_{client_id:03d}" / "state"
+        return self.clients / self.client_name(client_id) / "state"
 
     @property
     def federation_logs(self) -> Path:

@@ -29,6 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, WandbLogg
 from lightning.pytorch.trainer.connectors import callback_connector
 
 from firm_lightning import distributed
+from firm_lightning.run_folder import RunFolder
 
 # Per-client fits neither validate nor checkpoint: the orchestrator evaluates and saves the
 # global adapter itself.
@@ -66,16 +67,14 @@ class TrainerFactory:
     ) -> L.Trainer:
         """A fresh Trainer for one client fit; ``extra_callbacks``: the fit's own (``FitArguments``, optimiser-state
         persistence)."""
-        log_dir = self.output_dir / "clients"
-        kwargs = {
-            **CLIENT_DEFAULTS,
-            **_built(self.kwargs, filename=f"client_{client_id:03d}_round_{round_idx:03d}{tag}"),
-        }
+        folder = RunFolder(self.output_dir)
+        log_dir, client, fit = folder.clients, folder.client_name(client_id), folder.round_name(round_idx) + tag
+        kwargs = {**CLIENT_DEFAULTS, **_built(self.kwargs, filename=f"{client}_{fit}")}
         kwargs = distributed.client_trainer_kwargs(kwargs)  # ddp: FIRM's DDP strategy, the whole batch on every rank
         kwargs.update(
             default_root_dir=str(log_dir),
             callbacks=[*(_fresh(c) for c in _as_list(self.callbacks)), *extra_callbacks, FinishWandbRuns()],
-            logger=self._fresh_loggers(log_dir, f"client_{client_id:03d}", f"round_{round_idx:03d}{tag}"),
+            logger=self._fresh_loggers(log_dir, client, fit),
         )
         with _entry_points_scanned_once():
             return L.Trainer(**kwargs)
@@ -92,7 +91,7 @@ class TrainerFactory:
     def federation_loggers(self) -> list[Logger]:
         """The configured loggers once more, as one run for the federation's round metrics."""
         self._parent_runs = {}
-        loggers = self._fresh_loggers(self.output_dir, "federation", "")
+        loggers = self._fresh_loggers(self.output_dir, RunFolder(self.output_dir).federation_logs.name, "")
         mlflow_runs = [lg.run_id for lg in _as_list(loggers) if isinstance(lg, MLFlowLogger)]
         self._parent_runs = {"mlflow.parentRunId": mlflow_runs[-1]} if mlflow_runs else {}
         return [] if loggers is False else _as_list(loggers)
