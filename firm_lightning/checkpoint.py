@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
+import inspect
 import json
 import os
 from pathlib import Path
-from typing import Any, Type, TypeVar
+from typing import Any, Optional, Type, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -30,6 +31,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 FORMAT_VERSION = 1
+# What ``describe`` records. 1 (no version saved): callable attributes left out, so an objective wrapped in
+# another (NormalizedReward's reward) went undescribed. 2: callable objects described like any other,
+# functions by their qualified name.
+FINGERPRINT_VERSION = 2
 STATE_JSON = "state.json"
 T = TypeVar("T")
 
@@ -210,7 +215,10 @@ def describe(obj: Any, depth: int = 4) -> Any:
     """A JSON-able description of a setting: its class and public attributes, recursively.
 
     Attributes an object reports in ``state_dict()`` are state that evolves during training
-    (e.g. ``NormalizedReward``'s running statistics), not configuration, and are left out.
+    (e.g. ``NormalizedReward``'s running statistics), not configuration, and are left out; an object
+    names what it was configured with in public attributes of its own (``NormalizedReward``'s
+    ``configured_statistics``). Objects that are callable (a wrapped reward) are described like any
+    other; functions, methods and classes by their qualified name.
     """
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -224,33 +232,44 @@ def describe(obj: Any, depth: int = 4) -> Any:
         return str(obj)
     if isinstance(obj, torch.Tensor):
         return {"shape": list(obj.shape), "dtype": str(obj.dtype)}
+    if inspect.isroutine(obj) or isinstance(obj, type):
+        return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
     cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
     if depth <= 0 or not hasattr(obj, "__dict__"):
         return cls
     state_dict = getattr(obj, "state_dict", None)
     evolving = set(state_dict()) if callable(state_dict) and not isinstance(obj, torch.nn.Module) else set()
-    attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k not in evolving and not callable(v)}
+    attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k not in evolving}
     return {"class": cls, **{k: describe(v, depth - 1) for k, v in attrs.items()}}
 
 
-def differences(saved: Any, current: Any, path: str = "", limit: int = 5) -> list[str]:
-    """Human-readable paths where two descriptions differ: ``"lora.r: was 8, now 16"``."""
+def differences(
+    saved: Any, current: Any, path: str = "", limit: int = 5, unrecorded: Optional[list[str]] = None
+) -> list[str]:
+    """Human-readable paths where two descriptions differ: ``"lora.r: was 8, now 16"``.
+
+    ``unrecorded``: a list, for a saved description of an earlier ``FINGERPRINT_VERSION``: a key the
+    current description has and the saved one lacks is appended to it (the earlier version did not
+    record it) instead of counting as a difference.
+    """
     if isinstance(saved, dict) and isinstance(current, dict):
         found = []
         for key in list(dict.fromkeys([*saved, *current])):
             sub = f"{path}.{key}" if path else str(key)
-            if key not in saved or key not in current:
+            if key not in saved and unrecorded is not None:
+                unrecorded.append(sub)
+            elif key not in saved or key not in current:
                 found.append(f"{sub}: {'absent' if key not in saved else _short(saved[key])} before, "
                              f"{'absent' if key not in current else _short(current[key])} now")
             else:
-                found += differences(saved[key], current[key], sub, limit)
+                found += differences(saved[key], current[key], sub, limit, unrecorded)
             if len(found) >= limit:
                 break
         return found[:limit]
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
         found = []
         for i, (a, b) in enumerate(zip(saved, current)):
-            found += differences(a, b, f"{path}[{i}]", limit)
+            found += differences(a, b, f"{path}[{i}]", limit, unrecorded)
         return found[:limit]
     return [] if saved == current else [f"{path}: was {_short(saved)}, now {_short(current)}"]
 

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
 
 from firm_lightning import checkpoint
 from firm_lightning.adapters import ClientUpdate
@@ -317,7 +318,8 @@ class RoundEngine:
             state, objective_state=self.eval_objective_state, rng_state=checkpoint.capture_rng(),
             secret_rng_state=self.secret.state_dict() if self.secret is not None else {},
         )
-        checkpoint.save_state(self.checkpoint_dir, state, {"fingerprint": self.fingerprint()})
+        checkpoint.save_state(self.checkpoint_dir, state, {"fingerprint": self.fingerprint(),
+                                                           "fingerprint_version": checkpoint.FINGERPRINT_VERSION})
         return state
 
     def resumed_state(self) -> Optional[FederationState]:
@@ -326,13 +328,19 @@ class RoundEngine:
             self.echo(f"resume: no checkpoint in {self.checkpoint_dir}; starting from round 0")
             return None
         state, extra = checkpoint.load_state(self.checkpoint_dir, FederationState)
-        changed = checkpoint.differences(extra.get("fingerprint", {}), self.fingerprint())
+        version = extra.get("fingerprint_version", 1)  # none saved: written before versions were recorded
+        unrecorded: Optional[list[str]] = [] if version < checkpoint.FINGERPRINT_VERSION else None
+        changed = checkpoint.differences(extra.get("fingerprint", {}), self.fingerprint(), unrecorded=unrecorded)
         if changed:
             raise checkpoint.CheckpointError(
                 f"Cannot resume from {self.checkpoint_dir}: this config differs from the saved run in "
                 + "; ".join(changed)
                 + ". Resume with the original settings, or start a new run in another federation.output_dir."
             )
+        if unrecorded:
+            shown = ", ".join(unrecorded[:8]) + (f" and {len(unrecorded) - 8} more" if len(unrecorded) > 8 else "")
+            self.echo(f"resume: the saved run's fingerprint (version {version}) does not record {shown}; "
+                      "not compared")
         if state.round > self.config.num_rounds:
             raise checkpoint.CheckpointError(
                 f"Cannot resume: {self.checkpoint_dir} holds {state.round} finished rounds but federation.num_rounds="
@@ -383,16 +391,41 @@ class RoundEngine:
 def calibrated_statistics(
     module: FIRMClientModule, trainers: TrainerFactory, datamodule: PromptDataModule
 ) -> dict[str, dict]:
-    """The configured objectives' statistics after scoring the module's current adapter on the first
-    held-out batch, sampled with a seed apart from every evaluation's (round 0 is then not zero by
-    construction); {} when no objective has statistics."""
+    """The configured objectives' statistics after scoring the module's current adapter on the held-out
+    batches, sampled with seeds apart from every evaluation's (round 0 is then not zero by construction);
+    {} when no objective has statistics.
+
+    Batch after batch until no objective is still calibrating (``NormalizedReward.calibrating``: its
+    rewards have not spread yet), usually after the first. Statistics of rewards that never spread on the
+    whole held-out set would normalise every evaluation reward of the run to 0: refused, naming the
+    objectives and the fixes."""
     if not stateful(module.objectives):
         return {}
     load_objective_states(module.objectives, None)
-    calibration = FitArguments(eval_seed_offset=CALIBRATION_SEED_OFFSET)
-    trainer = trainers.eval_trainer(limit_val_batches=1, extra_callbacks=[calibration])
-    trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
-    return objective_states(module.objectives)
+    for index, batch in enumerate(datamodule.val_dataloader()):
+        # Batch i sampled as it would be at index i of one pass over the held-out set (validation_step's seed).
+        calibration = FitArguments(eval_seed_offset=CALIBRATION_SEED_OFFSET + index)
+        trainer = trainers.eval_trainer(limit_val_batches=1, extra_callbacks=[calibration])
+        trainer.validate(module, dataloaders=DataLoader([batch], batch_size=None, collate_fn=_as_is), verbose=False)
+        if not _calibrating(module.objectives):
+            return objective_states(module.objectives)
+    stuck = _calibrating(module.objectives)
+    raise ValueError(
+        f"Evaluation cannot calibrate the statistics of {', '.join(repr(o.name) for o in stuck)}: the initial "
+        "adapter's raw rewards are alike on every held-out prompt, so evaluation would normalise them all to 0 for "
+        "the whole run. Give fixed statistics (NormalizedReward mode: fixed with mean and std) or held-out prompts "
+        "on which the reward varies."
+    )
+
+
+def _calibrating(objectives) -> list:
+    """The objectives whose calibration has not found spread rewards yet."""
+    return [o for o in stateful(objectives) if getattr(o, "calibrating", False)]
+
+
+def _as_is(batch):
+    """A DataLoader's collate function for a batch that is already collated."""
+    return batch
 
 
 def _weights_signature(model: torch.nn.Module) -> str:

@@ -40,7 +40,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
 
 from firm_lightning.adapters import check_adapter_state
-from firm_lightning.advantages import leave_one_out_advantages
+from firm_lightning.advantages import group_advantages
 from firm_lightning.gradients import (
     GRAM_SOURCES, ExactGradients, GramSource, LossScale, RepresentationGradients, capture_representation, check_finite,
     clipped, objective_weights, write_direction, write_non_finite,
@@ -106,9 +106,11 @@ class PolicyGradientSettings:
         kl_coef: κ: weight of the KL-to-reference penalty, the same inside every objective's loss.
         kl_estimator: The KL penalty's loss term: k2 (∇KL(π‖π_ref) per position), sequence (∇KL(π‖π_ref) of
             whole responses, higher variance) or k3 (∇KL(π_ref‖π), the reverse divergence).
-        aggregation: token_sum (unbiased: constant normaliser B·G·max_new_tokens) or sequence_mean (each
-            response weighted by 1/its length: biased towards long responses).
-        whiten_advantages: Normalise each objective's advantages to unit variance so reward scales do not matter.
+        aggregation: token_sum (unbiased: constant normaliser B·G·max_new_tokens; TRL's dr_grpo), token_mean
+            (divided by the batch's response tokens; TRL's dapo, and its bnpo with one micro-batch) or
+            sequence_mean (each response weighted by 1/its length: biased towards long responses; TRL's grpo).
+        whiten_advantages: Normalise each objective's advantages to unit variance so reward scales do not matter
+            (after the advantages below; off for TRL's advantages).
         ppo_epochs: Optimiser steps per batch of rollouts; more than 1 uses the clipped importance ratio.
             The last batch of a fit runs fewer, so a fit never exceeds trainer.max_steps optimiser steps.
         clip_range: PPO clip range of the importance ratio.
@@ -121,17 +123,22 @@ class PolicyGradientSettings:
             the whole batch. The S per-objective gradients are summed over the micro-batches, then the Gram
             matrix, λ and the step are computed once: the same step as the whole batch (the normalisers are
             the whole batch's). With gram_from hidden / logits, micro-batches cost a second forward pass.
+        advantages: The group baseline and scale (firm_lightning.advantages): leave_one_out (the mean of the
+            prompt's other G-1 rewards), group_mean (the mean of its G rewards; TRL's scale_rewards none),
+            group_std (group_mean divided by the group's std + 1e-4; TRL's group) or batch_std (divided by the
+            batch's reward std + 1e-4; TRL's batch).
     """
 
     kl_coef: float = 0.05
     kl_estimator: Literal["k2", "sequence", "k3"] = "k2"
-    aggregation: Literal["token_sum", "sequence_mean"] = "token_sum"
+    aggregation: Literal["token_sum", "sequence_mean", "token_mean"] = "token_sum"
     whiten_advantages: bool = True
     ppo_epochs: int = 1
     clip_range: float = 0.2
     max_grad_norm: Optional[float] = 1.0
     gram_from: Literal["parameters", "hidden", "logits"] = "parameters"
     micro_batch_size: Optional[int] = None
+    advantages: Literal["leave_one_out", "group_mean", "group_std", "batch_std"] = "leave_one_out"
 
 
 class FitArguments(L.Callback):
@@ -305,8 +312,9 @@ class FIRMClientModule(L.LightningModule):
         the per-objective gradients summed over the micro-batches are the whole batch's. Under DDP
         each rank takes the rows of its share of the prompts and the sums run over the ranks too.
         """
-        advantages = leave_one_out_advantages(rewards, rollout.group_size, self.loss_settings.whiten_advantages)
-        num_rows = len(rollout.responses)
+        settings = self.loss_settings
+        advantages = group_advantages(rewards, rollout.group_size, settings.advantages, settings.whiten_advantages)
+        num_rows, num_tokens = len(rollout.responses), float(rollout.response_mask.sum())
         ranks = self._ranks()
         mine = slice(0, num_rows)  # this rank's rows: all of them, or its share of the prompts' groups under DDP
         if ranks is not None:
@@ -329,7 +337,7 @@ class FIRMClientModule(L.LightningModule):
                 batch_rows = slice(mine.start + rows.start, mine.start + rows.stop)
                 losses, kls[i] = self.objective_losses(
                     logprobs, previous, reference[rows], advantages[:, batch_rows], part.response_mask,
-                    num_rows=num_rows,
+                    num_rows=num_rows, num_tokens=num_tokens,
                 )
                 return losses, representation.get("tensor")
 
@@ -380,12 +388,14 @@ class FIRMClientModule(L.LightningModule):
         advantages: torch.Tensor,
         mask: torch.Tensor,
         num_rows: Optional[int] = None,
+        num_tokens: Optional[float] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-objective losses ``L_s`` (shape (S,)) and the KL they share (k3 value, for logging);
-        ``num_rows``: the whole batch's rows when these are one micro-batch (``policy_gradient_losses``)."""
+        ``num_rows``/``num_tokens``: the whole batch's rows and response tokens when these are one
+        micro-batch (``policy_gradient_losses``)."""
         return policy_gradient_losses(
             logprobs, old_logprobs, ref_logprobs, advantages, mask, self.loss_settings, self.sampling.max_new_tokens,
-            num_rows,
+            num_rows, num_tokens,
         )
 
     def weighted_step(

@@ -248,6 +248,8 @@ class NormalizedReward(RewardFunction):
             raise ValueError("NormalizedReward(mode='fixed') needs mean and a positive std.")
         self.reward, self.mode, self.eps = reward, mode, eps
         self.name = reward.name
+        # Public: the run's fingerprint describes it (the statistics themselves are evolving state).
+        self.configured_statistics = {"mean": mean, "std": std}
         self.count = 0 if mode != "fixed" else 1
         self.mean = 0.0 if mean is None else float(mean)
         self._m2 = 0.0 if std is None else float(std) ** 2
