@@ -150,6 +150,36 @@ def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 # HH-RLHF's turn markers: its prompts read "\n\nHuman: {question}\n\nAssistant:".
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 USER_MESSAGES = ("question", "prompt")
+# Where RiC's evaluation cuts a generated response, in this order (YangRui2015/RiC, ppo/eval_ppo_single_model.py).
+HH_RESPONSE_CUTS = ("\n\nHuman:", "\nHuman:", "\n\nAssistant:", "\nAssistant:", "\n\n\n")
+
+
+def hh_dialogue_prompt(conversation: str) -> str:
+    """RiC's prompt of an HH-RLHF conversation: the dialogue before its last ``"\n\nAssistant:"``, as
+    written (a human turn's trailing spaces kept), then ``" \n\nAssistant:"`` (``build_dataset_eval``)."""
+    if HH_ASSISTANT not in conversation:
+        raise ValueError(f"No '\\n\\nAssistant:' turn in conversation {conversation[:80]!r}: is this HH-RLHF data?")
+    return HH_ASSISTANT.join(conversation.split(HH_ASSISTANT)[:-1]) + " " + HH_ASSISTANT
+
+
+def hh_reward_query(text: str) -> str:
+    """The query RiC's reward models read for ``text`` (a prompt, or a prompt and its response): the dialogue
+    before the last ``"\n\nAssistant:"``, right-stripped, then ``" \n\nAssistant:"`` (``Instructions.get_input``)."""
+    return HH_ASSISTANT.join(text.split(HH_ASSISTANT)[:-1]).rstrip() + " " + HH_ASSISTANT
+
+
+def hh_reward_response(text: str) -> str:
+    """The response RiC's reward models read for a prompt and its response: what follows the last
+    ``"\n\nAssistant:"``, stripped (``Instructions.get_response``)."""
+    return text.split(HH_ASSISTANT)[-1].strip()
+
+
+def cut_at_turns(response: str) -> str:
+    """``response`` cut before each of ``HH_RESPONSE_CUTS`` in turn, stripped after each cut, as RiC does: a
+    response that goes on to invent the next turns keeps only its own."""
+    for marker in HH_RESPONSE_CUTS:
+        response = response.split(marker)[0].strip()
+    return response
 
 
 def hh_question(prompt: str) -> Optional[str]:
@@ -220,6 +250,13 @@ def _chat(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: Option
 def _hf_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model under a peft wrapper (it owns ``generation_config``)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def checkpoint_temperature(model: torch.nn.Module) -> float:
+    """The temperature of the checkpoint's generation config (1.0 when it sets none): what ``generate``
+    samples with when its caller leaves the temperature unset, as RiC's evaluation does."""
+    value = getattr(getattr(_hf_model(model), "generation_config", None), "temperature", None)
+    return 1.0 if value is None else float(value)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
