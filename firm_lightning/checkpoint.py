@@ -225,7 +225,11 @@ def describe(obj: Any, depth: int = 4) -> Any:
     if isinstance(obj, (list, tuple)):
         return [describe(v, depth) for v in obj]
     if isinstance(obj, (set, frozenset)):
-        return sorted(describe(v, depth) for v in obj)
+        described = [describe(v, depth) for v in obj]
+        try:
+            return sorted(described)
+        except TypeError:  # unorderable descriptions (dicts): ordered by their JSON text
+            return sorted(described, key=json.dumps)
     if isinstance(obj, dict):
         return {str(k): describe(v, depth) for k, v in obj.items()}
     if isinstance(obj, (torch.dtype, torch.device, Path)):
@@ -240,7 +244,14 @@ def describe(obj: Any, depth: int = 4) -> Any:
     state_dict = getattr(obj, "state_dict", None)
     evolving = set(state_dict()) if callable(state_dict) and not isinstance(obj, torch.nn.Module) else set()
     attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k not in evolving}
-    return {"class": cls, **{k: describe(v, depth - 1) for k, v in attrs.items()}}
+    return {"class": cls, **{k: _attribute(v, depth - 1) for k, v in attrs.items()}}
+
+
+def _attribute(value: Any, depth: int) -> Any:
+    """An attribute's description; a network a setting holds by its class only (its weights are state)."""
+    if isinstance(value, torch.nn.Module):
+        return f"{type(value).__module__}.{type(value).__qualname__}"
+    return describe(value, depth)
 
 
 def differences(
