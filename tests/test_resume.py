@@ -319,3 +319,17 @@ def test_a_checkpoint_of_an_earlier_fingerprint_version_compares_only_what_it_re
     # ... and a change it did record is still refused
     with pytest.raises(CheckpointError, match=r"federation\.seed: was 0, now 5"):
         _orchestrator(tmp_path, seed=5, resume=True).engine.resumed_state()
+
+
+def test_the_fingerprint_describes_callable_settings():
+    """A wrapped reward (a callable object) is described like any setting, a function by its name, a network a
+    setting holds by its class (its weights are state)."""
+    import math
+
+    class Holder:
+        def __init__(self):
+            self.reward, self.scale, self.net = CharsetReward("a", "ba"), math.sqrt, torch.nn.Linear(1, 1)
+
+    described = checkpoint.describe(Holder())
+    assert described["reward"] == {"class": "firm_lightning.rewards.CharsetReward", "name": "a", "charset": ["a", "b"]}
+    assert described["scale"] == "math.sqrt" and described["net"] == "torch.nn.modules.linear.Linear"
