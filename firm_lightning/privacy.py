@@ -127,10 +127,6 @@ class SecretGenerator:
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["torch"])
 
-    def choice(self, n: int, size: int) -> list[int]:
-        """``size`` of ``range(n)`` without replacement, sorted."""
-        return sorted(int(i) for i in torch.randperm(n, generator=self.generator)[:size])
-
     def poisson(self, n: int, rate: float) -> list[int]:
         """Each of ``range(n)`` independently with probability ``rate`` (Poisson sampling), sorted; may be empty."""
         return [int(i) for i in torch.nonzero(torch.rand(n, generator=self.generator) < rate).flatten()]

@@ -120,6 +120,10 @@ def test_settings_the_guarantee_cannot_honour_are_refused():
     with pytest.raises(ValueError, match="secure_aggregation with federation.privacy needs client_fraction 1"):
         FlowerSettings(secure_aggregation=SecureAggregation()).check(
             FederationConfig(num_clients=10, client_fraction=0.5, privacy=dp))
+    from firm_lightning.studies.compare import CompareSettings, run_comparison
+
+    with pytest.raises(ValueError, match="compare tests its claims on training statistics"):  # before any training
+        run_comparison(None, None, FederationConfig(num_clients=10, privacy=dp), {}, CompareSettings())
 
 
 def test_the_released_adapter_hides_noise_that_the_config_cannot_regenerate(tmp_path):
