@@ -5,7 +5,8 @@
 Runs, for every seed, the same federation (the config of tests/test_cli.py: 4 clients, 3 rounds,
 4 local steps) without DP, with clipping only (σ = 0), and with clipping plus noise at each σ.
 ``--fraction`` sets federation.client_fraction q for every run: ⌈q·4⌉ clients per round without DP,
-each client with probability q (Poisson sampling) with DP.
+each client with probability q (Poisson sampling) with DP; min_clients is 1 (a Poisson round may
+sample fewer clients, even none).
 A run that stops (e.g. every client's gradients NaN) is reported with its error line.
 Prints JSON: per setting, the final eval reward per objective (mean, std over seeds), its paired
 difference against the run without DP (mean and a 95% t interval over seeds), and ε at δ = 1e-5.
@@ -38,7 +39,7 @@ def run(seed: int, dp: list[str], fraction: float = 1.0) -> dict:
     with tempfile.TemporaryDirectory() as out, redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()) as err:
         try:
             main(["fit", *SHORT, f"--federation.seed={seed}", f"--federation.output_dir={out}",
-                  f"--federation.client_fraction={fraction}", *dp])
+                  f"--federation.client_fraction={fraction}", "--federation.min_clients=1", *dp])
         except SystemExit:  # e.g. so much noise that every client's gradients became NaN
             return {"failed": err.getvalue().strip().splitlines()[-1]}
         rows = list(csv.DictReader(open(Path(out) / "metrics.csv")))

@@ -239,8 +239,11 @@ def test_a_private_run_releases_nothing_that_is_a_function_of_one_client_s_data(
     with open(out / "server_private" / "client_metrics.csv") as f:
         assert sorted(int(r["client"]) for r in csv.DictReader(f)) == [0, 1]
     assert float(same[0][("metrics.csv", 1, "privacy/epsilon")]) == pytest.approx(dp.epsilon(1.0, 1), rel=1e-12)
-    assert "ε = " in (out / "summary.txt").read_text()
-    assert "Poisson" in (out / "adapters" / "final" / "README.md").read_text()
+    epsilon = f"ε = {dp.epsilon(1.0, 1):.3f}, δ = 1e-05"
+    assert epsilon in (out / "summary.txt").read_text()
+    card = (out / "adapters" / "final" / "README.md").read_text()
+    for stated in (epsilon, "after 1 round;", "Poisson sampling, q = 1 of 2 clients", "C = 0.1", "σ = 5"):
+        assert stated in card, stated
 
 
 def test_the_released_row_keeps_the_held_out_evaluation_and_the_accounting_only():
