@@ -24,6 +24,10 @@ Configure them by ``class_path`` under ``federation.callbacks``, e.g.::
 
 A callback stops the federation with ``federation.request_stop(reason)``; the federation
 finishes the current round, prints the reason and ends as after the last round.
+
+Under ``federation.privacy`` the hooks see only what the run releases: ``on_round_start`` gets an
+empty client list, ``on_client_start``/``on_client_end`` are not called, and every ``row`` (and
+``state.history``) is the released row, without training statistics.
 """
 
 from __future__ import annotations

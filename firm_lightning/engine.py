@@ -7,7 +7,7 @@ means the same on both. A transport asks the engine, in order:
 1. ``start()``: the initial evaluation (round 0), or a resume from ``<output_dir>/checkpoint``
    checked against this config's fingerprint (objective and RNG state included);
 2. per round, ``begin_round(state, r)``: which clients train (public and seeded by
-   (seed, round), or drawn from the secret generator when differential privacy is on);
+   (seed, round), or Poisson-sampled from the secret generator when differential privacy is on);
 3. ``conclude(state, r, ...)`` with the uploads and the failures: screening, ``min_clients``,
    aggregation (the algorithm's aggregator → the robust rule → differential privacy),
    evaluation, metric rows, checkpoint, hooks; returns the next state;
@@ -15,6 +15,12 @@ means the same on both. A transport asks the engine, in order:
 
 A callback may ``request_stop(reason)``; ``stop_reason`` tells the transport to stop after
 the current round.
+
+Release policy under ``federation.privacy``: the released rows (``state.history``: ``metrics.csv``,
+the summary, plots, model card, Lightning loggers, progress lines and every callback's ``row``) hold
+only what the guarantee covers (``privacy.released_row``); no client rows are released, the hooks are
+not told which clients were sampled, and the full rows go to the server-private record
+(``state.private_history``, ``<output_dir>/server_private/``).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.federation import RESUMABLE_SETTINGS, FederationConfig, refuse_for_hidden_uploads
 from firm_lightning.federation_metrics import client_evaluation, client_row, round_metrics
 from firm_lightning.module import CALIBRATION_SEED_OFFSET, FIRMClientModule, FitArguments
-from firm_lightning.privacy import SecretGenerator
+from firm_lightning.privacy import SecretGenerator, released_row
 from firm_lightning.rewards import load_objective_states, objective_states, stateful, statistics_frozen
 from firm_lightning.progress import progress_callback
 from firm_lightning.report import RunWriter
@@ -83,7 +89,10 @@ class RoundEngine:
         self.uploads_visible = uploads_visible
         if not uploads_visible:
             refuse_for_hidden_uploads(config)
-        self.secret = SecretGenerator() if config.privacy is not None else None
+        self.private = config.privacy is not None
+        self.secret = SecretGenerator() if self.private else None
+        if self.private:
+            trainers.log_clients_privately()  # the client fits' own logs are per-client statistics
         self.aggregator = self._compose_aggregator()
         self.writer = writer or RunWriter(
             config.output_dir, module.objective_names, module.policy.peft_config["default"], echo,
@@ -145,22 +154,19 @@ class RoundEngine:
         """The clients that train in ``round_idx`` (drawn once per round)."""
         self._round_tic = time.perf_counter()
         clients = self.sample_clients(round_idx)
-        self.callbacks.on_round_start(self, state, round_idx, clients)
+        self.callbacks.on_round_start(self, state, round_idx, [] if self.private else clients)
         return clients
 
     def sample_clients(self, round_idx: int) -> list[int]:
-        """Without privacy: seeded by (seed, round), the same clients on any rerun or resume. With
-        privacy: from the secret generator (a reader of the config must not know who was sampled)."""
-        n, m = self.config.num_clients, self.clients_per_round
-        if self.secret is not None:
-            return self.secret.choice(n, m)
-        return sorted(int(c) for c in sampling_rng(self.config.seed, round_idx).choice(n, size=m, replace=False))
+        return sample_clients(self.config, round_idx, self.secret)
 
     def client_started(self, round_idx: int, client_id: int) -> None:
-        self.callbacks.on_client_start(self, round_idx, client_id)
+        if not self.private:  # under privacy the hooks are not told who was sampled
+            self.callbacks.on_client_start(self, round_idx, client_id)
 
     def client_finished(self, round_idx: int, update: ClientUpdate) -> None:
-        self.callbacks.on_client_end(self, round_idx, update)
+        if not self.private:
+            self.callbacks.on_client_end(self, round_idx, update)
 
     def conclude(
         self,
@@ -184,7 +190,7 @@ class RoundEngine:
         global_adapter = state.global_adapter
         updates = sorted(updates, key=lambda u: u.client_id)  # client order: float sums agree across transports
         accepted, rejected = self._screen(updates, global_adapter, round_idx) if secure_mean is None else (updates, [])
-        if len(accepted) < self.config.min_clients:
+        if len(accepted) < self._usable_uploads_needed(len(updates) + len(failures)):
             # The checkpoint saved when round state.round finished stays as it is: re-saving now
             # would record reward statistics and RNG states disturbed by this failed round.
             raise FederationError(
@@ -197,11 +203,12 @@ class RoundEngine:
         result = self.aggregator.aggregate(global_adapter, merged)
         extras = client_extras or {}
         client_rows = [{**client_row(u, round_idx, global_adapter), **extras.get(u.client_id, {})} for u in accepted]
+        training = round_metrics(accepted, result, global_adapter, client_rows, self.objective_names,
+                                 uploads_visible=secure_mean is None) if accepted else {"clients": 0}
         row = {
             "round": round_idx,
             **self.evaluate(result.adapter),
-            **round_metrics(accepted, result, global_adapter, client_rows, self.objective_names,
-                            uploads_visible=secure_mean is None),
+            **training,
             "failed_clients": len(failures),
             "rejected_clients": len(rejected),
             **self._privacy_metrics(round_idx),
@@ -212,14 +219,30 @@ class RoundEngine:
             state,
             round=round_idx,
             global_adapter=result.adapter,
-            history=[*state.history, row],
-            client_history=[*state.client_history, *client_rows],
             client_states=state.client_states if client_states is None else client_states,
+            **self._recorded(state, row, client_rows),
         )
-        self.writer.record_round(state, row, client_rows)
+        released = state.history[-1]
+        self.writer.record_round(state, released, [] if self.private else client_rows)
         state = self.save_checkpoint(state)
-        self.callbacks.on_round_end(self, state, row)
+        self.callbacks.on_round_end(self, state, released)
         return state
+
+    def _recorded(self, state: FederationState, row: dict, client_rows: list[dict]) -> dict:
+        """The state's record fields with this round's rows: all released without privacy; under privacy
+        only ``released_row(row)``, the full rows kept in the server-private record."""
+        if not self.private:
+            return {"history": [*state.history, row], "client_history": [*state.client_history, *client_rows]}
+        return {
+            "history": [*state.history, released_row(row)],
+            "private_history": [*state.private_history, row],
+            "private_client_history": [*state.private_client_history, *client_rows],
+        }
+
+    def _usable_uploads_needed(self, sampled: int) -> int:
+        """``min_clients``; under privacy at most the clients a (Poisson) round sampled: an empty round is a
+        noise-only step of the mechanism the ε accounts for."""
+        return min(self.config.min_clients, sampled) if self.private else self.config.min_clients
 
     def finish(self, state: FederationState) -> FederationState:
         self.callbacks.on_federation_end(self, state)
@@ -231,14 +254,7 @@ class RoundEngine:
     # ---- aggregation ----
 
     def _compose_aggregator(self) -> Aggregator:
-        """The algorithm's aggregator → the robust rule in place of its FedAvg → differential privacy."""
-        config = self.config
-        aggregator = with_rule(self.algorithm.aggregator(config.server_lr), config.aggregator, config.server_lr,
-                               config.trim_fraction)
-        if config.privacy is not None:
-            aggregator = config.privacy.wrap(aggregator, self.clients_per_round, self.secret,
-                                             clipped_on_client=not self.uploads_visible)
-        return aggregator
+        return compose_aggregator(self.config, self.secret, self.uploads_visible)
 
     def _screen(self, updates: Sequence[ClientUpdate], global_adapter: dict, round_idx: int) -> tuple[list, list[str]]:
         """Uploads fit to merge; the others are logged and dropped (never aggregated)."""
@@ -257,10 +273,10 @@ class RoundEngine:
         privacy = self.config.privacy
         if privacy is None:
             return {}
-        rate = self.clients_per_round / self.config.num_clients
         return {
-            "privacy/epsilon": privacy.epsilon(rate, round_idx),
-            "privacy/noise_std": privacy.noise_std(self.clients_per_round),
+            "privacy/epsilon": privacy.epsilon(self.config.client_fraction, round_idx),
+            "privacy/delta": privacy.delta,
+            "privacy/noise_std": privacy.noise_std(self.config.expected_clients),
         }
 
     # ---- evaluation ----
@@ -308,8 +324,8 @@ class RoundEngine:
         adapter = self.module.adapter_state()
         self.eval_objective_state = self.calibrate_evaluation(adapter)
         row = {"round": 0, **self.evaluate(adapter)}
-        state = FederationState(round=0, global_adapter=adapter, history=[row])
-        self.writer.record_round(state, row, [])
+        state = FederationState(round=0, global_adapter=adapter, **self._recorded(FederationState(0, adapter), row, []))
+        self.writer.record_round(state, state.history[-1], [])
         return self.save_checkpoint(state)
 
     def save_checkpoint(self, state: FederationState) -> FederationState:
@@ -386,6 +402,30 @@ class RoundEngine:
             "federation": {k: describe(v) for k, v in federation.items() if k not in RESUMABLE_SETTINGS},
             "data": describe(dict(self.datamodule.hparams)),
         }
+
+
+def sample_clients(config: FederationConfig, round_idx: int, secret: Optional[SecretGenerator]) -> list[int]:
+    """The clients that train in ``round_idx``. Without privacy: ``clients_per_round`` of them, seeded by
+    (seed, round), the same clients on any rerun or resume. With privacy: each client with probability
+    ``client_fraction`` (Poisson sampling, the sampling the ε is computed for), from the secret generator: a
+    reader of the config must not know who was sampled."""
+    n = config.num_clients
+    if config.privacy is not None:
+        return secret.poisson(n, config.client_fraction)
+    m = config.clients_per_round
+    return sorted(int(c) for c in sampling_rng(config.seed, round_idx).choice(n, size=m, replace=False))
+
+
+def compose_aggregator(config: FederationConfig, secret: Optional[SecretGenerator],
+                       uploads_visible: bool = True) -> Aggregator:
+    """The algorithm's aggregator → the robust rule in place of its FedAvg → differential privacy (whose noise
+    ``secret`` draws; clipping on the clients when the uploads are hidden, SecAgg+)."""
+    aggregator = with_rule(config.resolved_algorithm.aggregator(config.server_lr), config.aggregator,
+                           config.server_lr, config.trim_fraction)
+    if config.privacy is not None:
+        aggregator = config.privacy.wrap(aggregator, config.expected_clients, secret,
+                                         clipped_on_client=not uploads_visible)
+    return aggregator
 
 
 def calibrated_statistics(

@@ -23,8 +23,11 @@ class FederationConfig:
     Args:
         num_rounds: Number of federated rounds N (server aggregations).
         num_clients: Number of clients; the prompts are partitioned over them (linked to data.num_clients).
-        client_fraction: Fraction q of the clients sampled per round: max(min_clients, ⌈q·num_clients⌉) clients.
-        min_clients: At least this many clients per round, and at least this many usable uploads for a round to count.
+        client_fraction: Fraction q of the clients sampled per round: max(min_clients, ⌈q·num_clients⌉) clients; with
+            privacy, each client independently with probability q (Poisson sampling, q·num_clients on average).
+        min_clients: At least this many clients per round, and at least this many usable uploads for a round to count;
+            with privacy and q < 1 it must be 1 (a Poisson sample may be smaller; a round then needs at least one
+            usable upload from the clients it sampled, if it sampled any).
         server_lr: Server learning rate η_g: θ ← θ + η_g Σ_i w_i (θ_i − θ); 1.0 is plain FedAvg of the adapters.
         seed: Seeds the LoRA initialisation, the data split, client sampling (without privacy) and every client fit
             (linked to data.seed).
@@ -43,8 +46,9 @@ class FederationConfig:
         aggregator: fedavg, or a robust rule in place of FedAvg: median (coordinate-wise) or trimmed_mean.
         trim_fraction: Share of clients cut from each end per coordinate (trimmed_mean).
         max_update_norm: Reject an upload whose ‖θ_i − θ‖ exceeds this (null: no bound).
-        privacy: Client-level differential privacy {clipping_norm: C, noise_multiplier: σ, delta: δ}: clipped
-            equal-weight mean, noise σC/m, privacy/epsilon reported; null: off.
+        privacy: Client-level differential privacy {clipping_norm: C, noise_multiplier: σ, delta: δ}: Poisson
+            sampling, clipped equal-weight sum plus noise σC over q·num_clients, privacy/epsilon reported, per-client
+            and training statistics kept in the server-private record only; null: off.
         callbacks: Federation callbacks (firm_lightning.callbacks.FederationCallback subclasses, by class_path),
             e.g. EarlyStopping or SaveBestAdapter; Lightning callbacks go under trainer.callbacks.
     """
@@ -90,12 +94,28 @@ class FederationConfig:
             raise ValueError(f"federation.upload_dtype must be bfloat16, float16 or null; got {self.upload_dtype!r}.")
         if isinstance(self.privacy, dict):  # a plain dict from Python code
             self.privacy = DifferentialPrivacy(**self.privacy)
+        if self.privacy is not None:
+            self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        self.privacy.check_clients(self.num_clients)
+        if self.min_clients > 1 and self.client_fraction < 1:
+            raise ValueError(
+                f"federation.min_clients={self.min_clients} cannot be guaranteed under federation.privacy: each client "
+                f"is sampled independently with probability client_fraction={self.client_fraction} (Poisson sampling, "
+                "which the ε accounts for), so a round may sample fewer. Set min_clients 1, or client_fraction 1."
+            )
 
     @property
     def clients_per_round(self) -> int:
         """``max(min_clients, ⌈q·N⌉)``, with ``q`` read as the decimal it was written as (0.14 × 50 = 7, not 8)."""
         exact = Fraction(repr(self.client_fraction)) * self.num_clients
         return min(self.num_clients, max(self.min_clients, math.ceil(exact)))
+
+    @property
+    def expected_clients(self) -> float:
+        """``q·N``: the mean size of a Poisson sample, which divides the noisy sum under privacy."""
+        return self.client_fraction * self.num_clients
 
     @property
     def resolved_algorithm(self) -> Algorithm:

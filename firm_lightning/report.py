@@ -39,8 +39,10 @@ class RunWriter:
         echo: Where the summary table and the closing line are printed.
         save_every_round: Keep ``adapters/round_<r>.safetensors`` for every round (``federation.save_adapters``).
 
-    Guarantees: ``metrics.csv`` and ``client_metrics.csv`` hold every recorded row after each
-    ``record_round`` and are replaced atomically (a reader sees the old file or the new one); the
+    Guarantees: ``metrics.csv`` and ``client_metrics.csv`` hold every released row after each
+    ``record_round`` (under differential privacy: ``state.history`` as the engine released it, no client
+    rows; the full rows go to ``server_private/``, which nothing else here reads) and are replaced
+    atomically (a reader sees the old file or the new one); the
     summary is written last by ``finish``, so its presence means the run finished
     (:meth:`RunFolder.is_finished`, which lets ``compare`` and ``pareto`` reuse runs). The writer does
     not write ``config.yaml`` (the CLI), ``checkpoint/`` and ``objective_state.json`` (the engine) or
@@ -62,8 +64,20 @@ class RunWriter:
         write_csv(self.folder.metrics, state.history)
         if state.client_history:
             write_csv(self.folder.client_metrics, state.client_history)
+        if state.private_history:
+            self._record_private(state)
         if self.save_every_round:
             self.save_adapter(state.global_adapter, self.folder.round_adapter(state.round), state.round)
+
+    def _record_private(self, state: "FederationState") -> None:
+        """The server-private record: every training statistic that the privacy guarantee does not cover."""
+        folder = self.folder
+        folder.server_private.mkdir(parents=True, exist_ok=True)
+        if not folder.private_readme.is_file():
+            folder.private_readme.write_text(PRIVATE_RECORD_NOTE)
+        write_csv(folder.private_metrics, state.private_history)
+        if state.private_client_history:
+            write_csv(folder.private_client_metrics, state.private_client_history)
 
     def save_adapter(self, adapter: dict[str, torch.Tensor], path: Path, round_idx: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,11 +93,17 @@ class RunWriter:
         card.write(folder.final, state.round, f"the global adapter after round {state.round}")
         self._package_best_adapters(card, config, state)
         plot_eval_rewards(state.history, self.names, folder.reward_plot)
-        plot_lambdas(state.client_history, self.names, folder.lambda_plot)
-        text = summary_table(state, self.names, wall_s)
+        if state.client_history:
+            plot_lambdas(state.client_history, self.names, folder.lambda_plot)
+        private = config.privacy is not None
+        # Under privacy the run's length in time depends on how many clients were sampled: not released.
+        text = summary_table(state, self.names, None if private else wall_s)
+        if private:
+            text += "\n\n" + privacy_summary(state, config)
         folder.summary.write_text(text + "\n")  # last: the finished marker
         self.echo(text)
-        self.echo(f"outputs in {folder.path}/ ({folder.metrics.name}, {folder.client_metrics.name}, "
+        records = f"{folder.server_private.name}/ (outside the guarantee)" if private else folder.client_metrics.name
+        self.echo(f"outputs in {folder.path}/ ({folder.metrics.name}, {records}, "
                   f"{folder.adapters.name}/, {folder.plots.name}/, {folder.summary.name})")
 
     def _package_best_adapters(self, card: "ModelCard", config: "FederationConfig", state: "FederationState") -> None:
@@ -133,6 +153,31 @@ def summary_table(state: "FederationState", names: list[str], wall_s: Optional[f
             "(λ: mean over the client's local steps and rounds; bytes: adapter tensors sent, numel × element size)"
         )
     return "\n".join(lines)
+
+
+def privacy_summary(state: "FederationState", config: "FederationConfig") -> str:
+    """The guarantee the released outputs carry, for the summary."""
+    privacy, last = config.privacy, state.history[-1]
+    epsilon = last.get("privacy/epsilon", 0.0)
+    return (
+        f"differential privacy: (ε = {epsilon:.3f}, δ = {privacy.delta:g}) after {state.round} rounds; client-level, "
+        f"add or remove one client; Poisson sampling q = {config.client_fraction:g} of {config.num_clients} clients, "
+        f"noise σ = {privacy.noise_multiplier:g}, clipping C = {privacy.clipping_norm:g}.\n"
+        "Released: the global adapters, their held-out evaluation and the accounting. Training statistics, the "
+        "sampled clients and their logs are in server_private/, outside the guarantee: never publish it."
+    )
+
+
+PRIVATE_RECORD_NOTE = """\
+Server-private record of a run with federation.privacy (differential privacy).
+
+Everything here is OUTSIDE the privacy guarantee: per-client and per-round training statistics
+(rewards, λ, KL, update norms and dispersions, example counts, bytes, timings), which clients were
+sampled in each round, and the client fits' own logs. None of it is noised or accounted. Keep it as
+private as the server itself (like checkpoint/); never publish it. The run's released outputs
+(metrics.csv, summary.txt, plots/, adapters/ and their model cards, the Lightning round logs) never
+read this folder.
+"""
 
 
 def new_figure(*args, figsize, **kwargs):

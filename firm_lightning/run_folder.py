@@ -15,6 +15,9 @@ Layout of ``output_dir``::
     clients/client_<id>/round_<r>/  each client fit's own Lightning logs (clients/client_<id>/state on Flower nodes)
     federation/                  the round metrics of file-based Lightning loggers
     flower/                      the ``flower`` command's work folder (its config, apps, logs, server error)
+    server_private/              with federation.privacy only: what the guarantee does not cover, never read by
+                                 the outputs above: metrics.csv and client_metrics.csv with every training
+                                 statistic, clients/ (the client fits' logs and a Flower node's state), README.txt
 
 A ``compare`` or ``pareto`` sweep folder holds ``config.yaml``, its own reports and ``runs/``, one
 run folder per run of the sweep.
@@ -137,9 +140,33 @@ class RunFolder:
         """One round's folder of a client's logs."""
         return f"round_{round_idx:03d}"
 
-    def client_state(self, client_id: int) -> Path:
-        """A Flower node's own copy of its client's state (stateful objectives, persisted optimiser)."""
-        return self.clients / self.client_name(client_id) / "state"
+    def client_state(self, client_id: int, private: bool = False) -> Path:
+        """A Flower node's own copy of its client's state (stateful objectives, persisted optimiser); ``private``:
+        under differential privacy, in the server-private record (the folder names who trained)."""
+        return (self.private_clients if private else self.clients) / self.client_name(client_id) / "state"
+
+    @property
+    def server_private(self) -> Path:
+        """Under differential privacy: the record outside the guarantee (the server's own, never published)."""
+        return self.path / "server_private"
+
+    @property
+    def private_readme(self) -> Path:
+        return self.server_private / "README.txt"
+
+    @property
+    def private_metrics(self) -> Path:
+        """Every round's full row: the released one plus the training statistics of the sampled clients."""
+        return self.server_private / "metrics.csv"
+
+    @property
+    def private_client_metrics(self) -> Path:
+        return self.server_private / "client_metrics.csv"
+
+    @property
+    def private_clients(self) -> Path:
+        """Under differential privacy, where the client fits log (``clients`` otherwise)."""
+        return self.server_private / "clients"
 
     @property
     def federation_logs(self) -> Path:
@@ -167,7 +194,7 @@ class RunFolder:
     def entries(self) -> list[Path]:
         """Every top-level file and folder a run writes here, present or not (what a clean start must clear)."""
         return [self.config, self.metrics, self.client_metrics, self.summary, self.checkpoint, self.adapters,
-                self.plots, self.clients, self.federation_logs, self.flower]
+                self.plots, self.clients, self.federation_logs, self.flower, self.server_private]
 
     # ---- readers ----
 

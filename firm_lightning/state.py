@@ -18,8 +18,12 @@ class FederationState:
 
     round: int  # rounds completed; 0 = only the initial evaluation
     global_adapter: dict[str, torch.Tensor]
-    history: list[dict[str, float]] = field(default_factory=list)  # one row per round
-    client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per round, as released
+    client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round, as released
+    # Under differential privacy the released rows hold only what the guarantee covers; the full round
+    # rows and the client rows are kept here, for the server-private record only (empty without privacy).
+    private_history: list[dict[str, float]] = field(default_factory=list)
+    private_client_history: list[dict[str, float]] = field(default_factory=list)
     # The statistics evaluation normalises with (NormalizedReward), calibrated when the run started;
     # each client's own statistics are in client_states["<client>/objectives"].
     objective_state: dict[str, dict] = field(default_factory=dict)

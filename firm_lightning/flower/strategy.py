@@ -76,7 +76,9 @@ class FIRMStrategy(Strategy):
             self.state, round_idx, updates, failures,
             client_extras=self._client_traffic(round_idx, updates), round_extras=self._round_traffic(round_idx),
         )
-        return adapter_record(self.state.global_adapter), MetricRecord({"clients": len(updates)})
+        # Flower logs these metrics; under privacy how many clients replied is not released.
+        metrics = None if self.engine.private else MetricRecord({"clients": len(updates)})
+        return adapter_record(self.state.global_adapter), metrics
 
     def _read(self, round_idx: int, replies: list[Message]) -> tuple[list[ClientUpdate], list[str]]:
         updates, failures, answered = [], [], set()

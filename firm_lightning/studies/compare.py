@@ -171,6 +171,12 @@ def run_comparison(
     Main runs have ``preference == "default"``; sweep runs the preference they were trained with.
     """
     out = Path(federation.output_dir)
+    if federation.privacy is not None:
+        raise ValueError(
+            "compare tests its claims on training statistics (λ and update dispersion, uplink per client) that a "
+            "run with federation.privacy does not release. Compare without privacy, or run `fit` per algorithm "
+            "(each releases its eval rewards and ε) or `pareto` (eval rewards only)."
+        )
     settings.claims_for(module.objective_names)  # a bad claim fails before anything trains
     initial = module.adapter_state()
     alphas = settings.dirichlet_alphas or [datamodule.hparams["dirichlet_alpha"]]
