@@ -210,7 +210,7 @@ def finished_history(run_dir: Path, num_rounds: int) -> Optional[list[dict]]:
     """The metric rows of a run finished in ``run_dir`` with ``num_rounds`` rounds, else None.
 
     Lets an interrupted comparison continue, or several processes share the runs of one
-    comparison (e.g. one per α) and a last pass write the report.
+    comparison (e.g. one per α, with ``compare.share_folder``) and a last pass write the report.
     """
     folder = RunFolder(run_dir)
     return folder.history() if folder.is_finished(num_rounds) else None
