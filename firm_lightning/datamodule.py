@@ -139,8 +139,10 @@ def check_utf8(path: Path) -> None:
             except UnicodeDecodeError as error:
                 held = len(error.object) - len(chunk)  # bytes of a character begun in the chunk before
                 line = lines + error.object[: error.start].count(b"\n") + 1
+                row = {".jsonl": line, ".csv": line - 1}.get(path.suffix.lower())  # a CSV's line 1 is its header
+                where = f"row {row}, line {line}" if row else f"line {line}"
                 raise ValueError(
-                    f"{path} is not UTF-8 text: byte {offset - held + error.start} (line {line}) is "
+                    f"{path} is not UTF-8 text: byte {offset - held + error.start} ({where}) is "
                     f"0x{error.object[error.start]:02x}; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
                 ) from None
             offset, lines = offset + len(chunk), lines + chunk.count(b"\n")

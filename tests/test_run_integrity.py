@@ -193,6 +193,7 @@ def test_a_run_refused_before_round_1_writes_nothing(tmp_path, capsys, case):
     if case == "not_utf8":
         _prompts(data, lambda lines: [*lines[:6], b'{"prompt": "caf\xe9 au lait?", "topic": "cooking"}', *lines[7:]])
         args, expected = [f"--data.path={data}"], f"{data} is not UTF-8 text: byte "
+        expected_too = "(row 7, line 7) is 0xe9"
     elif case == "empty_prompt":
         _prompts(data, lambda lines: [*lines[:11], _row("  "), *lines[12:]])
         args, expected = [f"--data.path={data}"], f"{data} row 12: the prompt is empty"
@@ -209,8 +210,10 @@ def test_a_run_refused_before_round_1_writes_nothing(tmp_path, capsys, case):
         args, expected = [objectives("run_faults.NaNReward")], "Reward function 'n_to_z' returned non-finite rewards"
     line = refused(capsys, [*TINY, *args, f"--federation.output_dir={out}"])
     assert expected in line, line
+    if case in ("not_utf8", "long_held_out"):
+        assert expected_too in line
     if case == "long_held_out":
-        assert expected_too in line and "--data.max_prompt_tokens 248" in line
+        assert "--data.max_prompt_tokens 248" in line
     assert not (tmp_path / "new").exists()  # not even the folder
 
 
@@ -270,3 +273,25 @@ def test_ctrl_c_ends_in_one_line_and_exit_code_130_and_the_run_resumes(finished,
     final = lambda d: load_file(str(d / "adapters" / "final" / "adapter_model.safetensors"))
     a, b = final(out), final(finished)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sweep_run_that_is_not_finished_starts_over_clean(tmp_path):
+    """compare and pareto reuse their finished runs; one that is not (here: files of a longer attempt, no
+    summary, no checkpoint) is started over with its earlier files removed, never mixed with them."""
+    from conftest import make_datamodule, make_module
+    from firm_lightning.algorithms import FIRM
+    from firm_lightning.federation import FederationConfig
+    from firm_lightning.orchestrator import run_federation
+    from firm_lightning.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path / "runs" / "firm").create()
+    folder.adapters.mkdir()
+    stale = [folder.round_adapter(5), folder.clients / "client_000" / "round_005" / "metrics.csv"]
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("an earlier attempt")
+    module = make_module()
+    config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path), progress="off")
+    run_federation(module, make_datamodule(2), config, {"max_steps": 1, "accelerator": "cpu"}, FIRM(beta=1.0),
+                   module.adapter_state(), folder.path, echo=lambda _: None)
+    assert folder.is_finished(1) and not any(p.exists() for p in stale)
