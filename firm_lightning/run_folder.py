@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -56,6 +57,7 @@ except ImportError:  # not POSIX (Windows): runs are not locked
 if TYPE_CHECKING:
     import torch
 
+_log = logging.getLogger(__name__)
 OBJECTIVE_STATE_FILE = "objective_state.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's names inside an adapter folder
 ADAPTER_CONFIG = "adapter_config.json"
@@ -422,6 +424,13 @@ class RunLock:
                     f"{self.folder.path} is in use by another run ({holder}): wait for it to end, or pass another "
                     "--federation.output_dir."
                 ) from None
+            except OSError as error:  # a file system without locks (some network mounts): run unlocked
+                os.close(fd)
+                if self._previous is None:
+                    file.unlink(missing_ok=True)
+                _log.warning("%s cannot be locked (%s): nothing stops a second run from writing there too.",
+                             self.folder.path, error.strerror or error)
+                return
             if _same_file(fd, file):  # not unlinked by a releasing holder between our open and our lock
                 break
             os.close(fd)

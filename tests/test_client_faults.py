@@ -117,7 +117,7 @@ def test_fewer_healthy_clients_than_min_clients_stops_clearly_with_the_state_sav
 
 def test_a_client_failing_the_same_way_round_after_round_stops_the_run_and_the_summary_lists_failures(tmp_path):
     # Client 1 raises in every round, the others train: the rounds go on, one line per failure ...
-    orch, messages = _federation(tmp_path, {1: "raise"}, min_clients=1, num_clients=3, num_rounds=2)
+    orch, messages = _federation(tmp_path, {1: "raise"}, min_clients=1, num_clients=2, num_rounds=2)
     state = orch.run()
     assert [(f["round"], f["client"]) for f in state.client_failures] == [(1, 1), (2, 1)]
     assert sum("client 1 failed" in m for m in messages) == 2
@@ -127,7 +127,7 @@ def test_a_client_failing_the_same_way_round_after_round_stops_the_run_and_the_s
     assert (f"client 1: 2 round(s) (1, 2); last error: RuntimeError: simulated crash inside the client "
             f"(traceback: {traceback_file})") in summary
     # Resumed for a third round with a limit of 2: the failures saved in the checkpoint count too.
-    orch, _ = _federation(tmp_path, {1: "raise"}, min_clients=1, num_clients=3, num_rounds=3, max_failed_rounds=2,
+    orch, _ = _federation(tmp_path, {1: "raise"}, min_clients=1, num_clients=2, num_rounds=3, max_failed_rounds=2,
                           resume=True)
     with pytest.raises(FederationError) as stop:
         orch.run()
