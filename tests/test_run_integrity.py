@@ -257,8 +257,9 @@ def test_an_existing_output_dir_that_cannot_be_written_is_one_line(tmp_path, cap
 def test_ctrl_c_ends_in_one_line_and_exit_code_130_and_the_run_resumes(finished, tmp_path, capsys, call, where):
     out, done = tmp_path / "run", tmp_path / "interrupted"
     interrupting = objectives("run_faults.InterruptsOnCall", call=call, done_file=str(done))
+    one_round = "--federation.num_rounds=1"
     with pytest.raises(SystemExit) as stop:
-        main([*TINY, interrupting, f"--federation.output_dir={out}"])
+        main([*TINY, one_round, interrupting, f"--federation.output_dir={out}"])
     assert stop.value.code == 130 and done.exists()
     err = capsys.readouterr().err.strip()
     assert err.splitlines()[-1] == "interrupted; continue with `--federation.resume true` (same output_dir)"
@@ -267,31 +268,36 @@ def test_ctrl_c_ends_in_one_line_and_exit_code_130_and_the_run_resumes(finished,
         assert not out.exists()
         return
     assert [int(r["round"]) for r in rows(out / "metrics.csv")] == [0]
-    main([*TINY, interrupting, "--federation.resume=true", f"--federation.output_dir={out}"])
-    assert "resume: round 0 of 2 finished" in capsys.readouterr().out
-    # The same rewards as the uninterrupted run's (the class differs, not what it scores): the same adapter.
-    final = lambda d: load_file(str(d / "adapters" / "final" / "adapter_model.safetensors"))
-    a, b = final(out), final(finished)
+    main([*TINY, one_round, interrupting, "--federation.resume=true", f"--federation.output_dir={out}"])
+    assert "resume: round 0 of 1 finished" in capsys.readouterr().out
+    # The same rewards as the uninterrupted run's (the class differs, not what it scores): its round 1 adapter.
+    a = load_file(str(out / "adapters" / "final" / "adapter_model.safetensors"))
+    b = load_file(str(finished / "adapters" / "round_001.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_sweep_run_that_is_not_finished_starts_over_clean(tmp_path):
-    """compare and pareto reuse their finished runs; one that is not (here: files of a longer attempt, no
-    summary, no checkpoint) is started over with its earlier files removed, never mixed with them."""
+def test_a_sweep_run_that_is_not_finished_starts_over_or_resumes_under_its_lock(tmp_path):
+    """compare and pareto reuse their finished runs; one that is not is resumed when asked and it saved a
+    checkpoint, else started over with its earlier files removed first (``overwrite``: the engine clears
+    them, tested above on ``fit``), always holding the run's lock."""
     from conftest import make_datamodule, make_module
     from firm_lightning.algorithms import FIRM
     from firm_lightning.federation import FederationConfig
-    from firm_lightning.orchestrator import run_federation
+    from firm_lightning.orchestrator import FederatedOrchestrator, run_federation
     from firm_lightning.run_folder import RunFolder
 
     folder = RunFolder(tmp_path / "runs" / "firm").create()
-    folder.adapters.mkdir()
-    stale = [folder.round_adapter(5), folder.clients / "client_000" / "round_005" / "metrics.csv"]
-    for path in stale:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("an earlier attempt")
+    seen = []
+
+    def run(self, accepted=None):
+        seen.append((self.config.resume, self.config.overwrite, folder.lock_file.is_file()))
+
     module = make_module()
-    config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path), progress="off")
-    run_federation(module, make_datamodule(2), config, {"max_steps": 1, "accelerator": "cpu"}, FIRM(beta=1.0),
-                   module.adapter_state(), folder.path, echo=lambda _: None)
-    assert folder.is_finished(1) and not any(p.exists() for p in stale)
+    for resume in (False, True):
+        config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path), resume=resume)
+        with mock.patch.object(FederatedOrchestrator, "run", run):
+            run_federation(module, make_datamodule(2), config, {"max_steps": 1}, FIRM(beta=1.0),
+                           module.adapter_state(), folder.path)
+        (folder.checkpoint / "state.json").parent.mkdir(exist_ok=True)
+        (folder.checkpoint / "state.json").write_text("{}")  # a checkpoint to resume from, for the next pass
+    assert seen == [(False, True, True), (True, False, True)]
