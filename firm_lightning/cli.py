@@ -7,9 +7,14 @@ config groups (``config.py``: ``model``, ``data``, ``trainer``, ``optimizer``, `
 ``federation``) plus its own section; every option is also a flag, and ``--print_config``
 shows the resolved config.
 
-A user error (a bad or misspelt setting, an unreadable file, a federation that cannot go on)
-ends in one message on stderr that names the problem, and exit code 1; ``--debug`` or
-``FIRM_DEBUG=1`` shows the full traceback instead. ``<command> --help`` lists every option.
+A user error (a bad, misspelt or abbreviated setting, an unreadable file, a federation that cannot
+go on) ends in one message on stderr that names the problem, and exit code 1; ``--debug`` or
+``FIRM_DEBUG=1`` shows the full traceback instead; Ctrl-C ends in one line and exit code 130.
+``<command> --help`` lists every option.
+
+The commands that write a run folder (``fit``, ``compare``, ``pareto``, ``flower``) hold its lock
+for their whole life and write nothing, ``config.yaml`` included, until every check that can refuse
+the run has passed: a refused run leaves the folder as it found it.
 """
 
 from __future__ import annotations
@@ -38,16 +43,18 @@ from firm_lightning.studies.compare import (
 )
 from firm_lightning.config import Components, build_components
 from firm_lightning.distributed import launch_ranks
-from firm_lightning.engine import calibrated_statistics
+from firm_lightning.engine import RoundEngine, calibrated_statistics
 from firm_lightning.evaluation import EvaluationProtocol
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.generate import GenerateSettings, format_generations, generate
 from firm_lightning.orchestrator import FederatedOrchestrator
 from firm_lightning.studies.pareto import ParetoSettings, front_report, run_sweep, write_outputs
 from firm_lightning.rewards import load_objective_states, stateful, statistics_frozen
-from firm_lightning.run_folder import OBJECTIVE_STATE_FILE, RunFolder, load_adapter_file, objective_state_beside
+from firm_lightning.run_folder import (
+    OBJECTIVE_STATE_FILE, RunFolder, atomic_write, load_adapter_file, objective_state_beside,
+)
 from firm_lightning.state import FederationError
-from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning
+from firm_lightning.trainer_factory import TrainerFactory, keyboard_interrupts, quiet_lightning
 
 PROG = "python -m firm_lightning"
 
@@ -117,18 +124,31 @@ class FIRMCLI:
     def _section(self, group: str):
         return self.components.federation if group == "federation" else self.components.sections[group]
 
-    def _prepare_output_dir(self) -> Path:
-        """Create federation.output_dir and save the resolved config there."""
-        out = Path(self.components.federation.output_dir)
-        try:
-            self.components.save_config(RunFolder(out).create().config)
-        except OSError as error:
-            raise OSError(
-                error.errno,
-                f"Cannot write to federation.output_dir {str(out)!r} ({error.strerror or error}); "
-                "pass a writable folder with --federation.output_dir.",
-            ) from error
-        return out
+    def _folder(self) -> RunFolder:
+        return RunFolder(self.components.federation.output_dir)
+
+    def _save_config(self) -> None:
+        """The resolved config into the run folder: called once the run is accepted, before its first record."""
+        self.components.save_config(self._folder().create().config)
+
+    def _check_sweep(self, shared: bool = False) -> None:
+        """What can refuse a sweep (``compare``, ``pareto``) before it writes: its folder (it may hold its own
+        runs, not another run's files), the client optimiser and Trainer, the data and its prompts."""
+        federation, folder = self.components.federation, self._folder()
+        if shared and federation.overwrite:
+            raise ValueError("compare.share_folder and federation.overwrite: overwrite would remove the runs of the "
+                             "processes sharing the folder; overwrite in a run of its own first.")
+        folder.check_clean_start(federation.resume, federation.overwrite, sweep=True)
+        trainers = TrainerFactory(self.components.trainer_config, folder.path)
+        RoundEngine(self.model, self.datamodule, federation, trainers, echo=lambda _: None).check_settings()
+        self.datamodule.setup("fit")
+
+    def _start_sweep(self) -> Path:
+        """The sweep's checks passed: clear an earlier one (``overwrite``), save the config."""
+        if self.components.federation.overwrite:
+            self._folder().clear()
+        self._save_config()
+        return self._folder().path
 
     def _refuse_federation_algorithm(self, owner: str) -> None:
         """``compare`` and ``pareto`` run their own lists of algorithms: a federation.algorithm would be ignored."""
@@ -156,23 +176,32 @@ class FIRMCLI:
                 trainers = TrainerFactory(self.components.trainer_config, federation.output_dir)
                 FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=lambda _: None).serve()
                 return
-            output_dir = self._prepare_output_dir()
-            algorithm = (
-                federation.algorithm.name if federation.algorithm is not None else f"weighting {self.model.weighting!r}"
-            )
-            print(
-                f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
-                f"objectives {self.model.objective_names}, {algorithm}; writing to {output_dir}/"
-                + (f"; {ranks.world} devices per client (ddp)" if ranks.world > 1 else ""),
-                flush=True,
-            )
-            trainers = TrainerFactory(self.components.trainer_config, output_dir)
-            self.state = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo).run()
+            folder = self._folder()
+            with folder.lock("fit"):
+                algorithm = (
+                    federation.algorithm.name if federation.algorithm is not None
+                    else f"weighting {self.model.weighting!r}"
+                )
+                print(
+                    f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
+                    f"objectives {self.model.objective_names}, {algorithm}; writing to {folder.path}/"
+                    + (f"; {ranks.world} devices per client (ddp)" if ranks.world > 1 else ""),
+                    flush=True,
+                )
+                trainers = TrainerFactory(self.components.trainer_config, folder.path)
+                orchestrator = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo)
+                self.state = orchestrator.run(accepted=self._save_config)
 
     def run_compare(self) -> None:
         self._refuse_federation_algorithm("compare.algorithms")
-        federation, out = self.components.federation, self._prepare_output_dir()
         settings = self._section("compare")
+        with self._folder().lock("compare", shared=settings.share_folder):
+            self._check_sweep(shared=settings.share_folder)
+            settings.claims_for(self.model.objective_names)  # a bad claim fails before anything is written
+            self._compare(settings, self._start_sweep())
+
+    def _compare(self, settings: CompareSettings, out: Path) -> None:
+        federation = self.components.federation
         print(
             f"compare: {[a.name for a in settings.algorithms]} × seeds {settings.seeds} × "
             f"α {settings.dirichlet_alphas or [self.datamodule.hparams['dirichlet_alpha']]}; writing to {out}/",
@@ -186,18 +215,23 @@ class FIRMCLI:
             markdown_table(table) + f"\n\n## Claims: {settings.reference} − baseline, paired on seed\n\n"
             + claims_text + "\n\n" + sentences
         )
-        (out / "summary.md").write_text(text + "\n")
         folder = RunFolder(out)
+        atomic_write(folder.sweep_summary, (text + "\n").encode())
         plot_comparison(rows, self.model.objective_names, folder.plots)
         print(text)
-        print(f"outputs in {out}/ ({folder.metrics.name}, summary.md, {folder.plots.name}/, {folder.runs.name}/)")
+        print(f"outputs in {out}/ ({folder.metrics.name}, {folder.sweep_summary.name}, {folder.plots.name}/, "
+              f"{folder.runs.name}/)")
         self.summary = table
         self.claims = claims_rows
 
     def run_pareto(self) -> None:
         self._refuse_federation_algorithm("pareto.algorithms")
-        federation, out = self.components.federation, self._prepare_output_dir()
-        settings = self._section("pareto")
+        with self._folder().lock("pareto"):
+            self._check_sweep()
+            self._pareto(self._section("pareto"), self._start_sweep())
+
+    def _pareto(self, settings: ParetoSettings, out: Path) -> None:
+        federation = self.components.federation
         names = self.model.objective_names
         print(
             f"pareto: {[a.name for a in settings.algorithms]} × preferences {settings.preferences}; writing to {out}/"
@@ -215,18 +249,27 @@ class FIRMCLI:
                     f"p={e['preference']} → {[round(x, 3) for x in e['rewards']]}" for e in entry["non_dominated"]
                 )
             )
-        print(f"outputs in {out}/ (pareto.csv, pareto.png, hypervolume.json, runs/)")
+        folder = RunFolder(out)
+        print(f"outputs in {out}/ ({folder.pareto_table.name}, {folder.pareto_plot.name}, {folder.hypervolume.name}, "
+              f"{folder.runs.name}/)")
         self.report = report
 
     def run_flower(self) -> None:
         from firm_lightning.flower.launch import launch  # imports flwr only for this command
 
-        settings, federation = self._section("flower"), self.components.federation
-        settings.check(federation)  # before any process starts
-        out = self._prepare_output_dir()
-        algorithm = federation.algorithm.name if federation.algorithm is not None else "configured weighting"
-        print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {out}/", flush=True)
-        self.processes = launch(RunFolder(out).config, settings, self.datamodule, _echo)
+        settings, federation, folder = self._section("flower"), self.components.federation, self._folder()
+        with folder.lock("flower"):
+            settings.check(federation)  # before any process starts
+            # The server app runs these checks again in its own process; here they refuse the run before
+            # anything is written or started.
+            trainers = TrainerFactory(self.components.trainer_config, folder.path)
+            RoundEngine(self.model, self.datamodule, federation, trainers, echo=lambda _: None).check()
+            if federation.overwrite:  # the server app is then told not to (its config's overwrite is false)
+                folder.clear()
+            self._save_config()
+            algorithm = federation.algorithm.name if federation.algorithm is not None else "configured weighting"
+            print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {folder.path}/", flush=True)
+            self.processes = launch(folder.config, settings, self.datamodule, _echo)
 
     def _eval_trainers(self) -> TrainerFactory:
         """Trainers for validate and generate (no client trains: max_steps only satisfies the check)."""
@@ -323,7 +366,8 @@ def main(args: Optional[list[str]] = None, run: Callable[[list[str]], object] = 
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     try:
-        run(args)
+        with keyboard_interrupts():  # also when Lightning catches it inside a fit or an evaluation
+            run(args)
     except USER_ERRORS as error:
         if debug:
             raise

@@ -43,6 +43,12 @@ class FederationConfig:
         client_optimizer_state: reset: a fresh client optimiser every round (stateless clients);
             persist: each client keeps its optimiser (and lr scheduler) state between its rounds (cross-silo).
         resume: Continue from <output_dir>/checkpoint (the last finished round); more num_rounds extends the run.
+        resume_from: Which saved state resume continues from: latest, or previous (the state one round older, kept
+            beside the latest, for when the latest is damaged; the round after it is trained again).
+        overwrite: Start over in an output_dir that holds an earlier run, removing that run's files first (without
+            it, or resume, such a folder is refused: a run never mixes with another's files).
+        max_failed_rounds: Stop the run (an error, exit code 1) when a client has failed with the same error in
+            this many of its rounds in a row: a fault that repeats is a bug, not one to tolerate (null: never).
         aggregator: fedavg, or a robust rule in place of FedAvg: median (coordinate-wise) or trimmed_mean.
         trim_fraction: Share of clients cut from each end per coordinate (trimmed_mean).
         max_update_norm: Reject an upload whose ‖θ_i − θ‖ exceeds this (null: no bound).
@@ -65,6 +71,9 @@ class FederationConfig:
     upload_dtype: Optional[Literal["bfloat16", "float16"]] = None
     quiet: bool = True
     resume: bool = False
+    resume_from: Literal["latest", "previous"] = "latest"
+    overwrite: bool = False
+    max_failed_rounds: Optional[int] = 3
     aggregator: Literal["fedavg", "median", "trimmed_mean"] = "fedavg"
     trim_fraction: float = 0.1
     max_update_norm: Optional[float] = None
@@ -92,6 +101,19 @@ class FederationConfig:
             )
         if self.upload_dtype not in (None, "bfloat16", "float16"):
             raise ValueError(f"federation.upload_dtype must be bfloat16, float16 or null; got {self.upload_dtype!r}.")
+        if self.resume_from not in ("latest", "previous"):
+            raise ValueError(f"federation.resume_from must be latest or previous; got {self.resume_from!r}.")
+        if self.resume_from == "previous" and not self.resume:
+            raise ValueError("federation.resume_from=previous continues a run: add --federation.resume true.")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "federation.resume and federation.overwrite both set: resume continues the run in output_dir, "
+                "overwrite removes it; choose one."
+            )
+        if self.max_failed_rounds is not None and self.max_failed_rounds < 1:
+            raise ValueError(
+                f"federation.max_failed_rounds must be >= 1 (or null: never stop); got {self.max_failed_rounds}."
+            )
         if isinstance(self.privacy, dict):  # a plain dict from Python code
             self.privacy = DifferentialPrivacy(**self.privacy)
         if self.privacy is not None:
@@ -144,7 +166,8 @@ def refuse_for_hidden_uploads(config: FederationConfig) -> None:
 
 
 # Settings that may change when a run is resumed: they do not affect what a round computes.
-RESUMABLE_SETTINGS = ("num_rounds", "output_dir", "save_adapters", "quiet", "resume", "progress", "callbacks")
+RESUMABLE_SETTINGS = ("num_rounds", "output_dir", "save_adapters", "quiet", "resume", "progress", "callbacks",
+                      "resume_from", "overwrite", "max_failed_rounds")
 
 # Keys that moved: refused with a message naming the new key (old configs fail loudly, never silently).
 MOVED_KEYS = {

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
-from firm_lightning.run_folder import ADAPTER_CONFIG, RunFolder
+from firm_lightning.run_folder import ADAPTER_CONFIG, RunFolder, atomic_write
 
 if TYPE_CHECKING:
     from firm_lightning.federation import FederationConfig
@@ -51,7 +51,7 @@ class ModelCard:
 
     def write(self, folder: Path, round_idx: int, what: str) -> Path:
         path = Path(folder) / "README.md"
-        path.write_text(self.text(round_idx, what))
+        atomic_write(path, self.text(round_idx, what).encode())
         return path
 
     # ---- parts ----

@@ -41,6 +41,7 @@ from torchmetrics import MeanMetric
 
 from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import group_advantages
+from firm_lightning.datamodule import PromptLimit
 from firm_lightning.gradients import (
     GRAM_SOURCES, ExactGradients, GramSource, LossScale, RepresentationGradients, capture_representation, check_finite,
     clipped, objective_weights, write_direction, write_non_finite,
@@ -49,7 +50,10 @@ from firm_lightning.losses import check_loss_settings, policy_gradient_losses
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
 from firm_lightning.distributed import all_gather_objects, all_reduce_sum, shares
-from firm_lightning.sequences import USER_MESSAGES, Rollout, concat_rollouts, micro_batches, sample, token_logprobs
+from firm_lightning.sequences import (
+    USER_MESSAGES, Rollout, concat_rollouts, context_length, cut_prompt, micro_batches, prompt_token_rows, sample,
+    token_logprobs,
+)
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
@@ -205,6 +209,12 @@ class FIRMClientModule(L.LightningModule):
         )
         if sampling.num_generations < 2:
             raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
+        context = context_length(self.policy)
+        if sampling.max_new_tokens < 1 or (context is not None and sampling.max_new_tokens >= context):
+            raise ValueError(
+                f"sampling.max_new_tokens must be >= 1 and leave room for a prompt in the policy's context of "
+                f"{context} tokens; got {sampling.max_new_tokens}."
+            )
         if sampling.user_message not in USER_MESSAGES:
             raise ValueError(
                 f"sampling.user_message={sampling.user_message!r} is unknown; use one of {list(USER_MESSAGES)}."
@@ -217,6 +227,23 @@ class FIRMClientModule(L.LightningModule):
                 f"sampling.generation_batch_size must be >= 1 sequences, or null for one generate call; "
                 f"got {sampling.generation_batch_size}."
             )
+
+    def prompt_limit(self) -> PromptLimit:
+        """What the policy can hold of a prompt (as sampling encodes it) beside ``sampling.max_new_tokens``:
+        the data checks every prompt against it at load (``PromptDataModule.limit_prompts``)."""
+        s, context = self.sampling, context_length(self.policy)
+
+        def measure(prompts: list[str]) -> list[int]:
+            rows = prompt_token_rows(self.tokenizer, prompts, s.max_prompt_length, s.chat_template, s.system_prompt,
+                                     s.user_message)
+            return [len(r) for r in rows]
+
+        return PromptLimit(
+            max_tokens=None if context is None else context - s.max_new_tokens,
+            measure=measure,
+            cut=functools.partial(cut_prompt, self.tokenizer),
+            why=f"a context of {context} tokens less sampling.max_new_tokens={s.max_new_tokens}",
+        )
 
     # ---- adapter exchange (what the orchestrator sends and receives) ----
 

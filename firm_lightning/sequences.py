@@ -218,6 +218,23 @@ def encode_prompts(
     """Left-padded prompt ids. A prompt longer than ``max_length`` tokens keeps its end; the
     chat template's tokens or the leading BOS come on top of ``max_length``. With the chat
     template the user message is ``user_message(prompt, user_message_mode)``."""
+    rows = prompt_token_rows(tokenizer, prompts, max_length, chat_template, system_prompt, user_message_mode)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def prompt_token_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_length: int,
+    chat_template: Optional[bool] = None,
+    system_prompt: Optional[str] = None,
+    user_message_mode: str = "question",
+) -> list[list[int]]:
+    """Each prompt's ids as ``encode_prompts`` feeds them to the policy (before padding)."""
     if uses_chat_template(tokenizer, chat_template):
         messages = [user_message(p, user_message_mode) for p in prompts]
         encoded = tokenizer(messages, add_special_tokens=False)["input_ids"]
@@ -230,11 +247,22 @@ def encode_prompts(
         encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         prefix = leading_special_tokens(tokenizer)
         rows = [prefix + ids[-max_length:] for ids in encoded]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    return rows
+
+
+def cut_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_tokens: int, side: str) -> Optional[str]:
+    """``prompt`` shortened to ``max_tokens`` of its own tokens, keeping its end (``side="left"``) or its
+    start (``"right"``); None when it is no longer than that."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return None
+    return tokenizer.decode(ids[-max_tokens:] if side == "left" else ids[:max_tokens])
+
+
+def context_length(model: torch.nn.Module) -> Optional[int]:
+    """The positions the model's config declares it can attend over (its context), if it says."""
+    config = getattr(_hf_model(model), "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def _chat(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: Optional[str]) -> str:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import signal
+import threading
 import warnings
 from contextlib import contextmanager
 from importlib.metadata import entry_points
@@ -250,6 +252,26 @@ def stays_on_device(module: torch.nn.Module):
         yield
     finally:
         del module.cpu
+
+
+@contextmanager
+def keyboard_interrupts():
+    """Ctrl-C as a ``KeyboardInterrupt``, even inside a Trainer's ``fit`` or ``validate``.
+
+    Lightning catches a ``KeyboardInterrupt`` there, tears the Trainer down, ignores SIGINT from then
+    on and calls ``sys.exit(1)`` (``lightning.pytorch.trainer.call._call_and_handle_interrupt``): the
+    caller would end silently with exit code 1. That exit, raised while handling the interrupt, is
+    turned back into the interrupt, and Ctrl-C is restored.
+    """
+    try:
+        yield
+    except SystemExit as stop:
+        interrupt = stop.__context__
+        if not isinstance(interrupt, KeyboardInterrupt):
+            raise
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise interrupt from None
 
 
 @contextmanager

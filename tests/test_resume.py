@@ -75,6 +75,8 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     assert proc.returncode == -signal.SIGKILL, "".join(proc.seen)
     # It died during round 2: round 1 is the last finished one, round 2 left nothing behind.
     assert checkpoint.load_state(killed / "checkpoint", FederationState)[0].round == 1
+    # It died holding the folder's lock: the file stays, the lock (the kernel's) does not block the resume.
+    assert f'"pid": {proc.pid}' in (killed / ".lock").read_text()
     assert [int(r["round"]) for r in _rows(killed / "metrics.csv")] == [0, 1]
 
     capsys.readouterr()
