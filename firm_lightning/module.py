@@ -30,7 +30,7 @@ same step.
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
@@ -309,13 +309,24 @@ class FIRMClientModule(L.LightningModule):
         mine = prompts[share]
         seed = int(torch.randint(0, 2**62, ()))
         if self.sampling.per_prompt_seeds:
-            local = self.rollout(mine, group, seed=seed, first_prompt=share.start).to("cpu") if mine else None
+            with self._keyed_rollouts(seed, share.start):
+                local = self.rollout(mine, group).to("cpu") if mine else None
         else:  # each rank samples with its own numbers (the same on every rank would correlate its responses)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(seed + rank)
                 local = self.rollout(mine, group).to("cpu") if mine else None
         parts = [part for part in all_gather_objects(local) if part is not None]
         return concat_rollouts(parts, self.tokenizer.pad_token_id, group).to(self.device)
+
+    @contextmanager
+    def _keyed_rollouts(self, seed: int, first_prompt: int):
+        """While open, ``rollout`` calls without a seed sample with this key, ``prompts[0]`` being prompt
+        ``first_prompt`` of the batch (a DDP rank's share; ``rollout`` keeps its call signature)."""
+        self._rollout_key = (seed, first_prompt)
+        try:
+            yield
+        finally:
+            self._rollout_key = None
 
     def update(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 3-9 on scored rollouts: advantages, log-probs, per-objective losses, weighted step(s).
@@ -502,6 +513,8 @@ class FIRMClientModule(L.LightningModule):
         ``seed``, ``first_prompt``: the key of the per-prompt generators and the batch index of
         ``prompts[0]`` (``firm_lightning.sequences.sample``); seed None: drawn from torch's generator."""
         s = sampling if sampling is not None else self.sampling
+        if seed is None and getattr(self, "_rollout_key", None) is not None:
+            seed, first_prompt = self._rollout_key
         return sample(
             self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
             s.max_prompt_length, s.temperature, 1 if greedy else s.top_k, s.top_p,  # top-1 sampling is greedy
