@@ -24,7 +24,12 @@ memory bounded by the micro-batch instead of ``B·G``.
 Several devices per client (``trainer.strategy: ddp``, firm_lightning/distributed.py): each rank
 samples its share of the batch's prompts, every rank scores the whole gathered rollout, and the
 ``S`` gradient accumulators are summed over the ranks before step 7, so every rank takes the
-same step.
+same step. With ``sampling.per_prompt_seeds`` a prompt's samples depend only on the fit's seed,
+the local step and the prompt's index in the batch: the step is the one-process step.
+
+Compute: with ``sampling.share_prompt`` each prompt is computed once per group in sampling and in
+every forward pass of step 4 (``firm_lightning.prefix``); with ``loss.kl_coef`` 0 the reference
+pass is skipped.
 """
 
 from __future__ import annotations
