@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,6 @@ def _checkpointing(hf: torch.nn.Module) -> list[torch.nn.Module]:
 def unsupported_reason(model: torch.nn.Module, with_grad: bool) -> Optional[str]:
     """Why the prompt cannot be shared for ``model`` (``with_grad``: a pass that will be differentiated),
     or None when it can."""
-    try:
-        from transformers import DynamicCache, PreTrainedModel  # noqa: F401
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return "transformers has no DynamicCache"
     hf = _hf_model(model)
     if not isinstance(hf, PreTrainedModel) or not isinstance(getattr(hf, "base_model", None), PreTrainedModel):
         return f"{type(hf).__name__} is not a transformers causal LM"
@@ -89,8 +87,6 @@ def _cache_keyword(module: torch.nn.Module) -> Optional[str]:
 
 def _cache_survives_checkpointing(hf: torch.nn.Module) -> bool:
     """Without checkpointing, always; with it, when every checkpointed layer can be told to keep a cache."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     layers = [m for m in _checkpointing(hf) if isinstance(m, GradientCheckpointingLayer)]
     return all(hasattr(m, "_can_checkpoint_with_cache") for m in layers)
 
@@ -105,8 +101,6 @@ def _cache_kept_through_checkpointing(hf: torch.nn.Module) -> Iterator[None]:
     stores nothing. The layers stay checkpointed; only the model-level flags that drop the cache
     before the layers see it are lowered."""
     changed: list[tuple[torch.nn.Module, str, object]] = []
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
     for module in _checkpointing(hf):
         if isinstance(module, GradientCheckpointingLayer):
             changed.append((module, "_can_checkpoint_with_cache", module.__dict__.get("_can_checkpoint_with_cache")))
@@ -149,37 +143,27 @@ def _new_cache(cls, config):
         return cls()
 
 
-def _recorder_class():
-    from transformers import DynamicCache
+class _PromptRecorder(DynamicCache):
+    """Keeps each layer's prompt keys and values as computed (with their graph) and appends nothing."""
 
-    class _PromptRecorder(DynamicCache):
-        """Keeps each layer's prompt keys and values as computed (with their graph) and appends nothing."""
-
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            self.recorded[layer_idx] = (key_states, value_states)
-            return key_states, value_states
-
-    return _PromptRecorder
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.recorded[layer_idx] = (key_states, value_states)
+        return key_states, value_states
 
 
-def _shared_class():
-    from transformers import DynamicCache
+class _SharedPromptCache(DynamicCache):
+    """The prompt's keys and values for every row, read-only: a layer gets them followed by its new ones."""
 
-    class _SharedPromptCache(DynamicCache):
-        """The prompt's keys and values for every row, read-only: a layer gets them followed by its new ones."""
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.prompt[layer_idx]
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            keys, values = self.prompt[layer_idx]
-            return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.prompt_length
 
-        def get_seq_length(self, *args, **kwargs) -> int:
-            return self.prompt_length
-
-        def get_mask_sizes(self, query, *args, **kwargs) -> tuple[int, int]:
-            query_length = query if isinstance(query, int) else query.shape[0]  # older versions pass positions
-            return self.prompt_length + query_length, 0
-
-    return _SharedPromptCache
+    def get_mask_sizes(self, query, *args, **kwargs) -> tuple[int, int]:
+        query_length = query if isinstance(query, int) else query.shape[0]  # older versions pass positions
+        return self.prompt_length + query_length, 0
 
 
 def shared_prompt_logits(
@@ -206,9 +190,9 @@ def shared_prompt_logits(
         return None
     hf = _hf_model(model)
     keyword, first = _cache_keyword(hf), _first_rows(runs)
-    recorder = _new_cache(_recorder_class(), hf.config)
+    recorder = _new_cache(_PromptRecorder, hf.config)
     recorder.recorded = {}
-    shared = _new_cache(_shared_class(), hf.config)
+    shared = _new_cache(_SharedPromptCache, hf.config)
     shared.prompt_length = P - 1
     with _cache_kept_through_checkpointing(hf):
         model(input_ids=input_ids[first, : P - 1], attention_mask=attention_mask[first, : P - 1],
@@ -237,8 +221,6 @@ def prefilled_prompt_cache(
     if reason is not None:
         report_unshared(model, reason)
         return None
-    from transformers import DynamicCache
-
     hf = _hf_model(model)
     keyword, first = _cache_keyword(hf.base_model), _first_rows(runs)
     cache = _new_cache(DynamicCache, hf.config)

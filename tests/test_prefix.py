@@ -107,18 +107,12 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _detached_prompt(monkeypatch) -> None:
     """The control: the shared prompt's keys and values cut from the graph."""
-    recorder = prefix._recorder_class
 
-    def detaching():
-        cls = recorder()
+    class Detached(prefix._PromptRecorder):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.detach(), value_states.detach(), layer_idx, *args, **kwargs)
 
-        class Detached(cls):
-            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-                return super().update(key_states.detach(), value_states.detach(), layer_idx, *args, **kwargs)
-
-        return Detached
-
-    monkeypatch.setattr(prefix, "_recorder_class", detaching)
+    monkeypatch.setattr(prefix, "_PromptRecorder", Detached)
 
 
 @pytest.mark.parametrize("kind, checkpointing", [
