@@ -7,9 +7,14 @@ config groups (``config.py``: ``model``, ``data``, ``trainer``, ``optimizer``, `
 ``federation``) plus its own section; every option is also a flag, and ``--print_config``
 shows the resolved config.
 
-A user error (a bad or misspelt setting, an unreadable file, a federation that cannot go on)
-ends in one message on stderr that names the problem, and exit code 1; ``--debug`` or
-``FIRM_DEBUG=1`` shows the full traceback instead. ``<command> --help`` lists every option.
+A user error (a bad, misspelt or abbreviated setting, an unreadable file, a federation that cannot
+go on) ends in one message on stderr that names the problem, and exit code 1; ``--debug`` or
+``FIRM_DEBUG=1`` shows the full traceback instead; Ctrl-C ends in one line and exit code 130.
+``<command> --help`` lists every option.
+
+The commands that write a run folder (``fit``, ``compare``, ``pareto``, ``flower``) hold its lock
+for their whole life and write nothing, ``config.yaml`` included, until every check that can refuse
+the run has passed: a refused run leaves the folder as it found it.
 """
 
 from __future__ import annotations
@@ -21,12 +26,19 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from jsonargparse import ArgumentError
 
 from firm_lightning.commands import COMMANDS, PROG, Command, usage  # noqa: F401 (the CLI's names)
 from firm_lightning.state import FederationError
+
+if TYPE_CHECKING:
+    from firm_lightning.config import Components
+    from firm_lightning.run_folder import RunFolder
+    from firm_lightning.studies.compare import CompareSettings
+    from firm_lightning.studies.pareto import ParetoSettings
+    from firm_lightning.trainer_factory import TrainerFactory
 
 # What a command needs is imported when it runs (``python -m firm_lightning --help`` and
 # ``<command> --help`` import no more than they show).
@@ -52,7 +64,7 @@ class FIRMCLI:
         command = COMMANDS[self.subcommand]
         from firm_lightning.config import build_components
 
-        self.components = build_components(
+        self.components: Components = build_components(
             rest, command.sections, command.ckpt_path, command.description, f"{PROG} {self.subcommand}",
             command.data_unless,
         )
@@ -64,20 +76,36 @@ class FIRMCLI:
     def _section(self, group: str):
         return self.components.federation if group == "federation" else self.components.sections[group]
 
-    def _prepare_output_dir(self) -> Path:
-        """Create federation.output_dir and save the resolved config there."""
+    def _folder(self) -> RunFolder:
         from firm_lightning.run_folder import RunFolder
 
-        out = Path(self.components.federation.output_dir)
-        try:
-            self.components.save_config(RunFolder(out).create().config)
-        except OSError as error:
-            raise OSError(
-                error.errno,
-                f"Cannot write to federation.output_dir {str(out)!r} ({error.strerror or error}); "
-                "pass a writable folder with --federation.output_dir.",
-            ) from error
-        return out
+        return RunFolder(self.components.federation.output_dir)
+
+    def _save_config(self) -> None:
+        """The resolved config into the run folder: called once the run is accepted, before its first record."""
+        self.components.save_config(self._folder().create().config)
+
+    def _check_sweep(self, shared: bool = False) -> None:
+        """What can refuse a sweep (``compare``, ``pareto``) before it writes: its folder (it may hold its own
+        runs, not another run's files), the client optimiser and Trainer, the data and its prompts."""
+        from firm_lightning.engine import RoundEngine
+        from firm_lightning.trainer_factory import TrainerFactory
+
+        federation, folder = self.components.federation, self._folder()
+        if shared and federation.overwrite:
+            raise ValueError("compare.share_folder and federation.overwrite: overwrite would remove the runs of the "
+                             "processes sharing the folder; overwrite in a run of its own first.")
+        folder.check_clean_start(federation.resume, federation.overwrite, sweep=True)
+        trainers = TrainerFactory(self.components.trainer_config, folder.path)
+        RoundEngine(self.model, self.datamodule, federation, trainers, echo=lambda _: None).check_settings()
+        self.datamodule.setup("fit")
+
+    def _start_sweep(self) -> Path:
+        """The sweep's checks passed: clear an earlier one (``overwrite``), save the config."""
+        if self.components.federation.overwrite:
+            self._folder().clear()
+        self._save_config()
+        return self._folder().path
 
     def _refuse_federation_algorithm(self, owner: str) -> None:
         """``compare`` and ``pareto`` run their own lists of algorithms: a federation.algorithm would be ignored."""
@@ -111,21 +139,32 @@ class FIRMCLI:
                 trainers = TrainerFactory(self.components.trainer_config, federation.output_dir)
                 FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=lambda _: None).serve()
                 return
-            output_dir = self._prepare_output_dir()
-            algorithm = (
-                federation.algorithm.name if federation.algorithm is not None else f"weighting {self.model.weighting!r}"
-            )
-            print(
-                f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
-                f"objectives {self.model.objective_names}, {algorithm}; writing to {output_dir}/"
-                + (f"; {ranks.world} devices per client (ddp)" if ranks.world > 1 else ""),
-                flush=True,
-            )
-            trainers = TrainerFactory(self.components.trainer_config, output_dir)
-            self.state = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo).run()
+            folder = self._folder()
+            with folder.lock("fit"):
+                algorithm = (
+                    federation.algorithm.name if federation.algorithm is not None
+                    else f"weighting {self.model.weighting!r}"
+                )
+                print(
+                    f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
+                    f"objectives {self.model.objective_names}, {algorithm}; writing to {folder.path}/"
+                    + (f"; {ranks.world} devices per client (ddp)" if ranks.world > 1 else ""),
+                    flush=True,
+                )
+                trainers = TrainerFactory(self.components.trainer_config, folder.path)
+                orchestrator = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo)
+                self.state = orchestrator.run(accepted=self._save_config)
 
     def run_compare(self) -> None:
-        from firm_lightning.run_folder import RunFolder
+        self._refuse_federation_algorithm("compare.algorithms")
+        settings = self._section("compare")
+        with self._folder().lock("compare", shared=settings.share_folder):
+            self._check_sweep(shared=settings.share_folder)
+            settings.claims_for(self.model.objective_names)  # a bad claim fails before anything is written
+            self._compare(settings, self._start_sweep())
+
+    def _compare(self, settings: CompareSettings, out: Path) -> None:
+        from firm_lightning.run_folder import RunFolder, atomic_write
         from firm_lightning.studies import claims
         from firm_lightning.studies.compare import (
             claims_report,
@@ -135,9 +174,7 @@ class FIRMCLI:
             summarize,
         )
 
-        self._refuse_federation_algorithm("compare.algorithms")
-        federation, out = self.components.federation, self._prepare_output_dir()
-        settings = self._section("compare")
+        federation = self.components.federation
         print(
             f"compare: {[a.name for a in settings.algorithms]} × seeds {settings.seeds} × "
             f"α {settings.dirichlet_alphas or [self.datamodule.hparams['dirichlet_alpha']]}; writing to {out}/",
@@ -151,20 +188,26 @@ class FIRMCLI:
             markdown_table(table) + f"\n\n## Claims: {settings.reference} − baseline, paired on seed\n\n"
             + claims_text + "\n\n" + sentences
         )
-        (out / "summary.md").write_text(text + "\n")
         folder = RunFolder(out)
+        atomic_write(folder.sweep_summary, (text + "\n").encode())
         plot_comparison(rows, self.model.objective_names, folder.plots)
         print(text)
-        print(f"outputs in {out}/ ({folder.metrics.name}, summary.md, {folder.plots.name}/, {folder.runs.name}/)")
+        print(f"outputs in {out}/ ({folder.metrics.name}, {folder.sweep_summary.name}, {folder.plots.name}/, "
+              f"{folder.runs.name}/)")
         self.summary = table
         self.claims = claims_rows
 
     def run_pareto(self) -> None:
+        self._refuse_federation_algorithm("pareto.algorithms")
+        with self._folder().lock("pareto"):
+            self._check_sweep()
+            self._pareto(self._section("pareto"), self._start_sweep())
+
+    def _pareto(self, settings: ParetoSettings, out: Path) -> None:
+        from firm_lightning.run_folder import RunFolder
         from firm_lightning.studies.pareto import front_report, run_sweep, write_outputs
 
-        self._refuse_federation_algorithm("pareto.algorithms")
-        federation, out = self.components.federation, self._prepare_output_dir()
-        settings = self._section("pareto")
+        federation = self.components.federation
         names = self.model.objective_names
         print(
             f"pareto: {[a.name for a in settings.algorithms]} × preferences {settings.preferences}; writing to {out}/"
@@ -182,21 +225,31 @@ class FIRMCLI:
                     f"p={e['preference']} → {[round(x, 3) for x in e['rewards']]}" for e in entry["non_dominated"]
                 )
             )
-        print(f"outputs in {out}/ (pareto.csv, pareto.png, hypervolume.json, runs/)")
+        folder = RunFolder(out)
+        print(f"outputs in {out}/ ({folder.pareto_table.name}, {folder.pareto_plot.name}, {folder.hypervolume.name}, "
+              f"{folder.runs.name}/)")
         self.report = report
 
     def run_flower(self) -> None:
         from firm_lightning.flower.launch import launch  # imports flwr only for this command
-        from firm_lightning.run_folder import RunFolder
+        from firm_lightning.engine import RoundEngine
+        from firm_lightning.trainer_factory import TrainerFactory
 
-        settings, federation = self._section("flower"), self.components.federation
-        settings.check(federation)  # before any process starts
-        out = self._prepare_output_dir()
-        algorithm = federation.algorithm.name if federation.algorithm is not None else "configured weighting"
-        print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {out}/", flush=True)
-        self.processes = launch(RunFolder(out).config, settings, self.datamodule, _echo)
+        settings, federation, folder = self._section("flower"), self.components.federation, self._folder()
+        with folder.lock("flower"):
+            settings.check(federation)  # before any process starts
+            # The server app runs these checks again in its own process; here they refuse the run before
+            # anything is written or started.
+            trainers = TrainerFactory(self.components.trainer_config, folder.path)
+            RoundEngine(self.model, self.datamodule, federation, trainers, echo=lambda _: None).check()
+            if federation.overwrite:  # the server app is then told not to (its config's overwrite is false)
+                folder.clear()
+            self._save_config()
+            algorithm = federation.algorithm.name if federation.algorithm is not None else "configured weighting"
+            print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {folder.path}/", flush=True)
+            self.processes = launch(folder.config, settings, self.datamodule, _echo)
 
-    def _eval_trainers(self):
+    def _eval_trainers(self) -> TrainerFactory:
         """Trainers for validate and generate (no client trains: max_steps only satisfies the check)."""
         from firm_lightning.trainer_factory import TrainerFactory
 
@@ -204,14 +257,14 @@ class FIRMCLI:
 
     def _load_adapter(self) -> Optional[str]:
         """The adapter of --ckpt_path into the model (none: the freshly initialised one); its path."""
-        from firm_lightning.run_folder import load_adapter_file
-
         ckpt_path = self._ckpt_path()
         if ckpt_path:
+            from firm_lightning.run_folder import load_adapter_file
+
             self.model.load_adapter_state(load_adapter_file(ckpt_path))
         return ckpt_path
 
-    def _read_run(self, trainers) -> Optional[Path]:
+    def _read_run(self, trainers: TrainerFactory) -> Optional[Path]:
         """Load the adapter of --ckpt_path and the run's evaluation statistics, as `fit` evaluated it.
 
         The statistics come from --objective_state, or ``objective_state.json`` beside the adapter;
@@ -299,8 +352,11 @@ def main(args: Optional[list[str]] = None, run: Callable[[list[str]], object] = 
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
+    from firm_lightning.trainer_factory import keyboard_interrupts
+
     try:
-        run(args)
+        with keyboard_interrupts():  # also when Lightning catches it inside a fit or an evaluation
+            run(args)
     except USER_ERRORS as error:
         if debug:
             raise

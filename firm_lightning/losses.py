@@ -7,13 +7,21 @@ with ``ρ = π/π_old`` per token (``ρ = 1`` with gradient ``∇ log π`` on th
 ``aggregation`` (how token terms become one number):
 
 - ``token_sum``: every token term of the batch summed, divided by the constant
-  ``Z = B·G·max_new_tokens``. Unbiased: the surrogate's expected gradient is
-  ``−∇J / max_new_tokens`` with ``J = E_{y~π}[reward(y)]`` the policy-gradient
-  objective (a constant step-size factor). Higher variance than ``sequence_mean``.
+  ``Z = B·G·max_new_tokens`` (TRL's ``dr_grpo``). Unbiased when the advantages carry no
+  batch-dependent scale (``whiten_advantages`` off, advantages ``leave_one_out`` or
+  ``group_mean``): the surrogate's expected gradient is then ``−∇J / max_new_tokens`` with
+  ``J = E_{y~π}[reward(y)]`` the policy-gradient objective (a constant step-size factor).
+  Whitening divides by the batch's own standard deviation, a random quantity that depends on
+  the same samples, so the expectation holds only approximately with it (docs/concepts.md).
+  Higher variance than ``sequence_mean``.
+- ``token_mean``: every token term of the batch summed, divided by the number of response
+  tokens in the whole batch (TRL's ``dapo``, its default; its ``bnpo`` when TRL's micro-batch is
+  the whole batch). The normaliser depends on the sampled lengths, so it is biased as
+  ``sequence_mean`` is, less strongly (a batch's long responses share one normaliser).
 - ``sequence_mean``: each response's token terms averaged over its own length, then the
-  mean over responses. Biased: a response of ``n`` tokens gets weight ``1/n``, so among
-  equally rewarded responses the long ones are pushed less, in either direction (two equally
-  wrong answers of 1 and 10 tokens at equal probability: the long one gains probability
+  mean over responses (TRL's ``grpo``). Biased: a response of ``n`` tokens gets weight ``1/n``,
+  so among equally rewarded responses the long ones are pushed less, in either direction (two
+  equally wrong answers of 1 and 10 tokens at equal probability: the long one gains probability
   relative to the short one, where the policy gradient moves neither).
 
 ``kl_estimator`` (the penalty's loss term; the logged ``train/kl`` is always the k3 value
@@ -34,6 +42,12 @@ token). With ``δ_t = log π(y_t) − log π_ref(y_t)``:
 On later PPO epochs (samples from π_old), ``sequence`` and ``k2`` weight each token by the
 detached ratio ``ρ_t`` (the per-token importance correction the surrogate also uses).
 
+Under top-k/top-p sampling both log-probs renormalise over the set of tokens sampling kept at each
+position (``firm_lightning.sequences``): ``π`` is the distribution sampled from, and ``π_ref`` is the
+reference renormalised on that same kept set, not the unfiltered reference. Every estimator, ``sequence``
+included, then targets the divergence from that renormalised reference (docs/concepts.md measures how far
+its gradient is from the unfiltered one's).
+
 ``tests/test_loss_gradients.py`` checks each of these expected gradients exactly, on policies
 small enough to enumerate.
 """
@@ -44,8 +58,10 @@ from typing import Optional, Protocol
 
 import torch
 
+from firm_lightning.advantages import ADVANTAGES
+
 KL_ESTIMATORS = ("k2", "sequence", "k3")
-AGGREGATIONS = ("token_sum", "sequence_mean")
+AGGREGATIONS = ("token_sum", "sequence_mean", "token_mean")
 
 
 class LossSettings(Protocol):
@@ -57,6 +73,7 @@ class LossSettings(Protocol):
     clip_range: float
     ppo_epochs: int
     micro_batch_size: Optional[int]
+    advantages: str
 
 
 def check_loss_settings(loss: LossSettings) -> None:
@@ -65,6 +82,8 @@ def check_loss_settings(loss: LossSettings) -> None:
         raise ValueError(f"loss.kl_estimator={loss.kl_estimator!r} is unknown; use one of {list(KL_ESTIMATORS)}.")
     if loss.aggregation not in AGGREGATIONS:
         raise ValueError(f"loss.aggregation={loss.aggregation!r} is unknown; use one of {list(AGGREGATIONS)}.")
+    if loss.advantages not in ADVANTAGES:
+        raise ValueError(f"loss.advantages={loss.advantages!r} is unknown; use one of {list(ADVANTAGES)}.")
     if loss.ppo_epochs < 1:
         raise ValueError(
             f"loss.ppo_epochs must be >= 1 (optimiser steps per batch of rollouts); got {loss.ppo_epochs}."
@@ -84,6 +103,7 @@ def policy_gradient_losses(
     settings: LossSettings,
     max_new_tokens: int,
     num_rows: Optional[int] = None,
+    num_tokens: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-objective losses ``L_s`` (shape (S,)) and the logged KL (k3, mean per token of each response).
 
@@ -93,8 +113,10 @@ def policy_gradient_losses(
     ``num_rows``: the rows of the whole batch when these N rows are one micro-batch of it. Every
     normaliser is then the whole batch's, so the losses and the KL are this micro-batch's share:
     summed over the micro-batches they are the whole batch's values (and so are the gradients).
+    ``num_tokens``: likewise, the whole batch's response tokens (``token_mean``'s normaliser).
     """
     num_rows = mask.shape[0] if num_rows is None else num_rows
+    num_tokens = float(mask.sum()) if num_tokens is None else float(num_tokens)
     if mask.shape[-1] > max_new_tokens:
         raise ValueError(
             f"Responses of {mask.shape[-1]} tokens but max_new_tokens={max_new_tokens}: the token_sum "
@@ -115,7 +137,7 @@ def policy_gradient_losses(
             later = delta.detach().flip(-1).cumsum(-1).flip(-1) - delta.detach()  # Σ_{t'>t} δ_t'
             penalty = penalty + ratio * later
     tokens = -surrogate + settings.kl_coef * penalty  # (S, N, T)
-    losses = _aggregate(tokens, mask, settings.aggregation, max_new_tokens, num_rows)
+    losses = _aggregate(tokens, mask, settings.aggregation, max_new_tokens, num_rows, num_tokens)
 
     log_ratio_ref = (ref_logprobs - logprobs).detach()
     kl_tokens = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3: >= 0, unbiased value of KL(π‖π_ref)
@@ -124,13 +146,15 @@ def policy_gradient_losses(
 
 
 def _aggregate(
-    tokens: torch.Tensor, mask: torch.Tensor, aggregation: str, max_new_tokens: int, num_rows: int
+    tokens: torch.Tensor, mask: torch.Tensor, aggregation: str, max_new_tokens: int, num_rows: int, num_tokens: float
 ) -> torch.Tensor:
-    """(S, N, T) token terms -> (S,): see ``aggregation`` in the module docstring. ``num_rows``: the
-    whole batch's rows (B·G), also when these N rows are one micro-batch of it."""
+    """(S, N, T) token terms -> (S,): see ``aggregation`` in the module docstring. ``num_rows``/``num_tokens``:
+    the whole batch's rows (B·G) and response tokens, also when these N rows are one micro-batch of it."""
     if aggregation == "token_sum":
         # A constant normaliser: the response lengths (random, policy-dependent) never reweight tokens.
         return (tokens * mask).sum(dim=(-1, -2)) / (num_rows * max_new_tokens)
+    if aggregation == "token_mean":
+        return (tokens * mask).sum(dim=(-1, -2)) / max(num_tokens, 1.0)
     return _sequence_mean(tokens, mask).sum(dim=-1) / num_rows
 
 

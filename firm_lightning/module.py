@@ -45,7 +45,8 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torchmetrics import MeanMetric
 
 from firm_lightning.adapters import check_adapter_state
-from firm_lightning.advantages import leave_one_out_advantages
+from firm_lightning.advantages import group_advantages
+from firm_lightning.datamodule import PromptLimit
 from firm_lightning.gradients import (
     GRAM_SOURCES, ExactGradients, GramSource, LossScale, RepresentationGradients, capture_representation, check_finite,
     clipped, objective_weights, write_direction, write_non_finite,
@@ -54,7 +55,10 @@ from firm_lightning.losses import check_loss_settings, policy_gradient_losses
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
 from firm_lightning.distributed import all_gather_objects, all_reduce_sum, shares
-from firm_lightning.sequences import USER_MESSAGES, Rollout, concat_rollouts, micro_batches, sample, token_logprobs
+from firm_lightning.sequences import (
+    USER_MESSAGES, Rollout, concat_rollouts, context_length, cut_prompt, micro_batches, prompt_token_rows, sample,
+    token_logprobs,
+)
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
@@ -126,9 +130,11 @@ class PolicyGradientSettings:
             reference forward pass at all (train/kl is then logged as NaN: not measured).
         kl_estimator: The KL penalty's loss term: k2 (∇KL(π‖π_ref) per position), sequence (∇KL(π‖π_ref) of
             whole responses, higher variance) or k3 (∇KL(π_ref‖π), the reverse divergence).
-        aggregation: token_sum (unbiased: constant normaliser B·G·max_new_tokens) or sequence_mean (each
-            response weighted by 1/its length: biased towards long responses).
-        whiten_advantages: Normalise each objective's advantages to unit variance so reward scales do not matter.
+        aggregation: token_sum (unbiased: constant normaliser B·G·max_new_tokens; TRL's dr_grpo), token_mean
+            (divided by the batch's response tokens; TRL's dapo, and its bnpo with one micro-batch) or
+            sequence_mean (each response weighted by 1/its length: biased towards long responses; TRL's grpo).
+        whiten_advantages: Normalise each objective's advantages to unit variance so reward scales do not matter
+            (after the advantages below; off for TRL's advantages).
         ppo_epochs: Optimiser steps per batch of rollouts; more than 1 uses the clipped importance ratio.
             The last batch of a fit runs fewer, so a fit never exceeds trainer.max_steps optimiser steps.
         clip_range: PPO clip range of the importance ratio.
@@ -141,17 +147,22 @@ class PolicyGradientSettings:
             the whole batch. The S per-objective gradients are summed over the micro-batches, then the Gram
             matrix, λ and the step are computed once: the same step as the whole batch (the normalisers are
             the whole batch's). With gram_from hidden / logits, micro-batches cost a second forward pass.
+        advantages: The group baseline and scale (firm_lightning.advantages): leave_one_out (the mean of the
+            prompt's other G-1 rewards), group_mean (the mean of its G rewards; TRL's scale_rewards none),
+            group_std (group_mean divided by the group's std + 1e-4; TRL's group) or batch_std (divided by the
+            batch's reward std + 1e-4; TRL's batch).
     """
 
     kl_coef: float = 0.05
     kl_estimator: Literal["k2", "sequence", "k3"] = "k2"
-    aggregation: Literal["token_sum", "sequence_mean"] = "token_sum"
+    aggregation: Literal["token_sum", "sequence_mean", "token_mean"] = "token_sum"
     whiten_advantages: bool = True
     ppo_epochs: int = 1
     clip_range: float = 0.2
     max_grad_norm: Optional[float] = 1.0
     gram_from: Literal["parameters", "hidden", "logits"] = "parameters"
     micro_batch_size: Optional[int] = None
+    advantages: Literal["leave_one_out", "group_mean", "group_std", "batch_std"] = "leave_one_out"
 
 
 class FitArguments(L.Callback):
@@ -220,6 +231,12 @@ class FIRMClientModule(L.LightningModule):
         )
         if sampling.num_generations < 2:
             raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
+        context = context_length(self.policy)
+        if sampling.max_new_tokens < 1 or (context is not None and sampling.max_new_tokens >= context):
+            raise ValueError(
+                f"sampling.max_new_tokens must be >= 1 and leave room for a prompt in the policy's context of "
+                f"{context} tokens; got {sampling.max_new_tokens}."
+            )
         if sampling.user_message not in USER_MESSAGES:
             raise ValueError(
                 f"sampling.user_message={sampling.user_message!r} is unknown; use one of {list(USER_MESSAGES)}."
@@ -232,6 +249,23 @@ class FIRMClientModule(L.LightningModule):
                 f"sampling.generation_batch_size must be >= 1 sequences, or null for one generate call; "
                 f"got {sampling.generation_batch_size}."
             )
+
+    def prompt_limit(self) -> PromptLimit:
+        """What the policy can hold of a prompt (as sampling encodes it) beside ``sampling.max_new_tokens``:
+        the data checks every prompt against it at load (``PromptDataModule.limit_prompts``)."""
+        s, context = self.sampling, context_length(self.policy)
+
+        def measure(prompts: list[str]) -> list[int]:
+            rows = prompt_token_rows(self.tokenizer, prompts, s.max_prompt_length, s.chat_template, s.system_prompt,
+                                     s.user_message)
+            return [len(r) for r in rows]
+
+        return PromptLimit(
+            max_tokens=None if context is None else context - s.max_new_tokens,
+            measure=measure,
+            cut=functools.partial(cut_prompt, self.tokenizer),
+            why=f"a context of {context} tokens less sampling.max_new_tokens={s.max_new_tokens}",
+        )
 
     # ---- adapter exchange (what the orchestrator sends and receives) ----
 
@@ -344,8 +378,9 @@ class FIRMClientModule(L.LightningModule):
         the per-objective gradients summed over the micro-batches are the whole batch's. Under DDP
         each rank takes the rows of its share of the prompts and the sums run over the ranks too.
         """
-        advantages = leave_one_out_advantages(rewards, rollout.group_size, self.loss_settings.whiten_advantages)
-        num_rows = len(rollout.responses)
+        settings = self.loss_settings
+        advantages = group_advantages(rewards, rollout.group_size, settings.advantages, settings.whiten_advantages)
+        num_rows, num_tokens = len(rollout.responses), float(rollout.response_mask.sum())
         ranks = self._ranks()
         mine = slice(0, num_rows)  # this rank's rows: all of them, or its share of the prompts' groups under DDP
         if ranks is not None:
@@ -372,7 +407,7 @@ class FIRMClientModule(L.LightningModule):
                 batch_rows = slice(mine.start + rows.start, mine.start + rows.stop)
                 losses, kls[i] = self.objective_losses(
                     logprobs, previous, logprobs.detach() if reference is None else reference[rows],
-                    advantages[:, batch_rows], part.response_mask, num_rows=num_rows,
+                    advantages[:, batch_rows], part.response_mask, num_rows=num_rows, num_tokens=num_tokens,
                 )
                 if reference is None:
                     kls[i] = torch.full_like(kls[i], float("nan"))  # not measured: logged as NaN
@@ -425,12 +460,14 @@ class FIRMClientModule(L.LightningModule):
         advantages: torch.Tensor,
         mask: torch.Tensor,
         num_rows: Optional[int] = None,
+        num_tokens: Optional[float] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-objective losses ``L_s`` (shape (S,)) and the KL they share (k3 value, for logging);
-        ``num_rows``: the whole batch's rows when these are one micro-batch (``policy_gradient_losses``)."""
+        ``num_rows``/``num_tokens``: the whole batch's rows and response tokens when these are one
+        micro-batch (``policy_gradient_losses``)."""
         return policy_gradient_losses(
             logprobs, old_logprobs, ref_logprobs, advantages, mask, self.loss_settings, self.sampling.max_new_tokens,
-            num_rows,
+            num_rows, num_tokens,
         )
 
     def weighted_step(

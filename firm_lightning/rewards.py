@@ -75,6 +75,28 @@ class HFRewardModel(RewardFunction):
     An input longer than ``max_length`` tokens loses the start of its prompt, never its
     response (the response is cut at the end only if it alone is too long). ``device``
     defaults to the policy's device.
+
+    With ``text_pair: true`` the tokenizer gets the prompt and the response as a text pair instead,
+    ``tokenizer(prompt, response, truncation=True, max_length=min(model_max_length, max_length))``:
+    RiC's input to these reward models (its ``RewardModels.get_reward_model_scores``). GPT-2's tokenizer
+    joins the pair without a separator, and a pair too long loses tokens from the end of the longer
+    text first (the tokenizer's ``longest_first``).
+
+    Args:
+        name: The objective's name (in metric names such as eval/reward/<name>).
+        name_or_path: A hub name or local folder of a sequence-classification model with one output (num_labels = 1).
+        template: The reward model's input: template.format(prompt=..., response=...); must contain {response} once.
+        chat_template: Format the input with the reward model's tokenizer chat template (user/assistant pair)
+            instead of template.
+        user_message: With chat_template, the user message: question (an HH-RLHF prompt's question alone) or
+            prompt (as is).
+        batch_size: Inputs scored per forward pass.
+        max_length: Longest input in tokens; longer inputs lose the start of the prompt, never the response (with
+            text_pair: the tokenizer's truncation, within its model_max_length too).
+        device: Device of the reward model; null: the policy's device.
+        torch_dtype: Load the weights in float32, bfloat16 (as RiC scores) or float16; null: the checkpoint's default.
+        text_pair: Give the tokenizer (prompt, response) as a text pair, truncated as the tokenizer
+            truncates pairs (RiC's input); template and chat_template then unused (refused if set).
     """
 
     def __init__(
@@ -88,7 +110,13 @@ class HFRewardModel(RewardFunction):
         max_length: int = 512,
         device: Optional[str] = None,
         torch_dtype: Optional[str] = None,
+        text_pair: bool = False,
     ) -> None:
+        if text_pair and (chat_template or template != "{prompt}{response}"):
+            raise ValueError(
+                f"Reward model {name!r}: text_pair=true gives the tokenizer (prompt, response) as they are, so a "
+                "template or chat_template would be ignored; leave them unset, or set text_pair: false."
+            )
         if template.count("{response}") != 1:
             raise ValueError(
                 f"Reward model {name!r}: template {template!r} must contain {{response}} exactly once "
@@ -107,6 +135,7 @@ class HFRewardModel(RewardFunction):
         self.max_length = max_length
         self.device = device
         self.torch_dtype = torch_dtype
+        self.text_pair = text_pair
         self._placement: Optional[torch.device] = None  # the policy's device, when device is None
         self._model = None
         self._tokenizer = None
@@ -178,23 +207,31 @@ class HFRewardModel(RewardFunction):
         return self.template.format(prompt=prompt, response=response), (start, start + len(prompt))
 
     def encode(self, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
-        """Right-padded input ids of at most ``max_length`` tokens: the prompt loses its start first."""
-        rendered = [self.render(p, r) for p, r in zip(prompts, responses)]
-        batch = self._tokenizer(  # a chat template holds its own BOS: adding one would make two
-            [text for text, _ in rendered], add_special_tokens=not self.chat_template, truncation=False,
-            return_offsets_mapping=True, return_special_tokens_mask=True,
-        )
-        rows = [
-            _keep_response(ids, offsets, special, span, self.max_length)
-            for ids, offsets, special, (_, span) in zip(
-                batch["input_ids"], batch["offset_mapping"], batch["special_tokens_mask"], rendered
-            )
-        ]
+        """Right-padded input ids of at most ``max_length`` tokens: the prompt loses its start first (a text
+        pair: the tokenizer's own truncation)."""
+        if self.text_pair:
+            limit = min(self.max_length, self._tokenizer.model_max_length)
+            rows = self._tokenizer(list(prompts), list(responses), truncation=True, max_length=limit)["input_ids"]
+        else:
+            rows = self._rendered_rows(prompts, responses)
         width, pad = max(len(r) for r in rows), self._tokenizer.pad_token_id
         return {
             "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
             "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
         }
+
+    def _rendered_rows(self, prompts: list[str], responses: list[str]) -> list[list[int]]:
+        rendered = [self.render(p, r) for p, r in zip(prompts, responses)]
+        batch = self._tokenizer(  # a chat template holds its own BOS: adding one would make two
+            [text for text, _ in rendered], add_special_tokens=not self.chat_template, truncation=False,
+            return_offsets_mapping=True, return_special_tokens_mask=True,
+        )
+        return [
+            _keep_response(ids, offsets, special, span, self.max_length)
+            for ids, offsets, special, (_, span) in zip(
+                batch["input_ids"], batch["offset_mapping"], batch["special_tokens_mask"], rendered
+            )
+        ]
 
     def _score(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
         batch = self.encode([p for p, _ in pairs], [r for _, r in pairs])
@@ -248,6 +285,8 @@ class NormalizedReward(RewardFunction):
             raise ValueError("NormalizedReward(mode='fixed') needs mean and a positive std.")
         self.reward, self.mode, self.eps = reward, mode, eps
         self.name = reward.name
+        # Public: the run's fingerprint describes it (the statistics themselves are evolving state).
+        self.configured_statistics = {"mean": mean, "std": std}
         self.count = 0 if mode != "fixed" else 1
         self.mean = 0.0 if mean is None else float(mean)
         self._m2 = 0.0 if std is None else float(std) ** 2

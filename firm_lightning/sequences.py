@@ -157,6 +157,36 @@ def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 # HH-RLHF's turn markers: its prompts read "\n\nHuman: {question}\n\nAssistant:".
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 USER_MESSAGES = ("question", "prompt")
+# Where RiC's evaluation cuts a generated response, in this order (YangRui2015/RiC, ppo/eval_ppo_single_model.py).
+HH_RESPONSE_CUTS = ("\n\nHuman:", "\nHuman:", "\n\nAssistant:", "\nAssistant:", "\n\n\n")
+
+
+def hh_dialogue_prompt(conversation: str) -> str:
+    """RiC's prompt of an HH-RLHF conversation: the dialogue before its last ``"\n\nAssistant:"``, as
+    written (a human turn's trailing spaces kept), then ``" \n\nAssistant:"`` (``build_dataset_eval``)."""
+    if HH_ASSISTANT not in conversation:
+        raise ValueError(f"No '\\n\\nAssistant:' turn in conversation {conversation[:80]!r}: is this HH-RLHF data?")
+    return HH_ASSISTANT.join(conversation.split(HH_ASSISTANT)[:-1]) + " " + HH_ASSISTANT
+
+
+def hh_reward_query(text: str) -> str:
+    """The query RiC's reward models read for ``text`` (a prompt, or a prompt and its response): the dialogue
+    before the last ``"\n\nAssistant:"``, right-stripped, then ``" \n\nAssistant:"`` (``Instructions.get_input``)."""
+    return HH_ASSISTANT.join(text.split(HH_ASSISTANT)[:-1]).rstrip() + " " + HH_ASSISTANT
+
+
+def hh_reward_response(text: str) -> str:
+    """The response RiC's reward models read for a prompt and its response: what follows the last
+    ``"\n\nAssistant:"``, stripped (``Instructions.get_response``)."""
+    return text.split(HH_ASSISTANT)[-1].strip()
+
+
+def cut_at_turns(response: str) -> str:
+    """``response`` cut before each of ``HH_RESPONSE_CUTS`` in turn, stripped after each cut, as RiC does: a
+    response that goes on to invent the next turns keeps only its own."""
+    for marker in HH_RESPONSE_CUTS:
+        response = response.split(marker)[0].strip()
+    return response
 
 
 def hh_question(prompt: str) -> Optional[str]:
@@ -195,6 +225,23 @@ def encode_prompts(
     """Left-padded prompt ids. A prompt longer than ``max_length`` tokens keeps its end; the
     chat template's tokens or the leading BOS come on top of ``max_length``. With the chat
     template the user message is ``user_message(prompt, user_message_mode)``."""
+    rows = prompt_token_rows(tokenizer, prompts, max_length, chat_template, system_prompt, user_message_mode)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def prompt_token_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_length: int,
+    chat_template: Optional[bool] = None,
+    system_prompt: Optional[str] = None,
+    user_message_mode: str = "question",
+) -> list[list[int]]:
+    """Each prompt's ids as ``encode_prompts`` feeds them to the policy (before padding)."""
     if uses_chat_template(tokenizer, chat_template):
         messages = [user_message(p, user_message_mode) for p in prompts]
         encoded = tokenizer(messages, add_special_tokens=False)["input_ids"]
@@ -207,11 +254,22 @@ def encode_prompts(
         encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         prefix = leading_special_tokens(tokenizer)
         rows = [prefix + ids[-max_length:] for ids in encoded]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    return rows
+
+
+def cut_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_tokens: int, side: str) -> Optional[str]:
+    """``prompt`` shortened to ``max_tokens`` of its own tokens, keeping its end (``side="left"``) or its
+    start (``"right"``); None when it is no longer than that."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return None
+    return tokenizer.decode(ids[-max_tokens:] if side == "left" else ids[:max_tokens])
+
+
+def context_length(model: torch.nn.Module) -> Optional[int]:
+    """The positions the model's config declares it can attend over (its context), if it says."""
+    config = getattr(_hf_model(model), "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def _chat(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: Optional[str]) -> str:
@@ -227,6 +285,13 @@ def _chat(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: Option
 def _hf_model(model: torch.nn.Module) -> PreTrainedModel:
     """The transformers model under a peft wrapper (it owns ``generation_config``)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def checkpoint_temperature(model: torch.nn.Module) -> float:
+    """The temperature of the checkpoint's generation config (1.0 when it sets none): what ``generate``
+    samples with when its caller leaves the temperature unset, as RiC's evaluation does."""
+    value = getattr(getattr(_hf_model(model), "generation_config", None), "temperature", None)
+    return 1.0 if value is None else float(value)
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:

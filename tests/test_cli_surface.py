@@ -86,6 +86,12 @@ def test_a_misspelt_option_is_one_line_naming_it(capsys):
     assert "usage:" not in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--federation.num_round", "--federation.num_r"])
+def test_an_abbreviated_option_is_refused_naming_the_close_match(flag, capsys):
+    code, _, err = _exit(["fit", "--config", CONFIG, flag, "1", "--print_config"], capsys)
+    assert code == 1 and f"unrecognized arguments: {flag} 1; did you mean --federation.num_rounds?" in err
+
+
 def test_a_misspelt_class_path_is_named_without_a_usage_dump(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -15,6 +16,7 @@ from firm_lightning.cli import COMMANDS, FIRMCLI, main
 from firm_lightning.evaluation import HHRLHFEvaluation, conversation_prompt, raw_objectives
 from firm_lightning.policy import TinyPolicy
 from firm_lightning.rewards import CharsetReward, HFRewardModel, NormalizedReward
+from firm_lightning.sequences import hh_reward_query
 from firm_lightning.tokenizer import char_tokenizer
 from real_like import bpe_tokenizer, tiny_reward_model
 
@@ -87,26 +89,29 @@ def test_the_config_is_the_published_protocol(stand_ins):
     assert isinstance(data, HHRLHFEvaluation) and components.datamodule is None  # no data: section needed
     assert (data.split, data.subsets, data.every, data.min_tokens, data.max_tokens) == (
         "test", ["harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled"], 4, 8, 512)
-    assert (data.max_new_tokens, data.top_p, data.top_k, data.temperature, data.win_rate) == (128, 0.9, 0, 1.0, True)
+    assert (data.max_new_tokens, data.top_p, data.top_k, data.temperature, data.win_rate) == (128, 0.9, 0, None, True)
+    # RiC's PPO evaluation: its prompt-length filter, its response cleaning, scores rounded to 0.1 (both means kept)
+    assert (data.length_filter, data.response_cleaning, data.score_decimals) == ("prompt", "ric", 1)
     assert [type(o) for o in module.objectives] == [HFRewardModel, HFRewardModel]  # raw logits, not normalised
     assert [o.name for o in module.objectives] == ["harmless", "helpful"]
-    assert all(o.template == "{prompt} {response}" and o.max_length == 1024 for o in module.objectives)
+    # RiC's reward-model input: the (query, response) text pair, up to 1024 tokens, the models in bfloat16
+    assert all(o.text_pair and o.max_length == 1024 and o.torch_dtype == "bfloat16" for o in module.objectives)
 
 
 def test_prompts_are_every_fourth_test_conversation_within_the_token_bounds(stand_ins):
-    data = HHRLHFEvaluation(path=str(stand_ins["hh"]), **BOUNDS)
+    data = HHRLHFEvaluation(path=str(stand_ins["hh"]), length_filter="conversation", **BOUNDS)
     policy_tokenizer, reward_tokenizer = char_tokenizer(), bpe_tokenizer()
     prompts, subsets = data.prompts([policy_tokenizer, reward_tokenizer])
     # 0 BLEACH kept; 4 SKY too long; 8 TRAVEL long enough in characters but too short for the reward model's BPE;
     # 12 CAT kept, with its whole dialogue before the last Assistant turn
-    assert prompts == [
-        "\n\nHuman: Is it safe to mix bleach and ammonia?\n\nAssistant:",
-        "\n\nHuman: What is a good name for a cat?\n\nAssistant: Maybe Pepper.\n\nHuman: Another?\n\nAssistant:",
+    assert prompts == [  # RiC's prompt text: a space before the last "\n\nAssistant:"
+        "\n\nHuman: Is it safe to mix bleach and ammonia? \n\nAssistant:",
+        "\n\nHuman: What is a good name for a cat?\n\nAssistant: Maybe Pepper.\n\nHuman: Another? \n\nAssistant:",
     ]
     assert subsets == ["harmless-base", "helpful-rejection-sampled"]
     assert data.prompts([policy_tokenizer])[0][1] == conversation_prompt(TRAVEL)  # TRAVEL fits the characters
-    assert HHRLHFEvaluation(path=str(stand_ins["hh"]), max_prompts=1, **BOUNDS).prompts([policy_tokenizer])[0] == [
-        conversation_prompt(BLEACH)]
+    first = HHRLHFEvaluation(path=str(stand_ins["hh"]), max_prompts=1, length_filter="conversation", **BOUNDS)
+    assert first.prompts([policy_tokenizer])[0] == [conversation_prompt(BLEACH)]
 
 
 def _validate(stand_ins, out: Path, *extra: str):
@@ -115,6 +120,7 @@ def _validate(stand_ins, out: Path, *extra: str):
         "--model.lora.target_modules=[c_attn]", f"--federation.output_dir={out}",
         f"--evaluation.init_args.min_tokens={BOUNDS['min_tokens']}",
         f"--evaluation.init_args.max_tokens={BOUNDS['max_tokens']}",
+        "--evaluation.init_args.length_filter=conversation",
         "--evaluation.init_args.max_new_tokens=6", "--evaluation.init_args.eval_batch_size=1",
         f"--evaluation.init_args.responses_file={out / 'responses.csv'}", *extra,
     ])
@@ -161,15 +167,19 @@ def test_validate_reports_raw_rewards_and_the_win_rate_against_the_adapter_off(s
     assert any(r["response"] != r["base_response"] for r in again)
     assert run.results["hh_eval/prompts"] == 2
 
-    # The reported numbers are those of the responses: rescored independently as raw reward-model outputs.
+    # The reported numbers are those of the responses: rescored independently as raw reward-model outputs of
+    # RiC's (query, response) pair, and averaged unrounded and rounded to 0.1 per score.
     for name in ("harmless", "helpful"):
-        scorer = HFRewardModel(name, str(stand_ins[f"rm_{name}"]), template="{prompt} {response}", max_length=1024)
-        prompts = [r["prompt"] for r in again]
-        mine = scorer(prompts, [r["response"] for r in again])
-        base = scorer(prompts, [r["base_response"] for r in again])
+        scorer = HFRewardModel(name, str(stand_ins[f"rm_{name}"]), text_pair=True, torch_dtype="bfloat16",
+                               max_length=1024)
+        queries = [hh_reward_query(r["prompt"]) for r in again]
+        mine = scorer(queries, [r["response"] for r in again])
+        base = scorer(queries, [r["base_response"] for r in again])
         assert torch.allclose(mine, torch.tensor([float(r[f"reward/{name}"]) for r in again]), atol=1e-5)
         assert run.results[f"hh_eval/reward/{name}"] == pytest.approx(float(mine.mean()), abs=1e-5)
         assert run.results[f"hh_eval/base_reward/{name}"] == pytest.approx(float(base.mean()), abs=1e-5)
+        rounded = np.round(mine.double().numpy(), 1).mean()
+        assert run.results[f"hh_eval/rounded_reward/{name}"] == pytest.approx(rounded, abs=1e-12)
         wins = ((mine > base).double() + 0.5 * (mine == base).double()).mean()
         assert run.results[f"hh_eval/win_rate/{name}"] == pytest.approx(float(wins))
 
@@ -177,7 +187,9 @@ def test_validate_reports_raw_rewards_and_the_win_rate_against_the_adapter_off(s
 def test_bad_settings_and_misuse_fail_with_the_fix(stand_ins):
     with pytest.raises(ValueError, match="invalid every, top_p"):
         HHRLHFEvaluation(every=0, top_p=1.5)
-    with pytest.raises(ValueError, match="No HH-RLHF conversation"):
+    with pytest.raises(ValueError, match="invalid length_filter, response_cleaning, score_decimals"):
+        HHRLHFEvaluation(length_filter="chosen", response_cleaning="strip", score_decimals=-1)
+    with pytest.raises(ValueError, match="No HH-RLHF prompt"):
         HHRLHFEvaluation(path=str(stand_ins["hh"]), min_tokens=500, max_tokens=600).prompts([char_tokenizer()])
     with pytest.raises(ValueError, match="Assistant"):
         conversation_prompt("\n\nHuman: no reply yet")

@@ -79,6 +79,7 @@ CASES = {
     "sequence KL, sequence_mean": dict(kl_estimator="sequence", aggregation="sequence_mean"),
     "k3 KL, ppo_epochs=2, clipped": dict(kl_estimator="k3", ppo_epochs=2, clip_range=0.05),
     "top-k 8": dict(top_k=8),
+    "token_mean, group_std advantages": dict(aggregation="token_mean", advantages="group_std", kl_estimator="k3"),
 }
 
 
@@ -119,9 +120,10 @@ def test_micro_batched_step_equals_the_whole_batch_step(case, micro):
     assert adapter_error <= 1e-5
 
 
-def test_micro_batch_normalisers_are_the_whole_batch_ones():
-    """Control: a micro-batch's own normaliser (its rows instead of B·G) would scale its share by
-    B·G / rows; summed, the gradient would then differ from the whole batch's."""
+@pytest.mark.parametrize("aggregation", ["token_sum", "sequence_mean", "token_mean"])
+def test_micro_batch_normalisers_are_the_whole_batch_ones(aggregation):
+    """Control: a micro-batch's own normaliser (its rows or tokens instead of the whole batch's) would
+    scale its share; summed, the gradient would then differ from the whole batch's."""
     from firm_lightning.losses import policy_gradient_losses
 
     torch.manual_seed(0)
@@ -129,10 +131,11 @@ def test_micro_batch_normalisers_are_the_whole_batch_ones():
     logprobs = torch.randn(n, t, requires_grad=True)
     ref, adv = torch.randn(n, t), torch.randn(2, n)
     mask = (torch.rand(n, t) > 0.3).long()
-    settings = PolicyGradientSettings(kl_coef=0.1)
+    settings = PolicyGradientSettings(kl_coef=0.1, aggregation=aggregation)
     whole, kl = policy_gradient_losses(logprobs, logprobs.detach(), ref, adv, mask, settings, t)
     parts = [
-        policy_gradient_losses(logprobs[r], logprobs.detach()[r], ref[r], adv[:, r], mask[r], settings, t, num_rows=n)
+        policy_gradient_losses(logprobs[r], logprobs.detach()[r], ref[r], adv[:, r], mask[r], settings, t, num_rows=n,
+                               num_tokens=float(mask.sum()))
         for r in (slice(0, 4), slice(4, 6))
     ]
     torch.testing.assert_close(sum(p[0] for p in parts), whole)

@@ -181,3 +181,45 @@ def test_reward_models_are_pointed_at_local_folders_from_the_command_line(tmp_pa
     assert module.objectives[1].name_or_path == "/models/harm"
     with pytest.raises(ValueError, match=r"--reward_models names \['helpfull'\]"):
         build_components([*base, "--reward_models", '{"helpfull": "/models/help"}'])
+
+
+class _AlikeAtFirst(CharsetReward):
+    """Scores every response alike (0) for its first ``alike`` calls, then by its characters: a sparse reward
+    early in training."""
+
+    def __init__(self, name: str, charset: str, alike: int) -> None:
+        super().__init__(name, charset)
+        self.alike, self.calls = alike, 0
+
+    def __call__(self, prompts, responses):
+        self.calls += 1
+        return torch.zeros(len(responses)) if self.calls <= self.alike else super().__call__(prompts, responses)
+
+
+def _calibrating_engine(tmp_path, alike: int):
+    torch.manual_seed(0)
+    objectives = [NormalizedReward(_AlikeAtFirst("a_to_m", "abcdefghijklm", alike), mode="calibration"),
+                  NormalizedReward(CharsetReward("n_to_z", "nopqrstuvwxyz"), mode="calibration")]
+    config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(tmp_path))
+    factory = TrainerFactory({"max_steps": 1, "accelerator": "cpu", "logger": False}, tmp_path)
+    datamodule = make_datamodule(2, eval_size=8, eval_batch_size=4)  # two held-out batches of 4 prompts
+    return FederatedOrchestrator(make_module(objectives=objectives), datamodule, config, factory,
+                                 echo=lambda _: None).engine
+
+
+def test_evaluation_statistics_are_calibrated_on_more_batches_until_the_rewards_spread(tmp_path):
+    """A first held-out batch of equal rewards is not accepted as the evaluation statistics: they would
+    normalise every evaluation reward of the run to 0. The next batch is scored too."""
+    engine = _calibrating_engine(tmp_path, alike=1)
+    state = engine.start()
+    stats = engine.eval_objective_state
+    assert stats["a_to_m"]["count"] == 2 * 4 * engine.module.sampling.eval_num_generations  # both batches
+    assert stats["n_to_z"]["count"] == 4 * engine.module.sampling.eval_num_generations  # spread at once: one batch
+    assert stats["a_to_m"]["_m2"] > 0
+    assert state.history[0]["eval/reward/a_to_m"] != 0.0
+
+
+def test_evaluation_statistics_that_never_spread_are_refused_naming_the_objective(tmp_path):
+    engine = _calibrating_engine(tmp_path, alike=10**6)
+    with pytest.raises(ValueError, match=r"cannot calibrate the statistics of 'a_to_m'.*mode: fixed"):
+        engine.start()

@@ -23,7 +23,7 @@ from firm_lightning import checkpoint
 from firm_lightning.checkpoint import CheckpointError
 from firm_lightning.cli import main
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationState
-from firm_lightning.rewards import CharsetReward, NormalizedReward
+from firm_lightning.rewards import CharsetReward, HFRewardModel, NormalizedReward
 from firm_lightning.trainer_factory import TrainerFactory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +75,8 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     assert proc.returncode == -signal.SIGKILL, "".join(proc.seen)
     # It died during round 2: round 1 is the last finished one, round 2 left nothing behind.
     assert checkpoint.load_state(killed / "checkpoint", FederationState)[0].round == 1
+    # It died holding the folder's lock: the file stays, the lock (the kernel's) does not block the resume.
+    assert f'"pid": {proc.pid}' in (killed / ".lock").read_text()
     assert [int(r["round"]) for r in _rows(killed / "metrics.csv")] == [0, 1]
 
     capsys.readouterr()
@@ -267,3 +269,69 @@ def test_a_run_saved_by_the_code_before_the_restructuring_resumes_and_continues_
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
     assert _rows(out / "metrics.csv") == _rows(PRE_REFACTOR / "expected_metrics.csv")
+
+
+def _wrapped(inner: str = "hf", name_or_path: str = "rm/harmless", template: str = "{prompt} {response}",
+             mean: float = 0.5, std: float = 2.0):
+    """A module whose first objective wraps a reward model (never loaded: the fingerprint only describes it)."""
+    wrapped = (HFRewardModel("a_to_m", name_or_path, template=template) if inner == "hf"
+               else CharsetReward("a_to_m", "abcdefghijklm"))
+    return seeded(make_module, objectives=[NormalizedReward(wrapped, mode="fixed", mean=mean, std=std),
+                                           CharsetReward("n_to_z", "nopqrstuvwxyz")])
+
+
+def test_resume_refuses_a_changed_wrapped_objective_in_one_line_naming_it(tmp_path):
+    """What a NormalizedReward is built from is in the fingerprint: the reward it wraps (its class, model
+    path, template) and its fixed statistics."""
+    module = _wrapped()
+    _orchestrator(tmp_path, module).engine.save_checkpoint(
+        FederationState(round=0, global_adapter=module.adapter_state()))
+    assert _orchestrator(tmp_path, _wrapped(), resume=True).engine.saved_state().round == 0
+    changes = {
+        "objectives[0].reward.class": _wrapped(inner="charset"),
+        "objectives[0].reward.name_or_path": _wrapped(name_or_path="rm/helpful"),
+        "objectives[0].reward.template": _wrapped(template="{prompt}{response}"),
+        "objectives[0].configured_statistics.mean": _wrapped(mean=0.0),
+        "objectives[0].configured_statistics.std": _wrapped(std=1.0),
+    }
+    for key, changed in changes.items():
+        with pytest.raises(CheckpointError) as refused:
+            _orchestrator(tmp_path, changed, resume=True).run()
+        assert "\n" not in str(refused.value) and f"{key}: was" in str(refused.value), str(refused.value)
+
+
+def test_a_checkpoint_of_an_earlier_fingerprint_version_compares_only_what_it_recorded(tmp_path):
+    _orchestrator(tmp_path).engine.save_checkpoint(FederationState(round=0, global_adapter=seeded(
+        make_module).adapter_state()))
+    meta_path = tmp_path / "checkpoint" / "state.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["fingerprint_version"] == checkpoint.FINGERPRINT_VERSION
+    del meta["fingerprint"]["training"]["loss"]["advantages"]  # a key this version records and an older did not
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"training\.loss\.advantages: absent before"):
+        _orchestrator(tmp_path, resume=True).engine.saved_state()
+
+    del meta["fingerprint_version"]  # written before versions were recorded: version 1
+    meta_path.write_text(json.dumps(meta))
+    lines = []
+    resumed = _orchestrator(tmp_path, resume=True)
+    resumed.engine.echo = lines.append
+    assert resumed.engine.saved_state().round == 0
+    assert any("version 1) does not record training.loss.advantages; not compared" in line for line in lines), lines
+    # ... and a change it did record is still refused
+    with pytest.raises(CheckpointError, match=r"federation\.seed: was 0, now 5"):
+        _orchestrator(tmp_path, seed=5, resume=True).engine.saved_state()
+
+
+def test_the_fingerprint_describes_callable_settings():
+    """A wrapped reward (a callable object) is described like any setting, a function by its name, a network a
+    setting holds by its class (its weights are state)."""
+    import math
+
+    class Holder:
+        def __init__(self):
+            self.reward, self.scale, self.net = CharsetReward("a", "ba"), math.sqrt, torch.nn.Linear(1, 1)
+
+    described = checkpoint.describe(Holder())
+    assert described["reward"] == {"class": "firm_lightning.rewards.CharsetReward", "name": "a", "charset": ["a", "b"]}
+    assert described["scale"] == "math.sqrt" and described["net"] == "torch.nn.modules.linear.Linear"
