@@ -39,8 +39,9 @@ from firm_lightning.run_folder import atomic_write
 FORMAT_VERSION = 1
 # What ``describe`` records. 1 (no version saved): callable attributes left out, so an objective wrapped in
 # another (NormalizedReward's reward) went undescribed. 2: callable objects described like any other,
-# functions by their qualified name.
-FINGERPRINT_VERSION = 2
+# functions by their qualified name. 3: sampling.share_prompt and sampling.per_prompt_seeds recorded (a run
+# saved before them resumes with the behaviour it had, module.EARLIER_BEHAVIOUR).
+FINGERPRINT_VERSION = 3
 STATE_JSON = "state.json"
 PREVIOUS_JSON = "previous.json"
 WHICH = {"latest": STATE_JSON, "previous": PREVIOUS_JSON}

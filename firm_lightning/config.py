@@ -127,6 +127,12 @@ class ComponentBuilder(LightningCLI):
             else:
                 parser.add_class_arguments(cls, group)
         parser.add_argument(
+            "--torch_threads", type=Optional[int], default=None,
+            help="torch's intra-op threads in this process (torch.set_num_threads), set before anything is built; "
+                 "null: torch's default (one per core). 1 for tiny models: their small matrices split over threads "
+                 "spend the time waiting for a descheduled thread when other work shares the machine.",
+        )
+        parser.add_argument(
             "--reward_models", type=dict[str, str], default={},
             help="Reward models by objective name, e.g. '{\"helpful\": \"/models/rm-helpful\"}': replaces the "
                  "name_or_path of that objective's HFRewardModel (a hub name or a local folder).",
@@ -149,6 +155,7 @@ class ComponentBuilder(LightningCLI):
         if self.data_unless and self.config.get("data") is None and self.config.get(self.data_unless) is None:
             raise ValueError(f"Neither data: nor {self.data_unless}: is given: give data: (the prompts to evaluate "
                              f"on) or {self.data_unless}: (which stands in for it).")
+        use_threads(self.config.get("torch_threads"))
         if self.config["federation"].quiet:  # loading bars of every weight file and data map: not the run's lines
             quiet_hugging_face()
         point_reward_models(self.config["model"]["objectives"], self.config.get("reward_models") or {})
@@ -206,6 +213,17 @@ def load_components(config_text: str, sections: Optional[dict[str, type]] = None
             path.write_text(config_text)
             _CACHE[key] = build_components(["--config", str(path)], sections)
     return _CACHE[key]
+
+
+def use_threads(threads: Optional[int]) -> None:
+    """``torch_threads``: torch's intra-op threads for this process; None leaves torch's default."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"torch_threads must be >= 1, or null for torch's default; got {threads}.")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def close_matches(message: str, parser: LightningArgumentParser) -> str:

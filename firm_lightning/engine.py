@@ -46,7 +46,7 @@ from firm_lightning.callbacks import CallbackList
 from firm_lightning.datamodule import ADDED_SETTINGS, PromptDataModule
 from firm_lightning.federation import RESUMABLE_SETTINGS, FederationConfig, refuse_for_hidden_uploads
 from firm_lightning.federation_metrics import client_evaluation, client_row, round_metrics
-from firm_lightning.module import CALIBRATION_SEED_OFFSET, FIRMClientModule, FitArguments
+from firm_lightning.module import CALIBRATION_SEED_OFFSET, EARLIER_BEHAVIOUR, FIRMClientModule, FitArguments
 from firm_lightning.privacy import SecretGenerator, released_row
 from firm_lightning.rewards import load_objective_states, objective_states, stateful, statistics_frozen
 from firm_lightning.progress import progress_callback
@@ -408,8 +408,14 @@ class RoundEngine:
             return None
         state, extra = self._load_checkpoint()
         version = extra.get("fingerprint_version", 1)  # none saved: written before versions were recorded
+        saved = extra.get("fingerprint", {})
+        earlier = self._continue_as_saved(saved)
+        current = self.fingerprint()
+        if earlier:  # the behaviour the saved run had is restored above, so these are not compared
+            current = {**current, "training": {**current["training"], "sampling": {
+                k: v for k, v in current["training"]["sampling"].items() if k not in earlier}}}
         unrecorded: Optional[list[str]] = [] if version < checkpoint.FINGERPRINT_VERSION else None
-        changed = checkpoint.differences(extra.get("fingerprint", {}), self.fingerprint(), unrecorded=unrecorded)
+        changed = checkpoint.differences(saved, current, unrecorded=unrecorded)
         if changed:
             raise checkpoint.CheckpointError(
                 f"Cannot resume from {self.checkpoint_dir}: this config differs from the saved run in "
@@ -461,6 +467,20 @@ class RoundEngine:
             f"resume: round {state.round} of {self.config.num_rounds} finished in {self.checkpoint_dir}; continuing"
         )
         return state
+
+    def _continue_as_saved(self, saved: dict) -> dict:
+        """Settings the saved run predates (``module.EARLIER_BEHAVIOUR``) take the behaviour it ran with,
+        so it continues as the code that wrote it would have; returns them (name: value)."""
+        recorded = saved.get("training", {}).get("sampling")
+        if not isinstance(recorded, dict):
+            return {}
+        earlier = {k: v for k, v in EARLIER_BEHAVIOUR["sampling"].items() if k not in recorded}
+        if earlier:
+            self.module.sampling = dataclasses.replace(self.module.sampling, **earlier)
+            self._fingerprint = None
+            self.echo("resume: the saved run predates " + ", ".join(f"sampling.{k}" for k in earlier)
+                      + f"; it continues as it ran ({', '.join(f'{k}={v}' for k, v in earlier.items())})")
+        return earlier
 
     def fingerprint(self) -> dict:
         """What must not change between a run and its resumption, section by section (computed once per run)."""
