@@ -195,6 +195,20 @@ def quoted_differences(committed: dict, fresh: dict) -> list[str]:
     return [m for m in moved if not m.startswith("values.federation_s")]
 
 
+def dumps(results: dict) -> str:
+    """JSON with one line per table row or list of numbers: a rerun's diff shows which numbers moved."""
+    def compact(value, depth: int) -> str:
+        pad, end = " " * (depth + 1), " " * depth
+        if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+            return "[\n" + ",\n".join(pad + compact(v, depth + 1) for v in value) + "\n" + end + "]"
+        if isinstance(value, dict) and value:
+            items = [f"{pad}{json.dumps(k, ensure_ascii=False)}: {compact(v, depth + 1)}" for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + "\n" + end + "}"
+        return json.dumps(value, ensure_ascii=False)
+
+    return compact(results, 0) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, help="a finished demo run to read instead of running one")
@@ -220,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(moved) or f"{path}: every quoted number reproduced")
             return 1 if moved else 0
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(fresh, indent=1, ensure_ascii=False) + "\n")
+        path.write_text(dumps(fresh))
         for source, target in FIGURES.items():
             shutil.copyfile(run_dir / "plots" / source, ROOT / "docs" / target)
         print(f"wrote {path} and {', '.join('docs/' + t for t in FIGURES.values())}")
