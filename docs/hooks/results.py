@@ -179,8 +179,8 @@ def source_line(about: dict) -> str:
 
 
 def check_page(markdown: str, page: str) -> None:
-    for section in HEADING.split(markdown):
-        names = [arguments(m["args"])[0] for m in PLACEHOLDER.finditer(CODE.sub(" ", section)) if arguments(m["args"])]
+    for section in HEADING.split(CODE.sub(" ", markdown)):  # a "# comment" in a code block is no heading
+        names = [arguments(m["args"])[0] for m in PLACEHOLDER.finditer(section) if arguments(m["args"])]
         if names:
             check_text(REGION.sub("", section), names, page)
     check_regions(markdown, page)
