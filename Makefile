@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: install demo test clean
+.PHONY: install demo test results clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ $(VENV)/.installed: pyproject.toml
 # --federation.overwrite true: a second `make demo` starts over in runs/tiny (fit alone refuses to mix runs).
 demo: install
 	$(PY) -m firm_lightning fit --config $(CONFIG) --federation.overwrite true
+
+# The docs' cheap results (the demo's numbers and figures): rerun and rewrite docs/results/tiny_demo.json and
+# docs/tiny_*.png (scripts/refresh_results.py; the docs build renders the tables from the file).
+results: install
+	$(PY) scripts/refresh_results.py
 
 # The linter (ruff, configured in pyproject.toml), the docs site (strict: a broken page, link, anchor or
 # reference fails; not --quiet, which hides the configuration-reference hook's warnings from strict mode),

@@ -68,7 +68,7 @@ class Aggregator(abc.ABC):
         dtypes (16-bit deltas are applied before). Under SecAgg+ it is one update, the clients' mean.
         ``num_examples`` weighs a client, as the rule sees fit.
 
-        Returns an :class:`AggregationResult`. Must not change ``global_state`` or the updates in
+        Returns an ``AggregationResult``. Must not change ``global_state`` or the updates in
         place, and must be a function of its arguments and its settings (any randomness from a
         generator whose state the engine checkpoints), so a resumed run continues exactly.
         Raises ValueError for uploads it cannot merge (e.g. FedAvg given several adapters per client).

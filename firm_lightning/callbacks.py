@@ -1,7 +1,7 @@
 """Federation callbacks: hooks around the server loop, as Lightning callbacks are around a fit.
 
 A ``FederationCallback`` overrides any of these hooks. Each gets the federation first (a
-:class:`Federation`: its ``config``, ``algorithm``, ``objective_names`` and ``request_stop``),
+``Federation``: its ``config``, ``algorithm``, ``objective_names`` and ``request_stop``),
 on every transport: the in-process loop and the Flower server drive the same round engine.
 
 =====================  ==================================================================

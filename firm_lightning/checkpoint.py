@@ -152,7 +152,7 @@ def exists(directory: Path) -> bool:
 def load_state(
     directory: Path, state_type: Type[T], which: Literal["latest", "previous"] = "latest"
 ) -> tuple[T, dict[str, Any]]:
-    """The state saved by :func:`save_state` (``which``: the latest, or the one kept before it) and its
+    """The state saved by ``save_state`` (``which``: the latest, or the one kept before it) and its
     ``extra`` entries; refuses damaged files."""
     meta, blob = _read_meta(directory, WHICH[which])
     try:

@@ -183,8 +183,9 @@ class FIRMClientModule(L.LightningModule):
     """Policy (base model + LoRA), reward functions and in-client weighting of one FIRM client.
 
     The orchestrator reuses one instance for every client: it loads the global adapter with
-    :meth:`load_adapter_state`, fits, and reads back :meth:`adapter_state` and
-    :meth:`client_summary`. The base weights are frozen and never copied.
+    [`load_adapter_state`][firm_lightning.FIRMClientModule.load_adapter_state], fits, and reads back
+    [`adapter_state`][firm_lightning.FIRMClientModule.adapter_state] and
+    [`client_summary`][firm_lightning.FIRMClientModule.client_summary]. The base weights are frozen and never copied.
 
     Args:
         objectives: The reward functions, one per objective (``RewardFunction`` subclasses by class_path).

@@ -3,7 +3,7 @@
 ``federation.privacy: {clipping_norm: C, noise_multiplier: σ, delta: δ}`` turns it on:
 
 1. each client takes part in a round independently with probability ``q = client_fraction``
-   (Poisson sampling, drawn from a :class:`SecretGenerator`), so a round trains a random number
+   (Poisson sampling, drawn from a ``SecretGenerator``), so a round trains a random number
    of clients, ``q·N`` on average (``N = num_clients``);
 2. each sampled client's delta ``Δ_i = θ_i − θ`` is clipped to norm ``C`` (on the server; on the
    client under SecAgg+, where the server never sees one upload);

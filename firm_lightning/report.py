@@ -1,6 +1,6 @@
 """What a federation run leaves on disk and prints: adapters, CSVs, plots, a summary table.
 
-The file names and the layout of ``output_dir`` are :class:`~firm_lightning.run_folder.RunFolder`'s.
+The file names and the layout of ``output_dir`` are ``RunFolder``'s.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class RunWriter:
-    """Writes a run's records into its :class:`RunFolder` as the round engine reports them.
+    """Writes a run's records into its ``RunFolder`` as the round engine reports them.
 
     The engine calls ``record_round`` after every recorded round (round 0 included, and each round of a
     resumed run) and ``finish`` once, after the last round or an early stop; nothing else calls them.
@@ -45,7 +45,7 @@ class RunWriter:
     rows; the full rows go to ``server_private/``, which nothing else here reads) ; every file is replaced
     atomically (a reader sees the old file or the new one); the
     summary is written last by ``finish``, so its presence means the run finished
-    (:meth:`RunFolder.is_finished`, which lets ``compare`` and ``pareto`` reuse runs). The writer does
+    (``RunFolder.is_finished``, which lets ``compare`` and ``pareto`` reuse runs). The writer does
     not write ``config.yaml`` (the CLI), ``checkpoint/`` and ``objective_state.json`` (the engine) or
     SaveBestAdapter's file (the callback); it packages that file into a peft folder at the end.
     """
@@ -217,6 +217,13 @@ def new_figure(*args, figsize, **kwargs):
     return fig, fig.subplots(*args, **kwargs)
 
 
+def integer_rounds(ax) -> None:
+    """Rounds are whole numbers: no 0.5 ticks on a short run's x axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_eval_rewards(history: list[dict], names: list[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = new_figure(figsize=(6, 4))
@@ -224,6 +231,7 @@ def plot_eval_rewards(history: list[dict], names: list[str], path: Path) -> None
     for n in names:
         ax.plot(rounds, [r[f"eval/reward/{n}"] for r in history], marker="o", label=n)
     ax.set(xlabel="round", ylabel="eval reward (global adapter)", title="Eval reward per objective")
+    integer_rounds(ax)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -239,6 +247,7 @@ def plot_lambdas(client_history: list[dict], names: list[str], path: Path) -> No
             rows = [r for r in client_history if int(r["client"]) == c]
             ax.plot([r["round"] for r in rows], [r[f"lambda/{n}"] for r in rows], marker=".", label=f"client {c}")
         ax.set(xlabel="round", ylabel=f"λ {n}", title=f"λ {n} per client", ylim=(-0.02, 1.02))
+        integer_rounds(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
     fig.tight_layout()

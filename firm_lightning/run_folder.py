@@ -23,13 +23,13 @@ A ``compare`` or ``pareto`` sweep folder holds ``config.yaml``, its own reports 
 ``summary.md``, ``plots/``; ``pareto.csv``, ``pareto.png``, ``hypervolume.json``) and ``runs/``, one
 run folder per run of the sweep.
 
-One writer at a time: a run holds :meth:`RunFolder.lock` for its whole life (an OS file lock on
+One writer at a time: a run holds ``RunFolder.lock`` for its whole life (an OS file lock on
 ``.lock``, which dies with its process, so a killed run never blocks its resume); a second run into
 the folder is refused naming the holder. A run starts clean or explicitly: into a folder holding
-another run's files it must resume it or overwrite it (:meth:`RunFolder.check_clean_start`,
-:meth:`RunFolder.clear`), never mix with it.
+another run's files it must resume it or overwrite it (``RunFolder.check_clean_start``,
+``RunFolder.clear``), never mix with it.
 
-Every writer takes its paths from a :class:`RunFolder` and every reader reads through one, so
+Every writer takes its paths from a ``RunFolder`` and every reader reads through one, so
 renaming a file or changing what "finished" means is one edit here. A leaf module: it imports
 nothing from the package (nor torch, but to read or write tensors).
 """
@@ -274,7 +274,7 @@ class RunFolder:
 
     def check_clean_start(self, resume: bool, overwrite: bool, sweep: bool = False) -> None:
         """Refuse to start a run here over another run's files unless it resumes that run (``resume``, with a
-        checkpoint to resume from) or removes them first (``overwrite``, then :meth:`clear`). Writes nothing."""
+        checkpoint to resume from) or removes them first (``overwrite``, then ``clear``). Writes nothing."""
         found = self.run_files(sweep)
         if overwrite or not found or (resume and self.has_checkpoint()):
             return

@@ -1,6 +1,6 @@
 """Prompt-conditioned offline objectives: a testbed where the clients' trade-offs differ.
 
-With :class:`~firm_lightning.rewards.CharsetReward` the objectives ignore the prompt, so a
+With ``CharsetReward`` the objectives ignore the prompt, so a
 topic-skewed split hardly changes a client's gradients. Here an objective's rule depends on
 the prompt's group (its topic): for a prompt of group ``g`` the reward is
 ``weight_g × (fraction of the response's characters in charset_g)``. Per group, the charsets
@@ -12,8 +12,8 @@ and weights set how the objectives relate:
   (positive inner product) and one is shorter; MGDA's min-norm point then puts all the weight
   on the shorter one, i.e. on the objective that group weighs less.
 
-:func:`heterogeneous_objectives` is the pair used by ``configs/claims*.yaml`` (the table in
-:class:`TopicTradeoffReward`): two topics in conflict, two where the first objective leads,
+``heterogeneous_objectives`` is the pair used by ``configs/claims*.yaml`` (the table in
+``TopicTradeoffReward``): two topics in conflict, two where the first objective leads,
 two where the second leads. Under a topic-skewed (Dirichlet α → 0) split, local MGDA's clients
 then pick very different weights; under an IID-like split every client sees the same mixture
 and they agree. Turn advantage whitening off with these objectives: whitening rescales each

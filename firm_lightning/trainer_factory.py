@@ -7,8 +7,8 @@ specs are instantiated, ready-made objects are deep-copied. Each client round lo
 of its own: the directory ``<output_dir>/clients/client_<id>/round_<r>`` for file-based loggers
 (CSV, TensorBoard), the run name ``client_<id>/round_<r>`` for MLflow (nested under the
 federation's run) and W&B. The same logger specs, built once more by
-:meth:`TrainerFactory.federation_loggers`, receive the round metrics (``round_logging``). Under
-differential privacy (:meth:`TrainerFactory.log_clients_privately`) a client fit's logs are per-client
+``TrainerFactory.federation_loggers``, receive the round metrics (``round_logging``). Under
+differential privacy (``TrainerFactory.log_clients_privately``) a client fit's logs are per-client
 statistics: they go to a CSV log in the server-private record only.
 """
 

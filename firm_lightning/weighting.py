@@ -519,7 +519,7 @@ class LinearScalarization(Weighting):
     """Fixed weights, ignoring the gradients: ``d = sum_s w_s g_s``.
 
     The baseline FIRM is compared against, and the ``beta -> inf`` limit of
-    :class:`RegularizedMinNorm`. The Gram matrix is still checked so a
+    [`RegularizedMinNorm`][firm_lightning.RegularizedMinNorm]. The Gram matrix is still checked so a
     mismatch between the configured weights and the objectives fails loudly.
     """
 

@@ -99,6 +99,29 @@ def test_strict_build_fails_on_an_option_without_a_description(tmp_path):
     assert "firm_lightning.policy.TinyPolicy: option 'num_layers' has no description" in result.stderr
 
 
+def doc_sources() -> list[Path]:
+    docs = ROOT / "docs"
+    return [ROOT / "README.md", *sorted(docs.glob("*.md")), *sorted((docs / "results").glob("*.json"))]
+
+
+def test_no_glyph_needs_an_emoji_font():
+    """Symbols of the emoji and dingbat blocks (✅, ❌, ⚠) show as empty boxes without an emoji font."""
+    import re
+
+    emoji = re.compile("[\u2600-\u27bf\u2b00-\u2bff\ufe0f\U0001f000-\U0001faff]")
+    found = {p.name: sorted(set(emoji.findall(p.read_text()))) for p in doc_sources()}
+    assert not {k: v for k, v in found.items() if v}
+
+
+def test_results_pages_are_written_for_users():
+    """The development history (issue numbers, "what changed from the earlier table") lives in changelog.md."""
+    import re
+
+    history = re.compile(r"\bissues? \d+\b|earlier table", re.IGNORECASE)
+    found = {p.name: history.findall(p.read_text()) for p in doc_sources() if p.name != "changelog.md"}
+    assert not {k: v for k, v in found.items() if v}
+
+
 # ---- the built site in a real browser ----
 
 # (page path, its title in the browser, its h1)
@@ -112,6 +135,7 @@ MAIN_PAGES = [
     ("claims/", "The claims and what we measured - firm_lightning", "What the paper claims, and what we measured"),
     ("performance/", "Performance - firm_lightning", "Performance"),
     ("api/", "API reference - firm_lightning", "API reference"),
+    ("quickstart/", "Quickstart notebook - firm_lightning", "firm_lightning quickstart: a federation from Python"),
 ]
 NAV_ENTRIES = ["Getting started", "Concepts", "Configuration reference", "Federation on Flower",
                "Reliability and privacy", "Performance", "API reference"]
@@ -192,6 +216,84 @@ def test_main_pages_render_with_their_navigation_in_a_headless_browser(served, t
     failed = [(p, code) for p, code in requests if code >= 400]
     assert not failed, f"requests that failed: {failed}"
     assert {p for p, _ in requests} >= {"/" + path for path, _, _ in MAIN_PAGES}
+
+
+def test_search_for_an_option_lands_on_the_configuration_reference(served, tmp_path):
+    """By its last part and by its dotted name (the search splits words at dots, not at underscores)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, _ = served
+    driver = chromium(tmp_path)
+    try:
+        for query in ("learning_rate", "model.learning_rate", "max_new_tokens", "sampling.max_new_tokens"):
+            driver.get(base)
+            box = driver.find_element(By.CSS_SELECTOR, "input.md-search__input")
+            box.click()
+            box.send_keys(query)
+            WebDriverWait(driver, 20).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, ".md-search-result__item a"))
+            first = driver.find_element(By.CSS_SELECTOR, ".md-search-result__item a").get_attribute("href")
+            assert first.startswith(base + "configuration/"), (query, first)
+            first_option = driver.find_element(By.CSS_SELECTOR, ".md-search-result__item")
+            assert query.split(".")[-1] in first_option.get_attribute("textContent"), query
+    finally:
+        driver.quit()
+
+
+def meaning_columns(driver) -> list[dict]:
+    """For each configuration table: how far it overflows its page column, and its meaning column's width."""
+    return driver.execute_script("""
+      const article = document.querySelector('article.md-content__inner').getBoundingClientRect();
+      const tables = [...document.querySelectorAll('article table')]
+        .filter(t => [...t.querySelectorAll('th')].map(th => th.textContent.trim()).includes('meaning'));
+      return tables.map(table => {
+        const scroller = table.closest('.md-typeset__scrollwrap') || table.parentElement;
+        const meaning = table.querySelector('tbody tr td:nth-child(4)').getBoundingClientRect();
+        return {overflow: Math.max(scroller.scrollWidth - scroller.clientWidth,
+                                   table.getBoundingClientRect().right - article.right),
+                meaning_width: meaning.width, meaning_right: meaning.right, article_right: article.right,
+                viewport: window.innerWidth};
+      });""")
+
+
+def test_the_configuration_tables_meaning_column_is_visible_at_1400_px_and_on_a_phone(served, tmp_path):
+    base, _ = served
+    driver = chromium(tmp_path)
+    try:
+        driver.set_window_size(1400, 900)
+        driver.get(base + "configuration/")
+        tables = meaning_columns(driver)
+        assert len(tables) >= 20
+        for table in tables:
+            assert table["overflow"] <= 1, table  # no sideways scrolling, nothing cut off at the right
+            assert table["meaning_right"] <= table["article_right"] + 1, table
+            assert table["meaning_width"] >= 200, table  # a readable column, not a sliver
+        # a phone (390 px wide): each option stacks, its meaning as wide as the screen allows
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True})
+        driver.get(base + "configuration/")
+        for table in meaning_columns(driver):
+            assert table["viewport"] == 390
+            assert table["overflow"] <= 1 and table["meaning_right"] <= 390, table
+            assert table["meaning_width"] >= 250, table
+    finally:
+        driver.quit()
+
+
+def test_api_page_shows_no_sphinx_roles(served, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    base, _ = served
+    driver = chromium(tmp_path)
+    try:
+        driver.get(base + "api/")
+        text = driver.find_element(By.CSS_SELECTOR, "article").text
+        assert "FIRMClientModule" in text
+        shown = [role for role in (":meth:", ":class:", ":func:", ":attr:", ":mod:") if role in text]
+        assert not shown, f"Sphinx roles shown literally on the API page: {shown}"
+    finally:
+        driver.quit()
 
 
 # ---- the README's example ----

@@ -30,6 +30,7 @@ log = logging.getLogger("mkdocs.hooks.config_reference")
 MARKER = re.compile(r"<!--\s*config:\s*(?P<path>[\w.]+)(?:\s+(?P<prefix>[\w.]+))?\s*-->")
 API_DIRECTIVE = re.compile(r"^:::\s*firm_lightning\.(\w+)\s*$", re.MULTILINE)
 API_PAGE = "api.md"
+TABLE_CLASS = "config-table"
 DESCRIPTIONS = "config_descriptions.yml"
 
 _state: dict = {}
@@ -100,11 +101,13 @@ def config_table(path: str, prefix: str, page: str) -> str:
                         f"Args section (or to docs/{DESCRIPTIONS}).")
             text = ""
         key = f"{prefix}.{param.name}" if prefix else param.name
-        rows.append(f"| `{key}` | {code(param.annotation)} | {default(param)} | {cell(text)} |")
+        rows.append(f"| `{key}` | {breakable(code(param.annotation))} | {breakable(default(param))} | {cell(text)} |")
     source = f"Generated from the signature and docstring of `{path}`"
     if not rows:  # e.g. a section's abstract type, whose subclasses have the options
         return f"{source}: no options of its own.\n"
-    return "\n".join([source + ".", "", "| option | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+    table = ["| option | type | default | meaning |", "|---|---|---|---|", *rows]
+    # The wrapper's class lets docs/stylesheets/extra.css fit the table to the page (or stack it on a phone).
+    return "\n".join([source + ".", "", f'<div class="{TABLE_CLASS}" markdown>', "", *table, "", "</div>", ""])
 
 
 def docstring_params(cls) -> dict[str, str]:
@@ -139,6 +142,18 @@ def code(value) -> str:
     if not text:
         return ""
     return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
+
+
+def breakable(code_span: str) -> str:
+    """A code span as HTML that may wrap after ``.``, ``[``, ``,`` and ``|`` (``<wbr>``), so a long type or
+    default breaks where a reader expects it to in a narrow column; copying it copies no extra character."""
+    if not code_span.startswith("`"):
+        return code_span
+    text = code_span[1:-1].replace("\\|", "|")
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = re.sub(r"([.\[,|])", r"\1<wbr>", text)
+    # Markdown still reads the text inside inline HTML: its own characters become entities.
+    return "<code>" + re.sub(r"[|_*\[\]\\]", lambda m: f"&#{ord(m[0])};", text) + "</code>"
 
 
 def cell(text: str) -> str:

@@ -9,7 +9,7 @@ sampling seeds), so FIRM and a baseline are compared *paired on the seed*: one d
 differences it has exactly its nominal coverage at any ``n ≥ 2`` (``tests/studies/test_claims.py``
 measures ≥ 0.93 at n = 3, 5, 10; ``benchmarks/claims_error_rates.py`` measures the error rates).
 
-**One primary metric per claim, declared up front.** Each :class:`Claim` row names one metric
+**One primary metric per claim, declared up front.** Each ``Claim`` row names one metric
 and its baselines and says whether it is the claim's ``primary`` metric. Only primary rows get
 a verdict; every other row is *exploratory* (interval and unadjusted p-value, no verdict).
 
@@ -42,13 +42,13 @@ spread (a plug-in estimate: with few seeds it is itself uncertain). Computed exa
 noncentral t distribution. An inconclusive row with MDE 0.04 says: "an effect of 0.04 or
 more would probably have been seen", not "there is no effect".
 
-The claims and the per-run numbers they rest on (:func:`run_metrics`; :func:`default_claims`
+The claims and the per-run numbers they rest on (``run_metrics``; ``default_claims``
 marks the primary ones):
 
 1. communication — uplink bytes per client over the run (lower is better; by construction);
 2. drift — update dispersion weighted by ``n_i`` (primary, vs local MGDA) and λ dispersion
    (lower is better);
-3. smoothness — :func:`eval_roughness`, the oscillation of the global eval reward around its
+3. smoothness — ``eval_roughness``, the oscillation of the global eval reward around its
    trend (primary, vs local MGDA; lower is better), and the cosine between consecutive global
    updates (higher is better);
 4. trade-offs — final eval rewards, the worst client's reward, the reward at an equal uplink
@@ -76,7 +76,7 @@ SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusi
 EXPLORATORY = "exploratory"
 PRIMARY, BY_CONSTRUCTION = "primary", "by construction"
 
-#: Per-run metric names :func:`run_metrics` and :func:`per_run_table` produce; ``final/<objective>`` too.
+#: Per-run metric names ``run_metrics`` and ``per_run_table`` produce; ``final/<objective>`` too.
 KNOWN_METRICS = (
     "uplink_bytes", "lambda_dispersion", "update_dispersion_weighted", "eval_roughness", "update_cosine",
     "worst_client", "final/mean", "equal_uplink/mean", "equal_uplink/worst_client", "hypervolume",
@@ -107,7 +107,7 @@ def t_interval(differences: Sequence[float], confidence: float = 0.95) -> Interv
     """Student-t interval ``mean ± t_{(1+confidence)/2, n−1} · sd / √n`` of the mean of ``differences``.
 
     NaNs are left out. One difference gives an unbounded interval (no spread to estimate);
-    differences with no spread give a zero-width one (``sd = 0``), which :func:`verdict` does not
+    differences with no spread give a zero-width one (``sd = 0``), which ``verdict`` does not
     read as evidence unless the metric is marked by construction.
     """
     d = [float(x) for x in differences if not math.isnan(x)]
@@ -444,9 +444,9 @@ def claims_table(
     """One row per (α, claim metric, baseline): the paired ``reference − baseline`` interval, p-values and verdict.
 
     Row keys: ``alpha, claim, metric, better, baseline, role`` (primary / exploratory / by
-    construction), ``interval`` (:class:`Interval`, per-row ``confidence``), ``p`` (two-sided
+    construction), ``interval`` (``Interval``, per-row ``confidence``), ``p`` (two-sided
     paired t, unadjusted), ``p_holm`` (Holm-adjusted over the tested primary rows of the whole
-    table; NaN for others), ``mde`` (tested primary rows: :func:`minimum_detectable_effect` at
+    table; NaN for others), ``mde`` (tested primary rows: ``minimum_detectable_effect`` at
     ``family_error_rate / m`` and ``power``; NaN where no test was made), ``mde_level`` (that
     level), ``verdict`` and ``note`` (why a primary row could not be tested).
     """

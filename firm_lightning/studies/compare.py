@@ -18,7 +18,7 @@ from firm_lightning.algorithms import FIRM, FMGDA, Algorithm, Linear, LocalMGDA
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
-from firm_lightning.report import new_figure, save_figure, write_csv
+from firm_lightning.report import integer_rounds, new_figure, save_figure, write_csv
 from firm_lightning.run_folder import RunFolder, load_adapter_file
 from firm_lightning.studies import claims as stats  # CompareSettings has an argument called claims
 from firm_lightning.studies.claims import Claim
@@ -34,7 +34,7 @@ class CompareSettings:
 
     The claims statistics (``firm_lightning/studies/claims.py``): ``claims`` lists the table's rows, each
     with its claim, metric, predicted side, baselines and whether it is the claim's one
-    ``primary`` metric or fixed ``by_construction`` (default: :func:`claims.default_claims`);
+    ``primary`` metric or fixed ``by_construction`` (default: ``claims.default_claims``);
     ``family_error_rate`` is the family-wise error rate of the verdicts on the primary rows
     (Holm); ``min_seeds`` the fewest seeds a tested verdict rests on; ``aa_control`` names an
     algorithm that is an identical copy of the reference under another name, run on the same
@@ -308,6 +308,7 @@ def plot_comparison(rows: list[dict], objectives: list[str], plot_dir: Path) -> 
         for label, c in curves.items():
             ax.plot(c["round"], c[n], marker="o", label=label)
         ax.set(xlabel="round", ylabel=f"eval reward {n}", title=f"Eval reward: {n}")
+        integer_rounds(ax)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize="small")
     save(fig, "eval_rewards.png")
@@ -317,6 +318,7 @@ def plot_comparison(rows: list[dict], objectives: list[str], plot_dir: Path) -> 
         for label, c in curves.items():
             ax.plot(c["round"][1:], c[key][1:], marker="o", label=label)
         ax.set(xlabel="round", ylabel=title, title=f"{title} (client disagreement)")
+        integer_rounds(ax)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     save(fig, "dispersion.png")
@@ -362,7 +364,7 @@ def claims_report(
 ) -> tuple[list[dict], str]:
     """Paired FIRM − baseline t-intervals, Holm-adjusted verdicts on the primary rows and their MDE; the markdown text.
 
-    The claims are ``settings.claims_for(objectives)`` (by default :func:`claims.default_claims`);
+    The claims are ``settings.claims_for(objectives)`` (by default ``claims.default_claims``);
     the text starts with a paragraph saying how the verdicts were reached (family size included).
     """
     per_run = stats.per_run_table(
