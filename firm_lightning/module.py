@@ -441,12 +441,14 @@ class FIRMClientModule(L.LightningModule):
 
     def _weighting_effect(self, optimizer, gradients: GramSource, lambdas, direction) -> tuple[float, float]:
         """``weighting_effect`` of this step against the preference ``p`` of the fit's weighting; NaN without
-        a ``p`` or without per-objective gradients (``gram_from`` hidden / logits never form them)."""
+        a ``p``, without per-objective gradients (``gram_from`` hidden / logits never form them) or without
+        a torch optimiser to simulate."""
         preference = self.fit_weighting().preference_weights(len(lambdas))
-        if preference is None or not isinstance(gradients, ExactGradients):
+        raw = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper would count the simulated steps
+        simulable = isinstance(gradients, ExactGradients) and isinstance(raw, torch.optim.Optimizer)
+        if preference is None or not simulable:
             return math.nan, math.nan
         preferred, _ = clipped(gradients.direction(preference.to(lambdas), (), False), self.loss_settings.max_grad_norm)
-        raw = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper would count the simulated steps
         return weighting_effect(raw, self.trainable_parameters(), direction, preferred)
 
     def _skipped_step(self, optimizer, params, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
