@@ -55,7 +55,10 @@ marks the primary ones):
    budget and the hypervolume of a preference sweep (higher is better);
 5. an A/A control (optional) — FIRM against an identical copy under another name, run on the
    same data splits with its own sampling noise, which must come out inconclusive but for the
-   family's error rate.
+   family's error rate;
+6. the weighting effect (no claim of its own) — how much λ changed the clients' steps against the
+   preference, after the optimiser and on ``d`` (``firm_lightning.gradients.weighting_effect``),
+   a manipulation check: 0 says the weighting cannot have caused any difference.
 """
 
 from __future__ import annotations
