@@ -319,7 +319,7 @@ def regime_map(table: list[dict], levels: dict, cells: list[Cell]) -> str:
             i = r["interval"]
             text = f"{_num(i.mean)} [{_num(i.low)}, {_num(i.high)}]{MARKS[r['verdict']]}"
             if r["role"] == stats.PRIMARY and not math.isnan(r["mde"]):
-                text += f" (MDE {_num(r['mde'])})"
+                text += f" (MDE {r['mde']:.3f})"
             cells_text.append(text)
         seeds = next((r["interval"].n for r in table if r["cell"] == cell.name), 0)
         lines.append(f"| {cell.regime.name} | {cell.alpha:g} | {seeds} | {effect} | " + " | ".join(cells_text) + " |")
@@ -341,16 +341,18 @@ def plot(table: list[dict], levels: dict, cells: list[Cell], path: Path) -> None
     labels = [f"{c.regime.name}\nα={c.alpha:g}" for c in shown]
     x = range(len(shown))
     by_key = {(r["cell"], r["metric"], r["baseline"]): r for r in table}
-    panels = [("update_dispersion_weighted", "drift: update dispersion"), ("final/mean", "final mean eval reward"),
+    panels = [("update_dispersion_weighted", "drift (update dispersion)"), ("final/mean", "final mean eval reward"),
               ("eval_roughness", "eval roughness")]
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(4.2 * (1 + len(panels)), 4.2))
     ax = axes[0]
-    for algorithm, marker in (("local_mgda", "o"), (REFERENCE, "s"), ("firm_beta10", "^")):
-        for key, style in (("weighting_effect", "-"), ("weighting_effect_direction", ":")):
+    for algorithm, color in (("local_mgda", "C0"), (REFERENCE, "C1")):
+        for key, style in (("weighting_effect", "-o"), ("weighting_effect_direction", ":s")):
             ys = [levels[c.name].get(algorithm, {}).get(key, math.nan) for c in shown]
-            where = "after optimiser" if key == "weighting_effect" else "on d"
-            ax.plot(x, ys, style, marker=marker, label=f"{algorithm} ({where})")
-    ax.set(title="weighting effect ‖Δθ(λ)−Δθ(p)‖/‖Δθ(p)‖", ylabel="mean over steps, clients, rounds, seeds")
+            where = "after the optimiser" if key == "weighting_effect" else "on d"
+            ax.plot(x, ys, style, color=color, label=f"{algorithm} ({where})")
+    ax.set_ylim(bottom=0)
+    ax.set_title("weighting effect ‖Δθ(λ)−Δθ(p)‖ / ‖Δθ(p)‖\n(mean over steps, clients, rounds, seeds)",
+                 fontsize="small")
     ax.legend(fontsize="x-small")
     for ax, (metric, title) in zip(axes[1:], panels):
         for baseline, offset in (("local_mgda", -0.1), ("linear", 0.1)):
@@ -358,9 +360,9 @@ def plot(table: list[dict], levels: dict, cells: list[Cell], path: Path) -> None
             means = [r["interval"].mean if r else math.nan for r in rows]
             err = [[(r["interval"].mean - r["interval"].low) if r and r["interval"].n > 1 else 0 for r in rows],
                    [(r["interval"].high - r["interval"].mean) if r and r["interval"].n > 1 else 0 for r in rows]]
-            ax.errorbar([i + offset for i in x], means, yerr=err, fmt="o", capsize=3, label=f"FIRM β=1 − {baseline}")
+            ax.errorbar([i + offset for i in x], means, yerr=err, fmt="o", capsize=3, label=f"− {baseline}")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set(title=f"{title}: FIRM − baseline (95 % CI)")
+        ax.set_title(f"{title}\nFIRM (β = 1) − baseline, 95 % t-interval", fontsize="small")
         ax.legend(fontsize="x-small")
     for ax in axes:
         ax.set_xticks(list(x), labels, rotation=60, fontsize="x-small")
