@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
+# --federation.overwrite true: a second `make demo` starts over in runs/tiny (fit alone refuses to mix runs).
 demo: install
-	$(PY) -m firm_lightning fit --config $(CONFIG)
+	$(PY) -m firm_lightning fit --config $(CONFIG) --federation.overwrite true
 
 # The linter (ruff, configured in pyproject.toml), the docs site (strict: a broken page, link, anchor or
 # reference fails; not --quiet, which hides the configuration-reference hook's warnings from strict mode),

@@ -3,10 +3,10 @@
 #
 #   benchmarks/claims_rerun.sh [OUT] [CONFIG]      # OUT defaults to runs/claims
 #
-# Two compare processes share OUT, one per half of the seeds (each runs both α and its seeds'
-# preference sweeps, so the halves cost the same), one torch thread each; compare reuses finished
-# runs, so a last pass over all seeds only reads them back and writes summary.md, metrics.csv and
-# plots/. An interrupted run continues where it stopped when started again. The wall time of each
+# Two compare processes share OUT (--compare.share_folder true), one per half of the seeds (each
+# runs both α and its seeds' preference sweeps, so the halves cost the same), one torch thread
+# each; compare reuses finished runs, so a last pass over all seeds only reads them back and writes
+# summary.md, metrics.csv and plots/. An interrupted run continues where it stopped when started again. The wall time of each
 # stage lands in OUT/wall_time.txt. Measured on the 2-core machine (other jobs light) with a copy of
 # claims.yaml on seeds [0, 1]: runs 4 min 19 s, report pass 15 s; claims_quick.yaml: 7 min 23 s.
 # So claims.yaml (16 seeds) ≈ 8 × 4.3 min + ≈ 2 min report ≈ 37 min; about 2.5× that if other
@@ -30,7 +30,7 @@ pids=()
 for i in 0 1; do
   [ "${HALVES[$i]}" = "[]" ] && continue
   "$PY" -m firm_lightning compare --config "$CONFIG" --federation.output_dir "$OUT" \
-    --compare.seeds "${HALVES[$i]}" > "$OUT/part$i.log" 2>&1 &
+    --compare.seeds "${HALVES[$i]}" --compare.share_folder true > "$OUT/part$i.log" 2>&1 &
   pids+=($!)
 done
 status=0

@@ -29,6 +29,12 @@ reported as min / median / max. Sections:
 5. The peer: TRL's GRPO trainer (one objective) on the same model, prompts, B, G and
    response length, in tokens per second, beside FIRM with S = 1 and S = 2 (tiny, and the
    GPT-2 124M shape outside smoke mode). "skipped" when TRL is not installed.
+7. Shared prompts (``sampling.share_prompt``), S = 2: the update's and sampling's time with each
+   prompt computed once per group over the same with every row computed whole (the same rollout,
+   interleaved), on the tiny, mid and GPT-2 124M shapes (short prompts) and on an HH-shaped batch:
+   the GPT-2 124M shape, prompts of ~200 tokens, 64 new tokens, G = 4; there also FIRM's S = 2
+   tokens per second (sampling, scoring and update, prompts shared) against TRL's GRPO trainer
+   (one objective) on the same prompts and lengths.
 6. Memory against micro-batch size (GPT-2 124M shape, S = 2): one process per
    ``loss.micro_batch_size`` loads the same saved rollout, then runs one update. Measured:
    resident memory before the update (weights, rollout, imports) and the peak during it
@@ -52,6 +58,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
@@ -69,7 +76,7 @@ from firm_lightning.rewards import CharsetReward, score_all  # noqa: E402
 from firm_lightning.sequences import position_ids, token_logprobs  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from shapes import GPT2ShapePolicy  # noqa: E402
+from shapes import GPT2ShapePolicy, gpt2_tokenizer  # noqa: E402
 
 MODELS = {
     "tiny": dict(num_layers=2, hidden_size=64, num_heads=4),
@@ -84,16 +91,19 @@ BATCH, GROUP = 8, 4  # B prompts per step, G responses per prompt
 # B, G on the GPT-2 124M shape: one CPU update of 8 sequences takes seconds there.
 SHAPES = {"tiny": (BATCH, GROUP), "mid": (BATCH, GROUP), "gpt2_124m": (4, 2)}
 MICRO_SHAPE = (4, 4)  # B, G of the memory-vs-micro-batch section (16 sequences)
+# The HH-RLHF-shaped batch of section 7: the GPT-2 124M shape, B prompts of ~200 tokens, G = 4, 64 new tokens.
+HH = dict(model="gpt2_124m", prompt_tokens=200, max_new_tokens=64, generations=4)
 
 MODES = {
     "smoke": dict(reps=2, models=["tiny"], tokens=16, rss_clients=[2, 32], rounds=1, clients=2, trl_steps=2,
-                  cast_rounds=1, trl_models=["tiny"], micro_sizes=[], generation_sizes=[]),
+                  cast_rounds=1, trl_models=["tiny"], micro_sizes=[], generation_sizes=[], prefix_models=["tiny"],
+                  hh_prompts=0, hh_reps=0),
     "quick": dict(reps=3, models=["tiny", "mid", "gpt2_124m"], tokens=16, rss_clients=[2, 8, 32], rounds=2, clients=4,
                   trl_steps=3, cast_rounds=2, trl_models=["tiny", "gpt2_124m"], micro_sizes=[None, 4, 1],
-                  generation_sizes=[None, 4]),
+                  generation_sizes=[None, 4], prefix_models=["tiny", "mid", "gpt2_124m"], hh_prompts=1, hh_reps=2),
     "full": dict(reps=7, models=["tiny", "mid", "gpt2_124m"], tokens=32, rss_clients=[2, 8, 32], rounds=3, clients=4,
                  trl_steps=6, cast_rounds=4, trl_models=["tiny", "mid", "gpt2_124m"], micro_sizes=[None, 8, 4, 2, 1],
-                 generation_sizes=[None, 8, 4]),
+                 generation_sizes=[None, 8, 4], prefix_models=["tiny", "mid", "gpt2_124m"], hh_prompts=4, hh_reps=3),
 }
 
 
@@ -127,10 +137,12 @@ def policy_for(model: str):
 def build_module(model: str, num_objectives: int, max_new_tokens: int, gram_from: str = "parameters",
                  **settings) -> FIRMClientModule:
     torch.manual_seed(0)  # the same LoRA initialisation for every S
-    sampling = {k: settings.pop(k) for k in list(settings) if k in ("generation_batch_size",)}
+    sampling = {k: settings.pop(k) for k in list(settings) if k in ("generation_batch_size", "max_prompt_length",
+                                                                    "num_generations")}
+    sampling.setdefault("num_generations", SHAPES[model][1])
     module = FIRMClientModule(
         objectives(num_objectives), policy=policy_for(model), lora=LORA,
-        sampling=SamplingSettings(num_generations=SHAPES[model][1], max_new_tokens=max_new_tokens, **sampling),
+        sampling=SamplingSettings(max_new_tokens=max_new_tokens, **sampling),
         loss=PolicyGradientSettings(kl_coef=0.05, gram_from=gram_from, **settings), learning_rate=1e-3,
     )
     optimizer = module.configure_optimizers()
@@ -459,18 +471,101 @@ def micro_memory_section(mode: dict, threads: int) -> dict:
     return result
 
 
+# --------------------------------------------------------------------------- 7. shared prompts
+
+
+def hh_prompts(tokenizer, n: int, length: int) -> list[str]:
+    """``n`` HH-RLHF-shaped prompts ("\n\nHuman: ...\n\nAssistant:") of about ``length`` tokens: shipped
+    prompts as the turns, the text cut to its last ``length`` tokens (what max_prompt_length would keep)."""
+    pool = prompts(64)
+    out = []
+    for i in range(n):
+        turns, k = [], i
+        while len(tokenizer("".join(turns))["input_ids"]) < length + 16:
+            turns.append(f"\n\nHuman: {pool[k % len(pool)]}\n\nAssistant: {pool[(k + 7) % len(pool)]}")
+            k += n
+        text = "".join(turns) + f"\n\nHuman: {pool[k % len(pool)]}\n\nAssistant:"
+        out.append(tokenizer.decode(tokenizer(text)["input_ids"][-length:]))
+    return out
+
+
+def hh_batch(mode: dict) -> list[str]:
+    """Section 7's HH-shaped prompts (none in modes without it), the same for FIRM and TRL."""
+    return hh_prompts(gpt2_tokenizer(), mode["hh_prompts"], HH["prompt_tokens"]) if mode["hh_prompts"] else []
+
+
+def prefix_section(model: str, mode: dict) -> dict:
+    """Shared over unshared prompts (``sampling.share_prompt``), S = 2, the same rollout; per repetition,
+    interleaved. ``hh``: the HH-shaped batch (``HH``) on the GPT-2 124M shape."""
+    import dataclasses
+
+    hh = model == "hh"
+    if hh:
+        module = build_module(HH["model"], 2, HH["max_new_tokens"], num_generations=HH["generations"],
+                              max_prompt_length=HH["prompt_tokens"] + 8)
+        num_prompts, group, reps = mode["hh_prompts"], HH["generations"], mode["hh_reps"]
+        batch = hh_batch(mode)
+    else:
+        module = build_module(model, 2, mode["tokens"])
+        (num_prompts, group), reps = SHAPES[model], mode["reps"]
+        batch = prompts(num_prompts)
+    base, initial = module.sampling, module.adapter_state()
+    torch.manual_seed(0)
+    fixed = module.rollout(batch, group)
+    rewards = score_all(module.objectives, fixed.prompts, fixed.responses)
+    times: dict[str, list[float]] = {}
+    for rep in range(reps):
+        for share in (False, True):
+            module.sampling = dataclasses.replace(base, share_prompt=share)
+            module.load_adapter_state(initial)
+            t_sample, rollout = timed(lambda: module.rollout(batch, group, seed=rep))  # noqa: B023
+            t_score, _ = timed(lambda: score_all(module.objectives, rollout.prompts, rollout.responses))  # noqa: B023
+            t_update, _ = timed(lambda: module.update(fixed, rewards))
+            name = "shared" if share else "unshared"
+            for key, value in (("sampling", t_sample), ("update", t_update), ("step", t_sample + t_score + t_update)):
+                times.setdefault(f"{key}_{name}", []).append(value)
+    module.sampling = base
+    ratio = lambda key: stats([a / b for a, b in zip(times[f"{key}_shared"], times[f"{key}_unshared"])])  # noqa: E731
+    tokens = int(fixed.response_mask.sum())
+    return {
+        "model": HH["model"] if hh else model,
+        "batch": {"prompts": num_prompts, "generations": group, "prompt_length": fixed.prompt_length,
+                  "max_new_tokens": fixed.response_mask.shape[1]},
+        "response_tokens_per_step": tokens,
+        "seconds": {k: stats(v) for k, v in times.items()},
+        "update_shared_over_unshared": ratio("update"),
+        "sampling_shared_over_unshared": ratio("sampling"),
+        "step_shared_over_unshared": ratio("step"),
+        "firm_s2_tokens_per_s": tokens / statistics.median(times["step_shared"]),
+        "firm_s2_tokens_per_s_unshared": tokens / statistics.median(times["step_unshared"]),
+    }
+
+
+def prefix_models_section(mode: dict) -> dict:
+    result = {model: prefix_section(model, mode) for model in mode["prefix_models"]}
+    if mode["hh_prompts"]:
+        result["hh"] = prefix_section("hh", mode)
+    return result
+
+
 # --------------------------------------------------------------------------- 5. TRL GRPO
 
 
-def trl_models_section(mode: dict) -> dict:
+def trl_models_section(mode: dict, hh_batch: Optional[list[str]] = None) -> dict:
+    """TRL's GRPO on each of ``trl_models``; and on the HH-shaped batch (``hh_batch``: section 7's prompts)."""
     try:
         import trl  # noqa: F401
     except ImportError:
         return {"skipped": "trl is not installed: pip install -e '.[bench]'"}
-    return {model: trl_section(model, mode) for model in mode["trl_models"]}
+    result = {model: trl_section(model, mode) for model in mode["trl_models"]}
+    if hh_batch:
+        result["hh"] = trl_section(HH["model"], mode, hh_batch, HH["generations"], HH["max_new_tokens"],
+                                   steps=mode["hh_reps"])
+    return result
 
 
-def trl_section(model: str, mode: dict) -> dict:
+def trl_section(model: str, mode: dict, batch: Optional[list[str]] = None, group: Optional[int] = None,
+                max_new_tokens: Optional[int] = None, steps: Optional[int] = None) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
@@ -482,14 +577,15 @@ def trl_section(model: str, mode: dict) -> dict:
         return reward(list(prompts), list(completions)).tolist()
 
     reward_fn.__name__ = reward.name
-    num_prompts, group = SHAPES[model]
-    batch = prompts(num_prompts)
-    steps = mode["trl_steps"] + 1  # the first step warms up and is discarded
+    num_prompts, group = (len(batch), group) if batch is not None else SHAPES[model]
+    batch = batch if batch is not None else prompts(num_prompts)
+    max_new_tokens = max_new_tokens or mode["tokens"]
+    steps = (steps or mode["trl_steps"]) + 1  # the first step warms up and is discarded
     dataset = Dataset.from_dict({"prompt": (batch * (steps + 1))[: num_prompts * (steps + 1)]})
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(
             output_dir=out, per_device_train_batch_size=num_prompts * group, num_generations=group,
-            max_completion_length=mode["tokens"], temperature=1.0, beta=0.05, learning_rate=1e-3,
+            max_completion_length=max_new_tokens, temperature=1.0, beta=0.05, learning_rate=1e-3,
             max_steps=steps, logging_steps=1, report_to=[], use_cpu=True, bf16=False, fp16=False,
             save_strategy="no", disable_tqdm=True, seed=0, shuffle_dataset=False,
         )
@@ -561,6 +657,14 @@ def summary(result: dict) -> dict:
         flat[f"firm_s2_tokens_per_s_{model}"] = section["firm_s2_tokens_per_s"]
         if model in trl:
             flat[f"trl_grpo_tokens_per_s_{model}"] = trl[model]["trl_grpo_tokens_per_s"]
+    prefix = result.get("prefix", {})
+    for model, section in prefix.items():
+        for k in ("update_shared_over_unshared", "sampling_shared_over_unshared", "step_shared_over_unshared"):
+            flat[f"{k}_{model}"] = section[k]["median"]
+        flat[f"firm_s2_tokens_per_s_{model}_shared"] = section["firm_s2_tokens_per_s"]
+    if "hh" in prefix and "hh" in trl:
+        flat["trl_grpo_tokens_per_s_hh"] = trl["hh"]["trl_grpo_tokens_per_s"]
+        flat["firm_s2_over_trl_grpo_hh"] = prefix["hh"]["firm_s2_tokens_per_s"] / trl["hh"]["trl_grpo_tokens_per_s"]
     for row in result.get("micro_memory", {}).get("update", []):
         flat[f"update_peak_above_before_mb_micro_{row['micro_batch_size']}"] = row["peak_above_before_mb"]
     targets = []
@@ -574,6 +678,14 @@ def summary(result: dict) -> dict:
     for model in local:
         value = flat[f"step_ratio_s2_over_floor_step_ratio_{model}"]
         targets.append(("step_ratio_s2 / floor_step_ratio_s2", model, value, "within 5 %", abs(value - 1) <= 0.05))
+    for model in prefix:  # the HH shape's targets; elsewhere sharing must not cost time
+        for key, bound in (("update_shared_over_unshared", 0.55 if model == "hh" else 1.05),
+                           ("sampling_shared_over_unshared", 0.85 if model == "hh" else 1.05)):
+            value = flat[f"{key}_{model}"]
+            targets.append((key, model, value, f"<= {bound}", value <= bound))
+    if "firm_s2_over_trl_grpo_hh" in flat:
+        value = flat["firm_s2_over_trl_grpo_hh"]
+        targets.append(("firm_s2 / trl_grpo tokens/s", "hh", value, ">= 1.3", value >= 1.3))
     flat["targets"] = [dict(zip(("measure", "model", "value", "target", "met"), t)) for t in targets]
     return flat
 
@@ -614,6 +726,12 @@ def print_table(result: dict) -> None:
                 print(f"{key:<40}{model:>10}{'':>10}{cell:>10}")
     if "skipped" in result.get("trl", {}):
         print(f"trl: skipped ({result['trl']['skipped']})")
+    for model, section in result.get("prefix", {}).items():
+        for key in ("update_shared_over_unshared", "sampling_shared_over_unshared", "step_shared_over_unshared"):
+            s = section[key]
+            print(f"{key:<40}{model:>10}{s['min']:>10.3f}{s['median']:>10.3f}{s['max']:>10.3f}")
+    if "firm_s2_over_trl_grpo_hh" in flat:
+        print(f"{'firm_s2 / trl_grpo tokens/s':<40}{'hh':>10}{'':>10}{flat['firm_s2_over_trl_grpo_hh']:>10.3f}")
     micro = result.get("micro_memory", {})
     for kind, key in (("update", "micro_batch_size"), ("sampling", "generation_batch_size")):
         for row in micro.get(kind, []):
@@ -631,7 +749,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="the smallest mode: tiny model, 2 repetitions")
     parser.add_argument("--json", help="also write the JSON result to this path")
     parser.add_argument("--sections", nargs="+", help="run only these sections (local_step, orchestration, memory, "
-                        "communication, trl, micro_memory); the summary's keys of the others are None")
+                        "communication, prefix, trl, micro_memory); the summary's keys of the others are None")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: immune to a busy machine)")
     parser.add_argument("--_rss_child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--_rounds", type=int, default=2, help=argparse.SUPPRESS)
@@ -658,7 +776,8 @@ def main(argv=None) -> dict:
         "orchestration": lambda: orchestration_section(mode),
         "memory": lambda: memory_section(mode),
         "communication": lambda: communication_section(mode),
-        "trl": lambda: trl_models_section(mode),
+        "prefix": lambda: prefix_models_section(mode),
+        "trl": lambda: trl_models_section(mode, hh_batch(mode)),
         "micro_memory": lambda: micro_memory_section(mode, args.threads),
     }
     result["section_wall_s"] = {}

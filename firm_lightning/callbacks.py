@@ -24,6 +24,10 @@ Configure them by ``class_path`` under ``federation.callbacks``, e.g.::
 
 A callback stops the federation with ``federation.request_stop(reason)``; the federation
 finishes the current round, prints the reason and ends as after the last round.
+
+Under ``federation.privacy`` the hooks see only what the run releases: ``on_round_start`` gets an
+empty client list, ``on_client_start``/``on_client_end`` are not called, and every ``row`` (and
+``state.history``) is the released row, without training statistics.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ import json
 import math
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from firm_lightning.run_folder import RunFolder
+from firm_lightning.run_folder import RunFolder, atomic_write, save_tensors
 
 if TYPE_CHECKING:
     from firm_lightning.adapters import ClientUpdate
@@ -229,8 +233,6 @@ class SaveBestAdapter(_MonitorsMetric):
             return None
 
     def _save(self, folder: RunFolder, adapter: dict, round_idx: int) -> None:
-        path = folder.best_adapter(self.filename)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in adapter.items()}, str(path), metadata={"round": str(round_idx)})
+        save_tensors(folder.best_adapter(self.filename), adapter, metadata={"round": str(round_idx)})
         record = {"round": round_idx, "monitor": self.monitor, "value": self.best}
-        folder.best_record(self.filename).write_text(json.dumps(record))
+        atomic_write(folder.best_record(self.filename), json.dumps(record).encode())

@@ -12,30 +12,39 @@ A checkpoint is two files in ``<output_dir>/checkpoint/``:
 Each file is written to a temporary name, flushed, fsynced and renamed over the old one, and
 the tensor file is written before the JSON that points to it: a crash (or a full disk) at any
 moment leaves the previous checkpoint complete and loadable. Nothing is unpickled on load.
+
+The state before it stays beside the latest: ``previous.json`` (the former ``state.json``) and its
+tensor file, removed only when a newer state has been written and read back intact. A latest state
+damaged later (a disk error, a truncated copy) is then not the end of a run: ``load_state(...,
+which="previous")`` reads the one before it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import inspect
 import json
-import os
+import os  # noqa: F401  (callers patch checkpoint.os.fsync to simulate a crash while atomic_write writes)
 from pathlib import Path
-from typing import Any, Optional, Type, TypeVar
+from typing import Any, Literal, Optional, Type, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from firm_lightning.run_folder import atomic_write
+
 FORMAT_VERSION = 1
 # What ``describe`` records. 1 (no version saved): callable attributes left out, so an objective wrapped in
 # another (NormalizedReward's reward) went undescribed. 2: callable objects described like any other,
-# functions by their qualified name.
-FINGERPRINT_VERSION = 2
+# functions by their qualified name. 3: sampling.share_prompt and sampling.per_prompt_seeds recorded (a run
+# saved before them resumes with the behaviour it had, module.EARLIER_BEHAVIOUR).
+FINGERPRINT_VERSION = 3
 STATE_JSON = "state.json"
+PREVIOUS_JSON = "previous.json"
+WHICH = {"latest": STATE_JSON, "previous": PREVIOUS_JSON}
 T = TypeVar("T")
 
 
@@ -81,38 +90,7 @@ def decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # ---------------------------------------------------------------- files
 
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees either the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: two writers never share one
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        if error.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"No space left on the device while writing {path}; any earlier checkpoint is intact. "
-                "Free some space, then continue with `--federation.resume true`.",
-            ) from error
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself must reach the disk; not every platform can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# atomic_write (from run_folder, which every writer of a run folder uses) writes each file.
 
 
 def save_state(directory: Path, state: Any, extra: dict[str, Any]) -> Path:
@@ -132,33 +110,51 @@ def save_state(directory: Path, state: Any, extra: dict[str, Any]) -> Path:
         "fields": fields,
         **extra,
     }
-    atomic_write(directory / STATE_JSON, json.dumps(meta, indent=1).encode())
-    for old in directory.glob("state_*.safetensors"):  # only now is the previous one obsolete
-        if old.name != tensor_file:
+    latest = directory / STATE_JSON
+    if latest.is_file():
+        atomic_write(directory / PREVIOUS_JSON, latest.read_bytes())
+    atomic_write(latest, json.dumps(meta, indent=1).encode())
+    _read_meta(directory, STATE_JSON)  # read back: the older states go only once the new one is intact
+    keep = {tensor_file, *_tensor_files(directory, PREVIOUS_JSON)}
+    for old in directory.glob("state_*.safetensors"):
+        if old.name not in keep:
             old.unlink(missing_ok=True)
-    return directory / STATE_JSON
+    return latest
+
+
+def promote_previous(directory: Path) -> None:
+    """Make the previous state the latest (resuming from it when the latest is damaged)."""
+    atomic_write(directory / STATE_JSON, (directory / PREVIOUS_JSON).read_bytes())
+
+
+def previous_round(directory: Path) -> Optional[int]:
+    """The round of the intact state kept before the latest, or None when there is none or it is damaged."""
+    if not (directory / PREVIOUS_JSON).is_file():
+        return None
+    try:
+        meta, _ = _read_meta(directory, PREVIOUS_JSON)
+    except CheckpointError:
+        return None
+    return meta["fields"].get("round")
+
+
+def _tensor_files(directory: Path, name: str) -> list[str]:
+    try:
+        return [json.loads((directory / name).read_text())["tensor_file"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def exists(directory: Path) -> bool:
     return (directory / STATE_JSON).is_file()
 
 
-def load_state(directory: Path, state_type: Type[T]) -> tuple[T, dict[str, Any]]:
-    """The state saved by :func:`save_state` and its ``extra`` entries; refuses damaged files."""
-    meta_path = directory / STATE_JSON
-    try:
-        meta = json.loads(meta_path.read_text())
-        blob = (directory / meta["tensor_file"]).read_bytes()
-    except (OSError, ValueError, KeyError) as error:
-        raise CheckpointError(f"Cannot read the federation checkpoint in {directory}: {error}.") from error
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{meta_path} has format version {meta.get('format_version')}; this version reads {FORMAT_VERSION}."
-        )
-    if hashlib.sha256(blob).hexdigest() != meta["tensor_sha256"]:
-        raise CheckpointError(
-            f"{directory / meta['tensor_file']} does not match its checksum in {meta_path}: the file is damaged."
-        )
+def load_state(
+    directory: Path, state_type: Type[T], which: Literal["latest", "previous"] = "latest"
+) -> tuple[T, dict[str, Any]]:
+    """The state saved by :func:`save_state` (``which``: the latest, or the one kept before it) and its
+    ``extra`` entries; refuses damaged files."""
+    meta, blob = _read_meta(directory, WHICH[which])
     try:
         tensors = load_safetensors(blob)
     except SafetensorError as error:
@@ -168,6 +164,25 @@ def load_state(directory: Path, state_type: Type[T]) -> tuple[T, dict[str, Any]]
     names = {f.name for f in dataclasses.fields(state_type)}
     fields = {k: decode(v, tensors) for k, v in meta.pop("fields").items() if k in names}
     return state_type(**fields), meta
+
+
+def _read_meta(directory: Path, name: str) -> tuple[dict, bytes]:
+    """A state's JSON and its tensor file's bytes, checked against the recorded checksum."""
+    meta_path = directory / name
+    try:
+        meta = json.loads(meta_path.read_text())
+        blob = (directory / meta["tensor_file"]).read_bytes()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"Cannot read the federation checkpoint in {directory}: {error}.") from error
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path} has format version {meta.get('format_version')}; this version reads {FORMAT_VERSION}."
+        )
+    if hashlib.sha256(blob).hexdigest() != meta["tensor_sha256"]:
+        raise CheckpointError(
+            f"{directory / meta['tensor_file']} does not match its checksum in {meta_path}: the file is damaged."
+        )
+    return meta, blob
 
 
 # ---------------------------------------------------------------- random number generators

@@ -7,9 +7,14 @@ config groups (``config.py``: ``model``, ``data``, ``trainer``, ``optimizer``, `
 ``federation``) plus its own section; every option is also a flag, and ``--print_config``
 shows the resolved config.
 
-A user error (a bad or misspelt setting, an unreadable file, a federation that cannot go on)
-ends in one message on stderr that names the problem, and exit code 1; ``--debug`` or
-``FIRM_DEBUG=1`` shows the full traceback instead. ``<command> --help`` lists every option.
+A user error (a bad, misspelt or abbreviated setting, an unreadable file, a federation that cannot
+go on) ends in one message on stderr that names the problem, and exit code 1; ``--debug`` or
+``FIRM_DEBUG=1`` shows the full traceback instead; Ctrl-C ends in one line and exit code 130.
+``<command> --help`` lists every option.
+
+The commands that write a run folder (``fit``, ``compare``, ``pareto``, ``flower``) hold its lock
+for their whole life and write nothing, ``config.yaml`` included, until every check that can refuse
+the run has passed: a refused run leaves the folder as it found it.
 """
 
 from __future__ import annotations
@@ -20,71 +25,23 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
 from jsonargparse import ArgumentError
 
-from firm_lightning.studies import claims
-from firm_lightning.studies.compare import (
-    CompareSettings,
-    claims_report,
-    markdown_table,
-    plot_comparison,
-    run_comparison,
-    summarize,
-)
-from firm_lightning.config import Components, build_components
-from firm_lightning.distributed import launch_ranks
-from firm_lightning.engine import calibrated_statistics
-from firm_lightning.evaluation import EvaluationProtocol
-from firm_lightning.flower.settings import FlowerSettings
-from firm_lightning.generate import GenerateSettings, format_generations, generate
-from firm_lightning.orchestrator import FederatedOrchestrator
-from firm_lightning.studies.pareto import ParetoSettings, front_report, run_sweep, write_outputs
-from firm_lightning.rewards import load_objective_states, stateful, statistics_frozen
-from firm_lightning.run_folder import OBJECTIVE_STATE_FILE, RunFolder, load_adapter_file, objective_state_beside
+from firm_lightning.commands import COMMANDS, PROG, Command, usage  # noqa: F401 (the CLI's names)
 from firm_lightning.state import FederationError
-from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning
 
-PROG = "python -m firm_lightning"
+if TYPE_CHECKING:
+    from firm_lightning.config import Components
+    from firm_lightning.run_folder import RunFolder
+    from firm_lightning.studies.compare import CompareSettings
+    from firm_lightning.studies.pareto import ParetoSettings
+    from firm_lightning.trainer_factory import TrainerFactory
 
-
-@dataclass
-class Command:
-    description: str
-    sections: dict[str, type] = field(default_factory=dict)  # the command's own config groups
-    ckpt_path: bool = False
-    data_unless: Optional[str] = None  # a section of its own that stands in for data: when given
-
-
-COMMANDS = {
-    "fit": Command(
-        "Run a whole federation: N rounds of client sampling, local LoRA fits, aggregation and evaluation "
-        "of the global adapter; writes metrics, adapters, plots and logs to federation.output_dir."
-    ),
-    "validate": Command(
-        "Evaluate a saved global adapter (--ckpt_path) on the held-out prompts with the fixed eval "
-        "sampling seed, or by the evaluation protocol of --evaluation.",
-        {"evaluation": EvaluationProtocol},
-        ckpt_path=True,
-        data_unless="evaluation",
-    ),
-    "generate": Command(
-        "Print responses of a saved global adapter (--ckpt_path) to --generate.prompts, with every objective's reward.",
-        {"generate": GenerateSettings},
-        ckpt_path=True,
-    ),
-    "compare": Command("Run several algorithms with identical seeds, data and budget.", {"compare": CompareSettings}),
-    "pareto": Command(
-        "Sweep preferences for FIRM and linear scalarisation; draw the fronts.", {"pareto": ParetoSettings}
-    ),
-    "flower": Command(
-        "Run the federation on Flower: simulation engine or SuperLink + SuperNodes.", {"flower": FlowerSettings}
-    ),
-}
+# What a command needs is imported when it runs (``python -m firm_lightning --help`` and
+# ``<command> --help`` import no more than they show).
 
 
 class FIRMCLI:
@@ -105,6 +62,8 @@ class FIRMCLI:
             raise ValueError(f"Unknown command {self.subcommand!r}; choose one of {', '.join(COMMANDS)} "
                              f"(`{PROG} --help` describes them).")
         command = COMMANDS[self.subcommand]
+        from firm_lightning.config import build_components
+
         self.components: Components = build_components(
             rest, command.sections, command.ckpt_path, command.description, f"{PROG} {self.subcommand}",
             command.data_unless,
@@ -117,18 +76,36 @@ class FIRMCLI:
     def _section(self, group: str):
         return self.components.federation if group == "federation" else self.components.sections[group]
 
-    def _prepare_output_dir(self) -> Path:
-        """Create federation.output_dir and save the resolved config there."""
-        out = Path(self.components.federation.output_dir)
-        try:
-            self.components.save_config(RunFolder(out).create().config)
-        except OSError as error:
-            raise OSError(
-                error.errno,
-                f"Cannot write to federation.output_dir {str(out)!r} ({error.strerror or error}); "
-                "pass a writable folder with --federation.output_dir.",
-            ) from error
-        return out
+    def _folder(self) -> RunFolder:
+        from firm_lightning.run_folder import RunFolder
+
+        return RunFolder(self.components.federation.output_dir)
+
+    def _save_config(self) -> None:
+        """The resolved config into the run folder: called once the run is accepted, before its first record."""
+        self.components.save_config(self._folder().create().config)
+
+    def _check_sweep(self, shared: bool = False) -> None:
+        """What can refuse a sweep (``compare``, ``pareto``) before it writes: its folder (it may hold its own
+        runs, not another run's files), the client optimiser and Trainer, the data and its prompts."""
+        from firm_lightning.engine import RoundEngine
+        from firm_lightning.trainer_factory import TrainerFactory
+
+        federation, folder = self.components.federation, self._folder()
+        if shared and federation.overwrite:
+            raise ValueError("compare.share_folder and federation.overwrite: overwrite would remove the runs of the "
+                             "processes sharing the folder; overwrite in a run of its own first.")
+        folder.check_clean_start(federation.resume, federation.overwrite, sweep=True)
+        trainers = TrainerFactory(self.components.trainer_config, folder.path)
+        RoundEngine(self.model, self.datamodule, federation, trainers, echo=lambda _: None).check_settings()
+        self.datamodule.setup("fit")
+
+    def _start_sweep(self) -> Path:
+        """The sweep's checks passed: clear an earlier one (``overwrite``), save the config."""
+        if self.components.federation.overwrite:
+            self._folder().clear()
+        self._save_config()
+        return self._folder().path
 
     def _refuse_federation_algorithm(self, owner: str) -> None:
         """``compare`` and ``pareto`` run their own lists of algorithms: a federation.algorithm would be ignored."""
@@ -142,12 +119,18 @@ class FIRMCLI:
         return self.components.config.get("ckpt_path")
 
     def _device(self) -> str:
+        import torch
+
         accelerator = str(self.components.trainer_config.get("accelerator") or "auto")
         return "cuda" if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
 
     # ---- commands ----
 
     def run_fit(self) -> None:
+        from firm_lightning.distributed import launch_ranks
+        from firm_lightning.orchestrator import FederatedOrchestrator
+        from firm_lightning.trainer_factory import TrainerFactory
+
         federation = self.components.federation
         # trainer.strategy=ddp with k devices: ranks 1..k-1 are this command again and only serve the client
         # fits that rank 0 announces; rank 0 runs the federation and alone writes (firm_lightning/distributed.py).
@@ -156,23 +139,42 @@ class FIRMCLI:
                 trainers = TrainerFactory(self.components.trainer_config, federation.output_dir)
                 FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=lambda _: None).serve()
                 return
-            output_dir = self._prepare_output_dir()
-            algorithm = (
-                federation.algorithm.name if federation.algorithm is not None else f"weighting {self.model.weighting!r}"
-            )
-            print(
-                f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
-                f"objectives {self.model.objective_names}, {algorithm}; writing to {output_dir}/"
-                + (f"; {ranks.world} devices per client (ddp)" if ranks.world > 1 else ""),
-                flush=True,
-            )
-            trainers = TrainerFactory(self.components.trainer_config, output_dir)
-            self.state = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo).run()
+            folder = self._folder()
+            with folder.lock("fit"):
+                algorithm = (
+                    federation.algorithm.name if federation.algorithm is not None
+                    else f"weighting {self.model.weighting!r}"
+                )
+                print(
+                    f"FIRM federation: {federation.num_rounds} rounds, {federation.num_clients} clients, "
+                    f"objectives {self.model.objective_names}, {algorithm}; writing to {folder.path}/"
+                    + (f"; {ranks.world} devices per client (ddp)" if ranks.world > 1 else ""),
+                    flush=True,
+                )
+                trainers = TrainerFactory(self.components.trainer_config, folder.path)
+                orchestrator = FederatedOrchestrator(self.model, self.datamodule, federation, trainers, echo=_echo)
+                self.state = orchestrator.run(accepted=self._save_config)
 
     def run_compare(self) -> None:
         self._refuse_federation_algorithm("compare.algorithms")
-        federation, out = self.components.federation, self._prepare_output_dir()
         settings = self._section("compare")
+        with self._folder().lock("compare", shared=settings.share_folder):
+            self._check_sweep(shared=settings.share_folder)
+            settings.claims_for(self.model.objective_names)  # a bad claim fails before anything is written
+            self._compare(settings, self._start_sweep())
+
+    def _compare(self, settings: CompareSettings, out: Path) -> None:
+        from firm_lightning.run_folder import RunFolder, atomic_write
+        from firm_lightning.studies import claims
+        from firm_lightning.studies.compare import (
+            claims_report,
+            markdown_table,
+            plot_comparison,
+            run_comparison,
+            summarize,
+        )
+
+        federation = self.components.federation
         print(
             f"compare: {[a.name for a in settings.algorithms]} × seeds {settings.seeds} × "
             f"α {settings.dirichlet_alphas or [self.datamodule.hparams['dirichlet_alpha']]}; writing to {out}/",
@@ -186,18 +188,26 @@ class FIRMCLI:
             markdown_table(table) + f"\n\n## Claims: {settings.reference} − baseline, paired on seed\n\n"
             + claims_text + "\n\n" + sentences
         )
-        (out / "summary.md").write_text(text + "\n")
         folder = RunFolder(out)
+        atomic_write(folder.sweep_summary, (text + "\n").encode())
         plot_comparison(rows, self.model.objective_names, folder.plots)
         print(text)
-        print(f"outputs in {out}/ ({folder.metrics.name}, summary.md, {folder.plots.name}/, {folder.runs.name}/)")
+        print(f"outputs in {out}/ ({folder.metrics.name}, {folder.sweep_summary.name}, {folder.plots.name}/, "
+              f"{folder.runs.name}/)")
         self.summary = table
         self.claims = claims_rows
 
     def run_pareto(self) -> None:
         self._refuse_federation_algorithm("pareto.algorithms")
-        federation, out = self.components.federation, self._prepare_output_dir()
-        settings = self._section("pareto")
+        with self._folder().lock("pareto"):
+            self._check_sweep()
+            self._pareto(self._section("pareto"), self._start_sweep())
+
+    def _pareto(self, settings: ParetoSettings, out: Path) -> None:
+        from firm_lightning.run_folder import RunFolder
+        from firm_lightning.studies.pareto import front_report, run_sweep, write_outputs
+
+        federation = self.components.federation
         names = self.model.objective_names
         print(
             f"pareto: {[a.name for a in settings.algorithms]} × preferences {settings.preferences}; writing to {out}/"
@@ -215,27 +225,42 @@ class FIRMCLI:
                     f"p={e['preference']} → {[round(x, 3) for x in e['rewards']]}" for e in entry["non_dominated"]
                 )
             )
-        print(f"outputs in {out}/ (pareto.csv, pareto.png, hypervolume.json, runs/)")
+        folder = RunFolder(out)
+        print(f"outputs in {out}/ ({folder.pareto_table.name}, {folder.pareto_plot.name}, {folder.hypervolume.name}, "
+              f"{folder.runs.name}/)")
         self.report = report
 
     def run_flower(self) -> None:
         from firm_lightning.flower.launch import launch  # imports flwr only for this command
+        from firm_lightning.engine import RoundEngine
+        from firm_lightning.trainer_factory import TrainerFactory
 
-        settings, federation = self._section("flower"), self.components.federation
-        settings.check(federation)  # before any process starts
-        out = self._prepare_output_dir()
-        algorithm = federation.algorithm.name if federation.algorithm is not None else "configured weighting"
-        print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {out}/", flush=True)
-        self.processes = launch(RunFolder(out).config, settings, self.datamodule, _echo)
+        settings, federation, folder = self._section("flower"), self.components.federation, self._folder()
+        with folder.lock("flower"):
+            settings.check(federation)  # before any process starts
+            # The server app runs these checks again in its own process; here they refuse the run before
+            # anything is written or started.
+            trainers = TrainerFactory(self.components.trainer_config, folder.path)
+            RoundEngine(self.model, self.datamodule, federation, trainers, echo=lambda _: None).check()
+            if federation.overwrite:  # the server app is then told not to (its config's overwrite is false)
+                folder.clear()
+            self._save_config()
+            algorithm = federation.algorithm.name if federation.algorithm is not None else "configured weighting"
+            print(f"FIRM federation on Flower ({settings.engine}, {algorithm}); writing to {folder.path}/", flush=True)
+            self.processes = launch(folder.config, settings, self.datamodule, _echo)
 
     def _eval_trainers(self) -> TrainerFactory:
         """Trainers for validate and generate (no client trains: max_steps only satisfies the check)."""
+        from firm_lightning.trainer_factory import TrainerFactory
+
         return TrainerFactory({**self.components.trainer_config, "max_steps": 1}, self.components.federation.output_dir)
 
     def _load_adapter(self) -> Optional[str]:
         """The adapter of --ckpt_path into the model (none: the freshly initialised one); its path."""
         ckpt_path = self._ckpt_path()
         if ckpt_path:
+            from firm_lightning.run_folder import load_adapter_file
+
             self.model.load_adapter_state(load_adapter_file(ckpt_path))
         return ckpt_path
 
@@ -244,6 +269,10 @@ class FIRMCLI:
 
         The statistics come from --objective_state, or ``objective_state.json`` beside the adapter;
         a freshly initialised adapter is calibrated as `fit` calibrates round 0."""
+        from firm_lightning.engine import calibrated_statistics
+        from firm_lightning.rewards import load_objective_states
+        from firm_lightning.run_folder import OBJECTIVE_STATE_FILE, RunFolder, objective_state_beside
+
         ckpt_path = self._load_adapter()
         if not needs_statistics(self.model.objectives):
             return None
@@ -265,6 +294,9 @@ class FIRMCLI:
         return path
 
     def run_validate(self) -> None:
+        from firm_lightning.rewards import statistics_frozen
+        from firm_lightning.trainer_factory import quiet_lightning
+
         federation, protocol = self.components.federation, self._section("evaluation")
         with quiet_lightning(federation.quiet):
             if protocol is not None:  # e.g. the HH-RLHF protocol (configs/hh_rlhf_eval.yaml); data: is not read
@@ -285,6 +317,10 @@ class FIRMCLI:
         self.results = results
 
     def run_generate(self) -> None:
+        from firm_lightning.generate import format_generations, generate
+        from firm_lightning.rewards import statistics_frozen
+        from firm_lightning.trainer_factory import quiet_lightning
+
         with quiet_lightning(self.components.federation.quiet):
             statistics = self._read_run(self._eval_trainers())
         with statistics_frozen(self.model.objectives):
@@ -296,16 +332,10 @@ class FIRMCLI:
         print(format_generations(self.generations))
 
 
-def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = [f"usage: {PROG} <command> --config X.yaml [--group.option value ...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {command.description}" for name, command in COMMANDS.items()]
-    lines += ["", f"`{PROG} <command> --help` lists every option; `--print_config` shows the resolved config."]
-    return "\n".join(lines)
-
-
 def needs_statistics(objectives) -> bool:
     """Whether some objective normalises with statistics a run calibrated (not fixed ones)."""
+    from firm_lightning.rewards import stateful
+
     return any(getattr(o, "mode", "fixed") != "fixed" for o in stateful(objectives))
 
 
@@ -322,8 +352,11 @@ def main(args: Optional[list[str]] = None, run: Callable[[list[str]], object] = 
     args = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in args or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
+    from firm_lightning.trainer_factory import keyboard_interrupts
+
     try:
-        run(args)
+        with keyboard_interrupts():  # also when Lightning catches it inside a fit or an evaluation
+            run(args)
     except USER_ERRORS as error:
         if debug:
             raise

@@ -14,16 +14,18 @@ apps both build from. Keys and classes that moved are refused with one line nami
 
 from __future__ import annotations
 
+import difflib
 import enum
 import hashlib
 import inspect
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
-from jsonargparse import Namespace, set_dumper
+from jsonargparse import ArgumentError, Namespace, set_dumper
 from lightning.pytorch import seed_everything
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -31,6 +33,7 @@ from firm_lightning.client_optimizer import use_client_optimizer
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.federation import MOVED_KEYS, FederationConfig
 from firm_lightning.module import FIRMClientModule
+from firm_lightning.run_folder import atomic_write
 
 
 class _ConfigDumper(yaml.SafeDumper):
@@ -63,8 +66,8 @@ class Components:
     parser: Optional[LightningArgumentParser] = None
 
     def save_config(self, path: Path) -> None:
-        """The resolved config, as YAML that ``--config`` reads back."""
-        self.parser.save(self.config, path, overwrite=True, skip_validation=True)
+        """The resolved config, as YAML that ``--config`` reads back (written atomically)."""
+        atomic_write(Path(path), self.parser.dump(self.config, skip_validation=True).encode())
 
 
 class ComponentBuilder(LightningCLI):
@@ -83,7 +86,8 @@ class ComponentBuilder(LightningCLI):
         self.sections = dict(sections or {})
         self.ckpt_path = ckpt_path
         self.data_unless = data_unless
-        parser_kwargs = {"exit_on_error": False}  # errors become one message, not a usage dump
+        # Errors become one message, not a usage dump; an abbreviated option is refused like a misspelt one.
+        parser_kwargs = {"exit_on_error": False, "allow_abbrev": False}
         if description:
             parser_kwargs["description"] = description
         if prog:
@@ -123,6 +127,12 @@ class ComponentBuilder(LightningCLI):
             else:
                 parser.add_class_arguments(cls, group)
         parser.add_argument(
+            "--torch_threads", type=Optional[int], default=None,
+            help="torch's intra-op threads in this process (torch.set_num_threads), set before anything is built; "
+                 "null: torch's default (one per core). 1 for tiny models: their small matrices split over threads "
+                 "spend the time waiting for a descheduled thread when other work shares the machine.",
+        )
+        parser.add_argument(
             "--reward_models", type=dict[str, str], default={},
             help="Reward models by objective name, e.g. '{\"helpful\": \"/models/rm-helpful\"}': replaces the "
                  "name_or_path of that objective's HFRewardModel (a hub name or a local folder).",
@@ -136,12 +146,16 @@ class ComponentBuilder(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """Parse ``args`` only: they are the command line here (LightningCLI would warn about sys.argv)."""
-        self.config = parser.parse_args(args)
+        try:
+            self.config = parser.parse_args(args)
+        except ArgumentError as error:
+            raise ArgumentError(None, str(error) + close_matches(str(error), parser)) from error
 
     def before_instantiate_classes(self) -> None:
         if self.data_unless and self.config.get("data") is None and self.config.get(self.data_unless) is None:
             raise ValueError(f"Neither data: nor {self.data_unless}: is given: give data: (the prompts to evaluate "
                              f"on) or {self.data_unless}: (which stands in for it).")
+        use_threads(self.config.get("torch_threads"))
         if self.config["federation"].quiet:  # loading bars of every weight file and data map: not the run's lines
             quiet_hugging_face()
         point_reward_models(self.config["model"]["objectives"], self.config.get("reward_models") or {})
@@ -164,6 +178,8 @@ class ComponentBuilder(LightningCLI):
             use_client_optimizer(self.model, optimizer, lr_scheduler)
 
     def components(self) -> Components:
+        if self.datamodule is not None:  # every prompt is measured against what the policy can hold, at load
+            self.datamodule.limit_prompts(self.model.prompt_limit())
         return Components(
             module=self.model,
             datamodule=self.datamodule,
@@ -197,6 +213,30 @@ def load_components(config_text: str, sections: Optional[dict[str, type]] = None
             path.write_text(config_text)
             _CACHE[key] = build_components(["--config", str(path)], sections)
     return _CACHE[key]
+
+
+def use_threads(threads: Optional[int]) -> None:
+    """``torch_threads``: torch's intra-op threads for this process; None leaves torch's default."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ValueError(f"torch_threads must be >= 1, or null for torch's default; got {threads}.")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def close_matches(message: str, parser: LightningArgumentParser) -> str:
+    """``"; did you mean --federation.num_rounds?"`` for the unrecognised options named in ``message``."""
+    unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
+    if not unknown:
+        return ""
+    try:
+        keys = list(parser.get_defaults().keys())
+    except Exception:  # the suggestion is a courtesy: never let it hide the error itself
+        return ""
+    found = [f"--{m}" for key in unknown for m in difflib.get_close_matches(key, keys, n=2, cutoff=0.8)]
+    return f"; did you mean {' or '.join(dict.fromkeys(found))}?" if found else ""
 
 
 def quiet_hugging_face() -> None:

@@ -4,11 +4,15 @@ Data flow (all of it in ``setup()``, which runs once):
 
 1. ``load_rows`` reads the rows: a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file,
    a directory written by ``Dataset.save_to_disk``, or a Hugging Face hub dataset name.
+   A local text file must be UTF-8 (refused naming the byte and line otherwise).
 2. Only the prompt (and group) columns are kept; both are checked to exist.
 3. The rows are shuffled with ``seed`` and capped at ``max_prompts``. Shuffling first makes
    the eval set a random sample and makes flwr-datasets' ``IidPartitioner`` (which cuts
    contiguous shards) really IID.
 4. The first ``eval_size`` rows become the held-out eval set; the rest is the training set.
+   Every kept prompt must be non-empty and, measured in the policy's tokens (``limit_prompts``: the
+   model side measures, this module imports none of it), fit the policy's context beside the
+   response; else it is refused naming its row, or cut by ``max_prompt_tokens``.
 5. A flwr-datasets partitioner ("iid", "dirichlet" over ``group_column``, or "column": one
    client per group value) splits the training set into ``num_clients`` parts. Each part
    is recorded as a list of indices into the training set (``client_indices``).
@@ -21,11 +25,12 @@ Everything is seeded: the same ``seed`` gives the same eval set, split and batch
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import datasets
 import lightning as L
@@ -45,6 +50,11 @@ _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": 
 _LOCAL_SUFFIXES = set(_FILE_BUILDERS) | {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xz", ".bz2"}
 _PARTITIONS = ("iid", "dirichlet", "column")
 _ROW = "__row__"  # helper column: lets us read back which rows a partitioner chose
+_FILE_ROW = "__file_row__"  # helper column: each prompt's row in the data as given, for messages
+_TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
+# Settings added after runs were saved, with their defaults: left out of the resume fingerprint while at
+# those defaults, so that the runs saved before them still resume.
+ADDED_SETTINGS = {"max_prompt_tokens": None, "truncation_side": "left"}
 # A client with no prompts cannot train a round, so Dirichlet resamples until each has one.
 _MIN_CLIENT_PROMPTS = 1
 
@@ -99,6 +109,8 @@ def load_rows(path: str, subset: Optional[str] = None, split: str = "train") -> 
                            f"prompt per row")
         if local.stat().st_size == 0:
             raise empty
+        if local.suffix.lower() in _TEXT_SUFFIXES:
+            check_utf8(local)
         # A single data file always comes back as the builder's one "train" split.
         try:
             return datasets.load_dataset(builder, data_files=str(local), split="train")
@@ -114,6 +126,47 @@ def load_rows(path: str, subset: Optional[str] = None, split: str = "train") -> 
         raise FileNotFoundError(f"local path {path!r} does not exist; check the path, "
                                 f"or omit path= to use the shipped {DEFAULT_PROMPTS}")
     return _load_hub(path, subset, split)
+
+
+def check_utf8(path: Path) -> None:
+    """Refuse a file that is not UTF-8, naming the first bad byte and its line (read in chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                held = len(error.object) - len(chunk)  # bytes of a character begun in the chunk before
+                line = lines + error.object[: error.start].count(b"\n") + 1
+                row = {".jsonl": line, ".csv": line - 1}.get(path.suffix.lower())  # a CSV's line 1 is its header
+                where = f"row {row}, line {line}" if row else f"line {line}"
+                raise ValueError(
+                    f"{path} is not UTF-8 text: byte {offset - held + error.start} ({where}) is "
+                    f"0x{error.object[error.start]:02x}; save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+                ) from None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: it ends inside a character (byte {offset - 1}); "
+                         "save the file as UTF-8") from None
+
+
+@dataclass
+class PromptLimit:
+    """What the policy can hold of a prompt, measured by the model side (this module imports no model code).
+
+    ``max_tokens``: the longest prompt, as ``measure`` counts it, that the policy's context holds beside a
+    response (None: unknown, nothing is refused); ``measure``: each prompt's length in the policy's tokens
+    as it is fed to the policy; ``cut(prompt, n, side)``: the prompt shortened to ``n`` of its own tokens
+    from ``side``, or None when it has no more than that; ``why``: the limit in words, for messages.
+    """
+
+    max_tokens: Optional[int]
+    measure: Callable[[list[str]], list[int]]
+    cut: Callable[[str, int, str], Optional[str]]
+    why: str
 
 
 # --------------------------------------------------------------------------- batching
@@ -196,6 +249,11 @@ class PromptDataModule(L.LightningDataModule):
         eval_batch_size: Prompts per evaluation batch.
         max_prompts: Use only the first this many prompts (null: all).
         seed: Seeds the eval split, the partition and the batch order (linked to federation.seed).
+        max_prompt_tokens: Cut every prompt longer than this many of the policy's tokens at load (from
+            truncation_side) and report how many were cut; null: a prompt the policy's context cannot hold beside
+            sampling.max_new_tokens is refused, naming its row.
+        truncation_side: Which end of a long prompt max_prompt_tokens cuts: left (keeps the end, where the
+            question is, as chat models truncate) or right.
     """
 
     def __init__(
@@ -213,6 +271,8 @@ class PromptDataModule(L.LightningDataModule):
         eval_batch_size: int = 16,
         max_prompts: Optional[int] = None,
         seed: int = 0,
+        max_prompt_tokens: Optional[int] = None,
+        truncation_side: Literal["left", "right"] = "left",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -222,12 +282,17 @@ class PromptDataModule(L.LightningDataModule):
         self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_prompts, self.seed = max_prompts, seed
+        self.max_prompt_tokens, self.truncation_side = max_prompt_tokens, truncation_side
         self._check_config()
         self._train_prompts: Optional[list[str]] = None
         self._train_groups: Optional[list[str]] = None
         self._eval_prompts: list[str] = []
         self._eval_groups: Optional[list[str]] = None
         self._client_indices: list[list[int]] = []
+        self._file_rows: dict[str, list[int]] = {}  # "eval"/"train": each prompt's row in the data as given
+        self._prompt_limit: Optional[PromptLimit] = None
+        self._limit_applied: Optional[tuple] = None
+        self.load_notes: list[str] = []  # what loading did that a user should know (prompts cut)
 
     def _check_config(self) -> None:
         """Fail at construction on settings that are wrong whatever the data."""
@@ -244,6 +309,11 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError(f"eval_size={e}: give a count >= 0 or a fraction in [0, 1)")
         if self.dirichlet_alpha <= 0:
             raise ValueError(f"dirichlet_alpha={self.dirichlet_alpha} must be > 0")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens} must be >= 1 (or null: refuse long "
+                             f"prompts instead of cutting them)")
+        if self.truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation_side={self.truncation_side!r} is unknown; use 'left' or 'right'")
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: Optional[str] = None) -> None:
@@ -252,10 +322,70 @@ class PromptDataModule(L.LightningDataModule):
         ds = self._load()
         n_eval = self._eval_count(len(ds))
         self._check_enough_training_rows(len(ds), n_eval)
-        self._eval_prompts, self._eval_groups = self._columns(ds.select(range(n_eval)))
-        self._train_prompts, self._train_groups = self._columns(
-            ds.select(range(n_eval, len(ds))))
+        eval_rows, train_rows = ds.select(range(n_eval)), ds.select(range(n_eval, len(ds)))
+        self._eval_prompts, self._eval_groups = self._columns(eval_rows)
+        self._train_prompts, self._train_groups = self._columns(train_rows)
+        self._file_rows = {"eval": list(eval_rows[_FILE_ROW]), "train": list(train_rows[_FILE_ROW])}
+        self._refuse_empty_prompts()
+        self._fit_prompts()
         self._client_indices = self._partition_train()
+
+    # ------------------------------------------------------------------ prompts the policy can hold
+    def limit_prompts(self, limit: PromptLimit) -> None:
+        """Check (or cut, with ``max_prompt_tokens``) every prompt against what the policy can hold: at
+        load, or now if the prompts are loaded already."""
+        self._prompt_limit = limit
+        if self._train_prompts is not None:
+            self._fit_prompts()
+
+    def _refuse_empty_prompts(self) -> None:
+        for part in ("eval", "train"):
+            prompts = self._eval_prompts if part == "eval" else self._train_prompts
+            empty = [row for row, p in zip(self._file_rows[part], prompts) if not p.strip()]
+            if empty:
+                more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+                raise ValueError(f"{self.path} row {min(empty) + 1}{more}: the prompt is empty; remove the "
+                                 f"row or write a prompt in it ({self.prompt_column!r})")
+
+    def _fit_prompts(self) -> None:
+        limit = self._prompt_limit
+        key = None if limit is None else (limit.max_tokens, limit.why)
+        if limit is None or key == self._limit_applied:
+            return
+        if self.max_prompt_tokens is not None:
+            cut = self._cut(limit, "eval") + self._cut(limit, "train")
+            total = len(self._eval_prompts) + len(self._train_prompts)
+            self.load_notes.append(f"data.max_prompt_tokens={self.max_prompt_tokens}: cut {cut} of {total} prompts "
+                                   f"from the {self.truncation_side}")
+        if limit.max_tokens is not None:
+            for part in ("eval", "train"):
+                self._refuse_too_long(limit, part)
+        self._limit_applied = key
+
+    def _cut(self, limit: PromptLimit, part: str) -> int:
+        prompts = self._eval_prompts if part == "eval" else self._train_prompts
+        cut = 0
+        for i, prompt in enumerate(prompts):
+            shorter = limit.cut(prompt, self.max_prompt_tokens, self.truncation_side)
+            if shorter is not None:
+                prompts[i], cut = shorter, cut + 1
+        return cut
+
+    def _refuse_too_long(self, limit: PromptLimit, part: str) -> None:
+        prompts = self._eval_prompts if part == "eval" else self._train_prompts
+        lengths = limit.measure(prompts)
+        over = [(row, n) for row, n in zip(self._file_rows[part], lengths) if n > limit.max_tokens]
+        if not over:
+            return
+        row, n = min(over)
+        more = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
+        room = limit.max_tokens - limit.measure([""])[0]  # what the template or BOS leaves of the limit
+        kind = "held-out" if part == "eval" else "training"
+        raise ValueError(
+            f"{self.path} row {row + 1}{more}: a {kind} prompt is {n} tokens long as the policy reads it, more than "
+            f"the {limit.max_tokens} that fit ({limit.why}); shorten or remove it, or cut long prompts at load with "
+            f"--data.max_prompt_tokens {max(room, 1)}"
+        )
 
     def _raw_rows(self) -> datasets.Dataset:
         """The rows before column checks and shuffling (subclasses read other formats here)."""
@@ -274,7 +404,8 @@ class PromptDataModule(L.LightningDataModule):
                     " (or group_column=None with partition='iid')")
                 raise ValueError(f"{kind}={col!r} is not a column of {self.path}; available "
                                  f"columns: {ds.column_names}. Pass {kind}= one of them{hint}")
-        ds = ds.select_columns(wanted).shuffle(seed=self.seed)
+        ds = ds.select_columns(wanted)
+        ds = ds.add_column(_FILE_ROW, list(range(len(ds)))).shuffle(seed=self.seed)
         if self.max_prompts is not None:
             ds = ds.select(range(min(self.max_prompts, len(ds))))
         return ds

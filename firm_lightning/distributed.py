@@ -17,7 +17,8 @@ How the ranks cooperate:
 - **Inside a client fit** (``FIRMClientModule.training_step``): ``data.batch_size`` stays the
   client's global batch per local step. Every rank gets the whole batch (no distributed
   sampler), samples the responses of its contiguous share of the prompts (shares differ by at
-  most one prompt) with its own random numbers, and the ranks exchange their rollouts: every
+  most one prompt) from each prompt's own generator (``sampling.per_prompt_seeds``: as one
+  process would draw them), and the ranks exchange their rollouts: every
   rank then scores the whole batch (identical rewards, advantages and reward statistics). Each
   rank computes the per-objective gradients of its own rows, with the whole batch's loss
   normalisers, and the ``S`` gradients are summed over the ranks (``all_reduce``): exactly the

@@ -4,17 +4,27 @@ One engine runs every federation: the in-process loop (``FederatedOrchestrator``
 Flower strategy (``flower/strategy.py``) drive the same object, so every ``federation:`` key
 means the same on both. A transport asks the engine, in order:
 
-1. ``start()``: the initial evaluation (round 0), or a resume from ``<output_dir>/checkpoint``
-   checked against this config's fingerprint (objective and RNG state included);
+1. ``start()``: the checks that can refuse the run (``check``: settings, a clean run folder, data and
+   prompts, resume compatibility), then the initial evaluation (round 0) or a resume from
+   ``<output_dir>/checkpoint`` checked against this config's fingerprint (objective and RNG state
+   included); nothing is written before all of it has passed;
 2. per round, ``begin_round(state, r)``: which clients train (public and seeded by
-   (seed, round), or drawn from the secret generator when differential privacy is on);
-3. ``conclude(state, r, ...)`` with the uploads and the failures: screening, ``min_clients``,
+   (seed, round), or Poisson-sampled from the secret generator when differential privacy is on);
+3. ``client_failed(...)`` for each client that delivered nothing (its traceback into the run folder,
+   one line to the user); ``conclude(state, r, ...)`` with the uploads and the failures: a client
+   failing the same way round after round (``max_failed_rounds``), screening, ``min_clients``,
    aggregation (the algorithm's aggregator → the robust rule → differential privacy),
    evaluation, metric rows, checkpoint, hooks; returns the next state;
 4. ``finish(state)``: final adapter, plots and summary.
 
 A callback may ``request_stop(reason)``; ``stop_reason`` tells the transport to stop after
 the current round.
+
+Release policy under ``federation.privacy``: the released rows (``state.history``: ``metrics.csv``,
+the summary, plots, model card, Lightning loggers, progress lines and every callback's ``row``) hold
+only what the guarantee covers (``privacy.released_row``); no client rows are released, the hooks are
+not told which clients were sampled, and the full rows go to the server-private record
+(``state.private_history``, ``<output_dir>/server_private/``).
 """
 
 from __future__ import annotations
@@ -33,18 +43,18 @@ from firm_lightning import checkpoint
 from firm_lightning.adapters import ClientUpdate
 from firm_lightning.aggregation import Aggregator, screen_update, with_rule
 from firm_lightning.callbacks import CallbackList
-from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.datamodule import ADDED_SETTINGS, PromptDataModule
 from firm_lightning.federation import RESUMABLE_SETTINGS, FederationConfig, refuse_for_hidden_uploads
 from firm_lightning.federation_metrics import client_evaluation, client_row, round_metrics
-from firm_lightning.module import CALIBRATION_SEED_OFFSET, FIRMClientModule, FitArguments
-from firm_lightning.privacy import SecretGenerator
+from firm_lightning.module import CALIBRATION_SEED_OFFSET, EARLIER_BEHAVIOUR, FIRMClientModule, FitArguments
+from firm_lightning.privacy import SecretGenerator, released_row
 from firm_lightning.rewards import load_objective_states, objective_states, stateful, statistics_frozen
 from firm_lightning.progress import progress_callback
 from firm_lightning.report import RunWriter
 from firm_lightning.round_logging import RoundLogger
 from firm_lightning.run_folder import RunFolder
 from firm_lightning.seeds import sampling_rng
-from firm_lightning.state import FederationError, FederationState
+from firm_lightning.state import ClientFailure, FederationError, FederationState
 from firm_lightning.trainer_factory import TrainerFactory
 
 _log = logging.getLogger(__name__)
@@ -83,13 +93,17 @@ class RoundEngine:
         self.uploads_visible = uploads_visible
         if not uploads_visible:
             refuse_for_hidden_uploads(config)
-        self.secret = SecretGenerator() if config.privacy is not None else None
+        self.private = config.privacy is not None
+        self.secret = SecretGenerator() if self.private else None
+        if self.private:
+            trainers.log_clients_privately()  # the client fits' own logs are per-client statistics
         self.aggregator = self._compose_aggregator()
         self.writer = writer or RunWriter(
             config.output_dir, module.objective_names, module.policy.peft_config["default"], echo,
             save_every_round=config.save_adapters,
         )
-        self.checkpoint_dir = RunFolder(config.output_dir).checkpoint
+        self.folder = RunFolder(config.output_dir)
+        self.checkpoint_dir = self.folder.checkpoint
         self.round_logger = RoundLogger(trainers.federation_loggers)  # the configured Lightning loggers
         self.callbacks = CallbackList([progress_callback(config.progress, echo), self.round_logger, *config.callbacks])
         self.stop_reason: Optional[str] = None
@@ -111,17 +125,40 @@ class RoundEngine:
 
     # ---- the round protocol ----
 
-    def start(self) -> FederationState:
-        """The state to continue from: resumed from the checkpoint, or round 0 evaluated now."""
+    def start(self, accepted: Callable[[], None] = lambda: None) -> FederationState:
+        """The state to continue from: resumed from the checkpoint, or round 0 evaluated now.
+
+        Writes nothing until the run is accepted: every check (``check``) has passed and round 0 is
+        evaluated. Then the folder is readied (``overwrite`` clears it; a resume drops what rounds after
+        its state left), ``accepted`` is called (the CLI saves ``config.yaml`` there) and round 0 is
+        recorded.
+        """
         self._started = time.perf_counter()
         self.stop_reason = None
-        self.check_settings()
-        self.datamodule.setup("fit")
-        load_objective_states(self.module.objectives, None)  # every run starts from the configured objectives
-        state = self.resumed_state() if self.config.resume else None
-        state = state or self._initial_state()
+        saved = self.check()
+        state = self._continue(saved) if saved is not None else self._initial_state()
+        if self.config.overwrite:
+            self.folder.clear()
+        if saved is not None:
+            self._drop_later_rounds(state)
+        accepted()
+        if saved is None:
+            state = self._record_initial(state)
         self.callbacks.on_federation_start(self, state)
         return state
+
+    def check(self) -> Optional[FederationState]:
+        """Every check that can refuse this run before round 1, writing nothing: the client optimiser and
+        Trainer, a run folder free of another run's files, the data and its prompts (measured against the
+        policy's context), resume compatibility. Returns the saved state a resume continues from."""
+        self.check_settings()
+        self.folder.check_clean_start(self.config.resume, self.config.overwrite)
+        self.datamodule.limit_prompts(self.module.prompt_limit())
+        self.datamodule.setup("fit")
+        for note in self.datamodule.load_notes:
+            self.echo(note)
+        load_objective_states(self.module.objectives, None)  # every run starts from the configured objectives
+        return self.saved_state() if self.config.resume else None
 
     def check_settings(self) -> None:
         """Fail now, once, on what would otherwise fail inside every client of round 1: the client
@@ -145,29 +182,40 @@ class RoundEngine:
         """The clients that train in ``round_idx`` (drawn once per round)."""
         self._round_tic = time.perf_counter()
         clients = self.sample_clients(round_idx)
-        self.callbacks.on_round_start(self, state, round_idx, clients)
+        self.callbacks.on_round_start(self, state, round_idx, [] if self.private else clients)
         return clients
 
     def sample_clients(self, round_idx: int) -> list[int]:
-        """Without privacy: seeded by (seed, round), the same clients on any rerun or resume. With
-        privacy: from the secret generator (a reader of the config must not know who was sampled)."""
-        n, m = self.config.num_clients, self.clients_per_round
-        if self.secret is not None:
-            return self.secret.choice(n, m)
-        return sorted(int(c) for c in sampling_rng(self.config.seed, round_idx).choice(n, size=m, replace=False))
+        return sample_clients(self.config, round_idx, self.secret)
 
     def client_started(self, round_idx: int, client_id: int) -> None:
-        self.callbacks.on_client_start(self, round_idx, client_id)
+        if not self.private:  # under privacy the hooks are not told who was sampled
+            self.callbacks.on_client_start(self, round_idx, client_id)
 
     def client_finished(self, round_idx: int, update: ClientUpdate) -> None:
-        self.callbacks.on_client_end(self, round_idx, update)
+        if not self.private:
+            self.callbacks.on_client_end(self, round_idx, update)
+
+    def client_failed(self, round_idx: int, client_id: int, error: str, traceback_text: str = "") -> ClientFailure:
+        """A sampled client that delivered nothing: its traceback goes into the run folder, one line to the user."""
+        path = ""
+        if traceback_text:
+            file = self.folder.client_traceback(client_id, round_idx, private=self.private)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write(file, traceback_text.encode())
+            path = str(file)
+        failure = ClientFailure(client_id, round_idx, error, path)
+        self.echo(f"round {round_idx} | {failure}" + (f" (traceback: {path})" if path else "")
+                  + "; left out of this round")
+        _log.debug("round %d: %s\n%s", round_idx, failure, traceback_text)
+        return failure
 
     def conclude(
         self,
         state: FederationState,
         round_idx: int,
         updates: Sequence[ClientUpdate],
-        failures: Sequence[str] = (),
+        failures: Sequence[ClientFailure | str] = (),
         client_states: Optional[dict] = None,
         secure_mean: Optional[ClientUpdate] = None,
         client_extras: Optional[dict[int, dict]] = None,
@@ -175,33 +223,36 @@ class RoundEngine:
     ) -> FederationState:
         """Merge a round's uploads into the next state, record and checkpoint it, fire the hooks.
 
-        ``updates`` are the uploads as sent (any order); ``failures`` one line per client that did
-        not deliver. ``secure_mean`` (SecAgg+): the only upload the server sees, the clients' mean;
-        ``updates`` then carry only their metrics. ``client_states``: the stateful clients' states
+        ``updates`` are the uploads as sent (any order); ``failures`` the clients that did not deliver
+        (``client_failed``'s records; a plain line is counted but not followed from round to round).
+        ``secure_mean`` (SecAgg+): the only upload the server sees, the clients' mean; ``updates`` then
+        carry only their metrics. ``client_states``: the stateful clients' states
         after this round (in-process). ``client_extras``/``round_extras``: transport metrics
         (e.g. Flower's message bytes) added to the client rows and the round row.
         """
         global_adapter = state.global_adapter
+        self._stop_on_repeated_failures(state, failures)
         updates = sorted(updates, key=lambda u: u.client_id)  # client order: float sums agree across transports
         accepted, rejected = self._screen(updates, global_adapter, round_idx) if secure_mean is None else (updates, [])
-        if len(accepted) < self.config.min_clients:
+        if len(accepted) < self._usable_uploads_needed(len(updates) + len(failures)):
             # The checkpoint saved when round state.round finished stays as it is: re-saving now
             # would record reward statistics and RNG states disturbed by this failed round.
             raise FederationError(
                 f"Round {round_idx}: only {len(accepted)} of {len(updates) + len(failures)} clients returned a usable "
                 f"update, fewer than federation.min_clients={self.config.min_clients} "
-                f"({'; '.join([*failures, *rejected])}). The state after round {state.round} is saved in "
+                f"({'; '.join([*map(str, failures), *rejected])}). The state after round {state.round} is saved in "
                 f"{self.checkpoint_dir}: fix the cause, then continue with `--federation.resume true`."
             )
         merged = [secure_mean] if secure_mean is not None else [u.applied_to(global_adapter) for u in accepted]
         result = self.aggregator.aggregate(global_adapter, merged)
         extras = client_extras or {}
         client_rows = [{**client_row(u, round_idx, global_adapter), **extras.get(u.client_id, {})} for u in accepted]
+        training = round_metrics(accepted, result, global_adapter, client_rows, self.objective_names,
+                                 uploads_visible=secure_mean is None) if accepted else {"clients": 0}
         row = {
             "round": round_idx,
             **self.evaluate(result.adapter),
-            **round_metrics(accepted, result, global_adapter, client_rows, self.objective_names,
-                            uploads_visible=secure_mean is None),
+            **training,
             "failed_clients": len(failures),
             "rejected_clients": len(rejected),
             **self._privacy_metrics(round_idx),
@@ -212,14 +263,31 @@ class RoundEngine:
             state,
             round=round_idx,
             global_adapter=result.adapter,
-            history=[*state.history, row],
-            client_history=[*state.client_history, *client_rows],
             client_states=state.client_states if client_states is None else client_states,
+            **self._recorded(state, row, client_rows),
+            client_failures=[*state.client_failures, *(f.record() for f in failures if isinstance(f, ClientFailure))],
         )
-        self.writer.record_round(state, row, client_rows)
+        released = state.history[-1]
+        self.writer.record_round(state, released, [] if self.private else client_rows)
         state = self.save_checkpoint(state)
-        self.callbacks.on_round_end(self, state, row)
+        self.callbacks.on_round_end(self, state, released)
         return state
+
+    def _recorded(self, state: FederationState, row: dict, client_rows: list[dict]) -> dict:
+        """The state's record fields with this round's rows: all released without privacy; under privacy
+        only ``released_row(row)``, the full rows kept in the server-private record."""
+        if not self.private:
+            return {"history": [*state.history, row], "client_history": [*state.client_history, *client_rows]}
+        return {
+            "history": [*state.history, released_row(row)],
+            "private_history": [*state.private_history, row],
+            "private_client_history": [*state.private_client_history, *client_rows],
+        }
+
+    def _usable_uploads_needed(self, sampled: int) -> int:
+        """``min_clients``; under privacy at most the clients a (Poisson) round sampled: an empty round is a
+        noise-only step of the mechanism the ε accounts for."""
+        return min(self.config.min_clients, sampled) if self.private else self.config.min_clients
 
     def finish(self, state: FederationState) -> FederationState:
         self.callbacks.on_federation_end(self, state)
@@ -228,17 +296,25 @@ class RoundEngine:
         self.writer.finish(state, time.perf_counter() - self._started, self.config)
         return state
 
+    def _stop_on_repeated_failures(self, state: FederationState, failures: Sequence[ClientFailure | str]) -> None:
+        """A client failing with the same error round after round has a bug to fix, not a fault to tolerate."""
+        limit = self.config.max_failed_rounds
+        for failure in (f for f in failures if isinstance(f, ClientFailure)):
+            rounds = repeated_failure_rounds(state, failure)
+            if limit is not None and len(rounds) >= limit:
+                where = f"; its traceback: {failure.traceback}" if failure.traceback else ""
+                raise FederationError(
+                    f"Client {failure.client_id} failed with the same error in {len(rounds)} of its rounds in a row "
+                    f"(rounds {', '.join(map(str, rounds))}): {failure.error}{where}. A fault that repeats is a bug "
+                    f"to fix, not one to tolerate: fix it, then continue with `--federation.resume true` (the state "
+                    f"after round {state.round} is saved in {self.checkpoint_dir}); federation.max_failed_rounds="
+                    f"{limit} sets how many such rounds stop a run."
+                )
+
     # ---- aggregation ----
 
     def _compose_aggregator(self) -> Aggregator:
-        """The algorithm's aggregator → the robust rule in place of its FedAvg → differential privacy."""
-        config = self.config
-        aggregator = with_rule(self.algorithm.aggregator(config.server_lr), config.aggregator, config.server_lr,
-                               config.trim_fraction)
-        if config.privacy is not None:
-            aggregator = config.privacy.wrap(aggregator, self.clients_per_round, self.secret,
-                                             clipped_on_client=not self.uploads_visible)
-        return aggregator
+        return compose_aggregator(self.config, self.secret, self.uploads_visible)
 
     def _screen(self, updates: Sequence[ClientUpdate], global_adapter: dict, round_idx: int) -> tuple[list, list[str]]:
         """Uploads fit to merge; the others are logged and dropped (never aggregated)."""
@@ -257,10 +333,10 @@ class RoundEngine:
         privacy = self.config.privacy
         if privacy is None:
             return {}
-        rate = self.clients_per_round / self.config.num_clients
         return {
-            "privacy/epsilon": privacy.epsilon(rate, round_idx),
-            "privacy/noise_std": privacy.noise_std(self.clients_per_round),
+            "privacy/epsilon": privacy.epsilon(self.config.client_fraction, round_idx),
+            "privacy/delta": privacy.delta,
+            "privacy/noise_std": privacy.noise_std(self.config.expected_clients),
         }
 
     # ---- evaluation ----
@@ -277,15 +353,10 @@ class RoundEngine:
         return {**metrics, **self.client_evaluation(metrics)}
 
     def calibrate_evaluation(self, adapter: dict[str, torch.Tensor]) -> dict[str, dict]:
-        """The statistics evaluation normalises with (``calibrated_statistics``), also written to
-        ``<output_dir>/adapters/objective_state.json`` for ``validate`` and ``generate``."""
+        """The statistics evaluation normalises with (``calibrated_statistics``); ``_record_initial`` writes
+        them to ``<output_dir>/adapters/objective_state.json`` for ``validate`` and ``generate``."""
         self.module.load_adapter_state(adapter)
-        state = calibrated_statistics(self.module, self.trainers, self.datamodule)
-        if state:
-            path = RunFolder(self.config.output_dir).objective_state
-            path.parent.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write(path, json.dumps(state, indent=1).encode())
-        return state
+        return calibrated_statistics(self.module, self.trainers, self.datamodule)
 
     def client_evaluation(self, eval_metrics: dict[str, float]) -> dict[str, float]:
         """The global adapter's eval reward on each client's own prompt distribution (mean and worst)."""
@@ -305,11 +376,18 @@ class RoundEngine:
     # ---- checkpoints and resume ----
 
     def _initial_state(self) -> FederationState:
+        """Round 0 evaluated, in memory: a run refused by its evaluation (e.g. a NaN reward) writes nothing."""
         adapter = self.module.adapter_state()
         self.eval_objective_state = self.calibrate_evaluation(adapter)
         row = {"round": 0, **self.evaluate(adapter)}
-        state = FederationState(round=0, global_adapter=adapter, history=[row])
-        self.writer.record_round(state, row, [])
+        return FederationState(round=0, global_adapter=adapter, **self._recorded(FederationState(0, adapter), row, []))
+
+    def _record_initial(self, state: FederationState) -> FederationState:
+        if self.eval_objective_state:
+            path = self.folder.objective_state
+            path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write(path, json.dumps(self.eval_objective_state, indent=1).encode())
+        self.writer.record_round(state, state.history[-1], [])
         return self.save_checkpoint(state)
 
     def save_checkpoint(self, state: FederationState) -> FederationState:
@@ -322,15 +400,22 @@ class RoundEngine:
                                                            "fingerprint_version": checkpoint.FINGERPRINT_VERSION})
         return state
 
-    def resumed_state(self) -> Optional[FederationState]:
-        """The state saved by an earlier run in this output_dir, checked against this config; None if none."""
-        if not checkpoint.exists(self.checkpoint_dir):
+    def saved_state(self) -> Optional[FederationState]:
+        """The state saved by an earlier run in this output_dir (``resume_from``: the latest, or the one kept
+        before it), checked against this config; None if none. Changes nothing."""
+        if not self.folder.has_checkpoint():
             self.echo(f"resume: no checkpoint in {self.checkpoint_dir}; starting from round 0")
             return None
-        state, extra = checkpoint.load_state(self.checkpoint_dir, FederationState)
+        state, extra = self._load_checkpoint()
         version = extra.get("fingerprint_version", 1)  # none saved: written before versions were recorded
+        saved = extra.get("fingerprint", {})
+        earlier = self._continue_as_saved(saved)
+        current = self.fingerprint()
+        if earlier:  # the behaviour the saved run had is restored above, so these are not compared
+            current = {**current, "training": {**current["training"], "sampling": {
+                k: v for k, v in current["training"]["sampling"].items() if k not in earlier}}}
         unrecorded: Optional[list[str]] = [] if version < checkpoint.FINGERPRINT_VERSION else None
-        changed = checkpoint.differences(extra.get("fingerprint", {}), self.fingerprint(), unrecorded=unrecorded)
+        changed = checkpoint.differences(saved, current, unrecorded=unrecorded)
         if changed:
             raise checkpoint.CheckpointError(
                 f"Cannot resume from {self.checkpoint_dir}: this config differs from the saved run in "
@@ -346,6 +431,33 @@ class RoundEngine:
                 f"Cannot resume: {self.checkpoint_dir} holds {state.round} finished rounds but federation.num_rounds="
                 f"{self.config.num_rounds}; ask for at least {state.round} rounds."
             )
+        return state
+
+    def _load_checkpoint(self) -> tuple[FederationState, dict]:
+        """The saved state ``resume_from`` names; a damaged latest state is reported with the round the
+        previous one holds, which resume continues from only when asked (``resume_from: previous``)."""
+        which = self.config.resume_from
+        try:
+            return checkpoint.load_state(self.checkpoint_dir, FederationState, which)
+        except checkpoint.CheckpointError as error:
+            previous = checkpoint.previous_round(self.checkpoint_dir) if which == "latest" else None
+            adapters = f"the global adapter of every saved round stays in {self.folder.adapters}/round_<r>.safetensors"
+            if previous is None:
+                raise checkpoint.CheckpointError(f"{error} No earlier state is kept beside it; {adapters}.") from error
+            raise checkpoint.CheckpointError(
+                f"{error} The state after round {previous} is intact beside it: continue from there with "
+                f"`--federation.resume true --federation.resume_from previous` (the rounds after it are trained "
+                f"again); {adapters}."
+            ) from error
+
+    def _drop_later_rounds(self, state: FederationState) -> None:
+        """A resume continues from ``state``: what later rounds left goes (a round cut short, a damaged state)."""
+        if self.config.resume_from == "previous":
+            checkpoint.promote_previous(self.checkpoint_dir)
+        self.folder.discard_after(state.round)
+
+    def _continue(self, state: FederationState) -> FederationState:
+        """Continue from a saved state: its statistics, RNG states and adapter; nothing is written."""
         self.eval_objective_state = state.objective_state  # the clients' own statistics are in client_states
         checkpoint.restore_rng(state.rng_state)
         if self.secret is not None and state.secret_rng_state:
@@ -355,6 +467,20 @@ class RoundEngine:
             f"resume: round {state.round} of {self.config.num_rounds} finished in {self.checkpoint_dir}; continuing"
         )
         return state
+
+    def _continue_as_saved(self, saved: dict) -> dict:
+        """Settings the saved run predates (``module.EARLIER_BEHAVIOUR``) take the behaviour it ran with,
+        so it continues as the code that wrote it would have; returns them (name: value)."""
+        recorded = saved.get("training", {}).get("sampling")
+        if not isinstance(recorded, dict):
+            return {}
+        earlier = {k: v for k, v in EARLIER_BEHAVIOUR["sampling"].items() if k not in recorded}
+        if earlier:
+            self.module.sampling = dataclasses.replace(self.module.sampling, **earlier)
+            self._fingerprint = None
+            self.echo("resume: the saved run predates " + ", ".join(f"sampling.{k}" for k in earlier)
+                      + f"; it continues as it ran ({', '.join(f'{k}={v}' for k, v in earlier.items())})")
+        return earlier
 
     def fingerprint(self) -> dict:
         """What must not change between a run and its resumption, section by section (computed once per run)."""
@@ -384,8 +510,48 @@ class RoundEngine:
                 "trainer": describe({k: v for k, v in self.trainers.kwargs.items() if k not in _COSMETIC_TRAINER_KEYS}),
             },
             "federation": {k: describe(v) for k, v in federation.items() if k not in RESUMABLE_SETTINGS},
-            "data": describe(dict(self.datamodule.hparams)),
+            "data": describe({k: v for k, v in self.datamodule.hparams.items()
+                              if k not in ADDED_SETTINGS or v != ADDED_SETTINGS[k]}),
         }
+
+
+def sample_clients(config: FederationConfig, round_idx: int, secret: Optional[SecretGenerator]) -> list[int]:
+    """The clients that train in ``round_idx``. Without privacy: ``clients_per_round`` of them, seeded by
+    (seed, round), the same clients on any rerun or resume. With privacy: each client with probability
+    ``client_fraction`` (Poisson sampling, the sampling the ε is computed for), from the secret generator: a
+    reader of the config must not know who was sampled."""
+    n = config.num_clients
+    if config.privacy is not None:
+        return secret.poisson(n, config.client_fraction)
+    m = config.clients_per_round
+    return sorted(int(c) for c in sampling_rng(config.seed, round_idx).choice(n, size=m, replace=False))
+
+
+def compose_aggregator(config: FederationConfig, secret: Optional[SecretGenerator],
+                       uploads_visible: bool = True) -> Aggregator:
+    """The algorithm's aggregator → the robust rule in place of its FedAvg → differential privacy (whose noise
+    ``secret`` draws; clipping on the clients when the uploads are hidden, SecAgg+)."""
+    aggregator = with_rule(config.resolved_algorithm.aggregator(config.server_lr), config.aggregator,
+                           config.server_lr, config.trim_fraction)
+    if config.privacy is not None:
+        aggregator = config.privacy.wrap(aggregator, config.expected_clients, secret,
+                                         clipped_on_client=not uploads_visible)
+    return aggregator
+
+
+def repeated_failure_rounds(state: FederationState, failure: ClientFailure) -> list[int]:
+    """The rounds of ``failure``'s client, ending with its round, that failed in a row with its error (a round
+    the client trained in breaks the run; rounds it was not sampled in do not)."""
+    rows = [*state.client_history, *state.private_client_history]  # under privacy the rows are private
+    trained = {int(r["round"]) for r in rows if int(r["client"]) == failure.client_id}
+    rounds = [failure.round]
+    for earlier in reversed(state.client_failures):
+        if earlier["client"] != failure.client_id:
+            continue
+        if earlier["error"] != failure.error or any(earlier["round"] < r < rounds[0] for r in trained):
+            break
+        rounds.insert(0, earlier["round"])
+    return rounds
 
 
 def calibrated_statistics(

@@ -61,11 +61,14 @@ class HHRLHFDataModule(PromptDataModule):
         eval_batch_size: int = 16,
         max_prompts: Optional[int] = 20_000,
         seed: int = 0,
+        max_prompt_tokens: Optional[int] = None,
+        truncation_side: Literal["left", "right"] = "left",
     ) -> None:
         super().__init__(
             path=path, split=split, prompt_column="prompt", group_column="subset", eval_size=eval_size,
             num_clients=num_clients, partition=partition, dirichlet_alpha=dirichlet_alpha,
             batch_size=batch_size, eval_batch_size=eval_batch_size, max_prompts=max_prompts, seed=seed,
+            max_prompt_tokens=max_prompt_tokens, truncation_side=truncation_side,
         )
         self.save_hyperparameters()
         self.subsets = list(subsets)

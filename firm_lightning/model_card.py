@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
-from firm_lightning.run_folder import ADAPTER_CONFIG, RunFolder
+from firm_lightning.run_folder import ADAPTER_CONFIG, RunFolder, atomic_write
 
 if TYPE_CHECKING:
     from firm_lightning.federation import FederationConfig
@@ -51,7 +51,7 @@ class ModelCard:
 
     def write(self, folder: Path, round_idx: int, what: str) -> Path:
         path = Path(folder) / "README.md"
-        path.write_text(self.text(round_idx, what))
+        atomic_write(path, self.text(round_idx, what).encode())
         return path
 
     # ---- parts ----
@@ -151,6 +151,9 @@ class ModelCard:
         return lines
 
     def uplink(self, round_idx: int) -> str:
+        if self.federation.privacy is not None:
+            return ("not released under differential privacy (the totals count the sampled clients); each sampled "
+                    "client uploads its adapter once per round")
         rows = [r for r in self.state.history if 0 < int(r["round"]) <= round_idx]
         total = sum(float(r.get("comm/bytes_up", 0) or 0) for r in rows)
         per_client = [float(r["comm/bytes_up_per_client"]) for r in rows if r.get("comm/bytes_up_per_client")]
@@ -158,6 +161,26 @@ class ModelCard:
         if per_client:
             text += f" ({per_client[-1]:,.0f} bytes per client per round: the adapter tensors as uploaded)"
         return text
+
+    def clients_line(self) -> str:
+        fed = self.federation
+        if fed.privacy is not None:
+            return f"{fed.num_clients}, each sampled with probability {fed.client_fraction:g} per round"
+        return f"{fed.num_clients}, {fed.clients_per_round} per round"
+
+    def privacy_line(self) -> str:
+        """The guarantee of the run's released outputs, this adapter included (chosen among them, it is covered by
+        the ε of every round released): the accounted ε at δ after the last round, and the mechanism."""
+        fed, state = self.federation, self.state
+        privacy = fed.privacy
+        if privacy is None:
+            return "off"
+        epsilon = float(state.history[-1].get("privacy/epsilon", 0.0) or 0.0)
+        return (f"client-level (ε = {epsilon:.3f}, δ = {privacy.delta:g}) for everything the run released, after "
+                f"{state.round} round{'s' * (state.round != 1)}; neighbouring: add or remove one client; Poisson "
+                f"sampling, q = {fed.client_fraction:g} of {fed.num_clients} clients per round; clipping C = "
+                f"{privacy.clipping_norm:g}, noise σ = {privacy.noise_multiplier:g} (std σ·C on the sum of the clipped "
+                "updates); RDP accountant (dp-accounting)")
 
     def text(self, round_idx: int, what: str) -> str:
         fed, model = self.federation, (self.config or {}).get("model", {})
@@ -170,7 +193,6 @@ class ModelCard:
         trainer = (self.config or {}).get("trainer") or {}
         data = (self.config or {}).get("data") or {}
         data_args = data.get("init_args", data) if isinstance(data, dict) else {}
-        privacy = fed.privacy
         table = [
             "| | |",
             "|---|---|",
@@ -180,7 +202,7 @@ class ModelCard:
             f"| objectives | {'; '.join(self.objectives())} |",
             f"| rounds | {self.state.round} of federation.num_rounds = {fed.num_rounds} "
             f"(this adapter: round {round_idx}) |",
-            f"| clients | {fed.num_clients}, {fed.clients_per_round} per round |",
+            f"| clients | {self.clients_line()} |",
             f"| local steps per client per round | {trainer.get('max_steps', 'see the Trainer settings')} |",
             f"| data | {_display_path(Path(str(data_args.get('path', ''))))} "
             f"({data_args.get('partition', '?')} split) |"
@@ -189,7 +211,7 @@ class ModelCard:
             f"| LoRA | {lora} |",
             f"| seed | {fed.seed} |",
             f"| uplink | {self.uplink(round_idx)} |",
-            f"| differential privacy | {_privacy_line(privacy)} |",
+            f"| differential privacy | {self.privacy_line()} |",
         ]
         sampling = model.get("sampling") or {}
         eval_note = ("greedy responses" if sampling.get("eval_greedy") else "sampled responses with a fixed seed")
@@ -236,10 +258,6 @@ def _display_path(path: Path) -> str:
     return str(path)
 
 
-def _privacy_line(privacy) -> str:
-    if privacy is None:
-        return "off"
-    return f"C = {privacy.clipping_norm}, σ = {privacy.noise_multiplier}, δ = {privacy.delta}"
 
 
 def _fmt(value) -> str:

@@ -24,14 +24,19 @@ memory bounded by the micro-batch instead of ``B·G``.
 Several devices per client (``trainer.strategy: ddp``, firm_lightning/distributed.py): each rank
 samples its share of the batch's prompts, every rank scores the whole gathered rollout, and the
 ``S`` gradient accumulators are summed over the ranks before step 7, so every rank takes the
-same step.
+same step. With ``sampling.per_prompt_seeds`` a prompt's samples depend only on the fit's seed,
+the local step and the prompt's index in the batch: the step is the one-process step.
+
+Compute: with ``sampling.share_prompt`` each prompt is computed once per group in sampling and in
+every forward pass of step 4 (``firm_lightning.prefix``); with ``loss.kl_coef`` 0 the reference
+pass is skipped.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 
@@ -42,6 +47,7 @@ from torchmetrics import MeanMetric
 
 from firm_lightning.adapters import check_adapter_state
 from firm_lightning.advantages import group_advantages
+from firm_lightning.datamodule import PromptLimit
 from firm_lightning.gradients import (
     GRAM_SOURCES, ExactGradients, GramSource, LossScale, RepresentationGradients, capture_representation, check_finite,
     WEIGHTING_EFFECT, clipped, objective_weights, weighting_effect, write_direction, write_non_finite,
@@ -50,7 +56,10 @@ from firm_lightning.losses import check_loss_settings, policy_gradient_losses
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
 from firm_lightning.rewards import RewardFunction, check_objective_names, score_all
 from firm_lightning.distributed import all_gather_objects, all_reduce_sum, shares
-from firm_lightning.sequences import USER_MESSAGES, Rollout, concat_rollouts, micro_batches, sample, token_logprobs
+from firm_lightning.sequences import (
+    USER_MESSAGES, Rollout, concat_rollouts, context_length, cut_prompt, micro_batches, prompt_token_rows, sample,
+    token_logprobs,
+)
 from firm_lightning.weighting import RegularizedMinNorm, Weighting
 
 
@@ -78,9 +87,16 @@ class SamplingSettings:
             the roles; prompt: the prompt text as is (markup included). Other prompts are sent as is.
             The rewards always score the prompt as given.
         generation_batch_size: Sequences (of the B·G, or of the evaluation's) per generate call, to bound
-            sampling memory; null: all at once. Greedy decoding gives the same tokens either way; with
-            temperature sampling each call draws its own random numbers, so a seed gives other (equally
-            distributed) responses than one call would (firm_lightning.sequences.sample).
+            sampling memory; null: all at once. With per_prompt_seeds the responses are the same either way.
+        share_prompt: Compute each prompt once per group: sampling prefills it once and expands its cache to
+            the group's samples; the update's forward passes (policy, reference, PPO epochs) run it once and
+            the group's responses against its keys and values, gradients flowing into the prompt positions.
+            Exact up to round-off; a model it cannot apply to computes every row, with one log line
+            (firm_lightning.prefix).
+        per_prompt_seeds: Draw each prompt's samples from generators of its own, keyed by the fit's seed
+            (federation.seed, round, client), the local step and the prompt's index in the batch: the rollout
+            is the same whether generated at once, in chunks (generation_batch_size), on several DDP ranks or
+            with share_prompt. false: each generate call draws from torch's global generator.
     """
 
     num_generations: int = 4
@@ -96,6 +112,13 @@ class SamplingSettings:
     eval_greedy: bool = False
     user_message: Literal["question", "prompt"] = "question"
     generation_batch_size: Optional[int] = None
+    share_prompt: bool = True
+    per_prompt_seeds: bool = True
+
+
+# Settings added after runs were saved without them, with the behaviour the code had before each:
+# a run resumed from such a checkpoint continues with it (RoundEngine.resumed_state), as it was written.
+EARLIER_BEHAVIOUR = {"sampling": {"share_prompt": False, "per_prompt_seeds": False}}
 
 
 @dataclass
@@ -104,7 +127,8 @@ class PolicyGradientSettings:
     gradient of each estimator and aggregation.
 
     Args:
-        kl_coef: κ: weight of the KL-to-reference penalty, the same inside every objective's loss.
+        kl_coef: κ: weight of the KL-to-reference penalty, the same inside every objective's loss. 0: no
+            reference forward pass at all (train/kl is then logged as NaN: not measured).
         kl_estimator: The KL penalty's loss term: k2 (∇KL(π‖π_ref) per position), sequence (∇KL(π‖π_ref) of
             whole responses, higher variance) or k3 (∇KL(π_ref‖π), the reverse divergence).
         aggregation: token_sum (unbiased: constant normaliser B·G·max_new_tokens; TRL's dr_grpo), token_mean
@@ -202,13 +226,20 @@ class FIRMClientModule(L.LightningModule):
         self.policy = add_lora(base, lora)
         self.client_metrics = torch.nn.ModuleDict(
             # Under DDP every rank records the same (whole-batch) values: nothing to synchronise. The
-            # weighting effect is NaN where it is not measured: left out of its mean without a warning.
+            # weighting effect is NaN where it is not measured, and KL when kl_coef is 0: each is left out of its
+            # mean (or its mean is NaN) without a warning per step.
             {_metric_key(k): MeanMetric(sync_on_compute=False, nan_strategy=_nan_strategy(k))
              for k in self._summary_names()}
         )
         self._last_effect = (math.nan, math.nan)  # the weighting effect of the last optimiser step
         if sampling.num_generations < 2:
             raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
+        context = context_length(self.policy)
+        if sampling.max_new_tokens < 1 or (context is not None and sampling.max_new_tokens >= context):
+            raise ValueError(
+                f"sampling.max_new_tokens must be >= 1 and leave room for a prompt in the policy's context of "
+                f"{context} tokens; got {sampling.max_new_tokens}."
+            )
         if sampling.user_message not in USER_MESSAGES:
             raise ValueError(
                 f"sampling.user_message={sampling.user_message!r} is unknown; use one of {list(USER_MESSAGES)}."
@@ -221,6 +252,23 @@ class FIRMClientModule(L.LightningModule):
                 f"sampling.generation_batch_size must be >= 1 sequences, or null for one generate call; "
                 f"got {sampling.generation_batch_size}."
             )
+
+    def prompt_limit(self) -> PromptLimit:
+        """What the policy can hold of a prompt (as sampling encodes it) beside ``sampling.max_new_tokens``:
+        the data checks every prompt against it at load (``PromptDataModule.limit_prompts``)."""
+        s, context = self.sampling, context_length(self.policy)
+
+        def measure(prompts: list[str]) -> list[int]:
+            rows = prompt_token_rows(self.tokenizer, prompts, s.max_prompt_length, s.chat_template, s.system_prompt,
+                                     s.user_message)
+            return [len(r) for r in rows]
+
+        return PromptLimit(
+            max_tokens=None if context is None else context - s.max_new_tokens,
+            measure=measure,
+            cut=functools.partial(cut_prompt, self.tokenizer),
+            why=f"a context of {context} tokens less sampling.max_new_tokens={s.max_new_tokens}",
+        )
 
     # ---- adapter exchange (what the orchestrator sends and receives) ----
 
@@ -289,21 +337,38 @@ class FIRMClientModule(L.LightningModule):
 
     def _sample_batch(self, prompts: list[str]) -> Rollout:
         """Step 1 for the batch. Under DDP (firm_lightning.distributed) each rank samples its share of
-        the prompts, then every rank holds the whole rollout, laid out as one process would."""
+        the prompts, then every rank holds the whole rollout, laid out as one process would.
+
+        One draw from torch's global generator (seeded per fit by (seed, round, client), in step on
+        every rank) keys the step; with ``sampling.per_prompt_seeds`` each prompt's samples come from
+        that key and the prompt's index in the batch, so the rollout is the same on any number of ranks."""
         group = self.sampling.num_generations
         ranks = self._ranks()
         if ranks is None:
             return self.rollout(prompts, group)
         rank, world = ranks
-        mine = prompts[shares(len(prompts), world)[rank]]
-        # One draw from the shared generator keeps the ranks in step; each samples with its own numbers
-        # (the same numbers on every rank would correlate the responses to different prompts).
+        share = shares(len(prompts), world)[rank]
+        mine = prompts[share]
         seed = int(torch.randint(0, 2**62, ()))
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed + rank)
-            local = self.rollout(mine, group).to("cpu") if mine else None
+        if self.sampling.per_prompt_seeds:
+            with self._keyed_rollouts(seed, share.start):
+                local = self.rollout(mine, group).to("cpu") if mine else None
+        else:  # each rank samples with its own numbers (the same on every rank would correlate its responses)
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(seed + rank)
+                local = self.rollout(mine, group).to("cpu") if mine else None
         parts = [part for part in all_gather_objects(local) if part is not None]
         return concat_rollouts(parts, self.tokenizer.pad_token_id, group).to(self.device)
+
+    @contextmanager
+    def _keyed_rollouts(self, seed: int, first_prompt: int):
+        """While open, ``rollout`` calls without a seed sample with this key, ``prompts[0]`` being prompt
+        ``first_prompt`` of the batch (a DDP rank's share; ``rollout`` keeps its call signature)."""
+        self._rollout_key = (seed, first_prompt)
+        try:
+            yield
+        finally:
+            self._rollout_key = None
 
     def update(self, rollout: Rollout, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 3-9 on scored rollouts: advantages, log-probs, per-objective losses, weighted step(s).
@@ -327,22 +392,28 @@ class FIRMClientModule(L.LightningModule):
         local = micro_batches(mine.stop - mine.start, self.loss_settings.micro_batch_size)  # rows within mine
         whole = len(local) == 1 and local[0] == slice(0, num_rows)
         parts = [rollout] if whole else [rollout.rows(slice(mine.start + c.start, mine.start + c.stop)) for c in local]
-        with torch.no_grad(), self.policy.disable_adapter():
-            reference = torch.cat([token_logprobs(self.policy, part) for part in parts]) if parts else None
+        logprobs_of = functools.partial(token_logprobs, share_prompt=self.sampling.share_prompt)
+        reference = None  # kl_coef = 0: the penalty is zero whatever the reference, so none is computed
+        if self.loss_settings.kl_coef != 0 and parts:
+            with torch.no_grad(), self.policy.disable_adapter():
+                reference = torch.cat([logprobs_of(self.policy, part) for part in parts])
         old = None  # the first epoch's log-probs: the PPO ratio's denominator on later epochs
         for _ in range(self._epochs_left()):
-            fresh, kls = (torch.empty_like(reference) if parts else None), {}
+            fresh, kls = rollout.response_mask.new_empty(mine.stop - mine.start, rollout.response_mask.shape[1],
+                                                         dtype=torch.float32), {}
 
             def forward(i: int, part: Rollout, rows: slice, old=old, fresh=fresh, kls=kls):
                 with capture_representation(self.policy, self.loss_settings.gram_from) as representation:
-                    logprobs = token_logprobs(self.policy, part)
+                    logprobs = logprobs_of(self.policy, part)
                 fresh[rows] = logprobs.detach()
                 previous = logprobs.detach() if old is None else old[rows]
                 batch_rows = slice(mine.start + rows.start, mine.start + rows.stop)
                 losses, kls[i] = self.objective_losses(
-                    logprobs, previous, reference[rows], advantages[:, batch_rows], part.response_mask,
-                    num_rows=num_rows, num_tokens=num_tokens,
+                    logprobs, previous, logprobs.detach() if reference is None else reference[rows],
+                    advantages[:, batch_rows], part.response_mask, num_rows=num_rows, num_tokens=num_tokens,
                 )
+                if reference is None:
+                    kls[i] = torch.full_like(kls[i], float("nan"))  # not measured: logged as NaN
                 return losses, representation.get("tensor")
 
             lambdas, norm = self._weighted_step(
@@ -493,16 +564,21 @@ class FIRMClientModule(L.LightningModule):
 
     def rollout(
         self, prompts: list[str], group_size: int, greedy: bool = False, for_loss: bool = True,
-        sampling: Optional[SamplingSettings] = None,
+        sampling: Optional[SamplingSettings] = None, seed: Optional[int] = None, first_prompt: int = 0,
     ) -> Rollout:
         """``group_size`` responses per prompt; ``for_loss``: keep the top-k/top-p kept sets a loss needs
         (rollouts that are only scored pass False: the responses are the same, without N·T·V/8 bytes).
-        ``sampling``: settings for this call only (an evaluation protocol's); default the module's."""
+        ``sampling``: settings for this call only (an evaluation protocol's); default the module's.
+        ``seed``, ``first_prompt``: the key of the per-prompt generators and the batch index of
+        ``prompts[0]`` (``firm_lightning.sequences.sample``); seed None: drawn from torch's generator."""
         s = sampling if sampling is not None else self.sampling
+        if seed is None and getattr(self, "_rollout_key", None) is not None:
+            seed, first_prompt = self._rollout_key
         return sample(
             self.policy, self.tokenizer, list(prompts), group_size, s.max_new_tokens,
             s.max_prompt_length, s.temperature, 1 if greedy else s.top_k, s.top_p,  # top-1 sampling is greedy
             s.chat_template, s.system_prompt, s.user_message, s.generation_batch_size, record_support=for_loss,
+            seed=seed, first_prompt=first_prompt, per_prompt_seeds=s.per_prompt_seeds, share_prompt=s.share_prompt,
         )
 
     # ---- client metrics (read by the orchestrator after a fit) ----
@@ -530,7 +606,7 @@ def _lora_state(policy) -> dict[str, torch.Tensor]:
 
 
 def _nan_strategy(name: str) -> str:
-    return "ignore" if name in WEIGHTING_EFFECT else "warn"
+    return "ignore" if name in WEIGHTING_EFFECT or name == "train/kl" else "warn"
 
 
 def _metric_key(name: str) -> str:

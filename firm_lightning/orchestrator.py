@@ -3,14 +3,14 @@
 Each round the round engine (``engine.py``) samples the clients; for each, a fresh Lightning
 ``Trainer`` fits the one shared ``FIRMClientModule`` from the global adapter (``fit_client``:
 adapter state dicts are swapped in and out, the base model exists once); the engine merges the
-uploads, evaluates, records and checkpoints. A client that raises is left out of its round; the
-round goes on if at least ``min_clients`` uploads remain.
+uploads, evaluates, records and checkpoints. A client that raises is left out of its round (one
+line, its traceback in the run folder); the round goes on if at least ``min_clients`` uploads
+remain, and the run stops when a client fails the same way in ``max_failed_rounds`` rounds in a row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,12 +27,11 @@ from firm_lightning.federation import FederationConfig
 from firm_lightning.memory import steady_memory
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.report import RunWriter
-from firm_lightning.state import FederationError, FederationState
-from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning, stays_on_device
+from firm_lightning.run_folder import RunFolder
+from firm_lightning.state import ClientFailure, FederationError, FederationState
+from firm_lightning.trainer_factory import TrainerFactory, keyboard_interrupts, quiet_lightning, stays_on_device
 
 __all__ = ["FederatedOrchestrator", "FederationConfig", "FederationState", "FederationError", "run_federation"]
-
-_log = logging.getLogger(__name__)
 
 
 class FederatedOrchestrator:
@@ -57,20 +56,23 @@ class FederatedOrchestrator:
         self.echo = echo
         self.engine = RoundEngine(module, datamodule, config, trainer_factory, writer=writer, echo=echo)
 
-    def run(self) -> FederationState:
+    def run(self, accepted: Callable[[], None] = lambda: None) -> FederationState:
         """The whole federation, in this process; returns its final state.
 
-        Starts or resumes (``federation.resume``), then per round: the engine samples the clients, each
-        fits in turn on the one shared module (a client that raises is reported and left out of the
-        round), the engine concludes the round (merge, evaluate, record, checkpoint, hooks). Stops after
+        Starts or resumes (``federation.resume``; nothing is written until every check has passed and
+        round 0 is evaluated, then ``accepted`` is called: the CLI saves ``config.yaml`` there), then per
+        round: the engine samples the clients, each fits in turn on the one shared module (a client that
+        raises is reported and left out of the round), the engine concludes the round (merge, evaluate,
+        record, checkpoint, hooks). Stops after
         ``num_rounds`` or when a callback asks; the run folder is then finished (final adapter, plots,
         summary). Raises ``FederationError`` when a round has fewer than ``min_clients`` usable uploads
-        (the state after the previous round stays saved for a resume). The module ends on the device it
-        started on, holding the last adapter the engine loaded into it.
+        or a client fails the same way round after round (the state after the previous round stays saved
+        for a resume), and ``KeyboardInterrupt`` on Ctrl-C wherever it lands. The module ends on the
+        device it started on, holding the last adapter the engine loaded into it.
         """
         engine = self.engine
-        with quiet_lightning(self.config.quiet), stays_on_device(self.module), steady_memory():
-            state = engine.start()
+        with keyboard_interrupts(), quiet_lightning(self.config.quiet), stays_on_device(self.module), steady_memory():
+            state = engine.start(accepted)
             for round_idx in engine.remaining_rounds(state):
                 clients = engine.begin_round(state, round_idx)
                 client_states = dict(state.client_states)  # each client's statistics (and optimiser, persisted)
@@ -82,21 +84,18 @@ class FederatedOrchestrator:
 
     def train_clients(
         self, global_adapter: dict, clients: list[int], round_idx: int, client_states: Optional[dict] = None
-    ) -> tuple[list[ClientUpdate], list[str]]:
-        """Fit each client; one that raises is reported and left out.
+    ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
+        """Fit each client; one that raises is reported (one line, its traceback in the run folder) and left out.
 
-        One client's fault must not end the federation."""
+        One client's fault must not end the federation (the engine ends it when the fault repeats)."""
         updates, failures = [], []
         for client_id in clients:
             try:
                 updates.append(self.train_one(global_adapter, client_id, round_idx, client_states))
             except Exception as error:
-                reason = f"client {client_id} failed: {type(error).__name__}: {error}"
-                failures.append(reason)
-                self.echo(f"round {round_idx} | {reason} (left out of this round)")
-                _log.error(
-                    "round %d, client %d raised:\n%s", round_idx, client_id, "".join(traceback.format_exception(error))
-                )
+                failures.append(self.engine.client_failed(
+                    round_idx, client_id, f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error))
+                ))
         return updates, failures
 
     def train_one(
@@ -145,12 +144,19 @@ def run_federation(
     echo: Callable[[str], None] = print,
     **changes,
 ) -> FederationState:
-    """One federation of ``algorithm`` from ``start_adapter`` in its own ``run_dir``.
+    """One federation of ``algorithm`` from ``start_adapter`` in its own ``run_dir``, a run of a sweep.
 
     What sweeps and comparisons repeat: every run starts from the same adapter, with the
-    federation settings but ``changes`` (e.g. ``seed``).
+    federation settings but ``changes`` (e.g. ``seed``). The run holds its folder's lock; a run the
+    sweep asks for again (it was not finished as asked: the caller reuses finished ones) resumes
+    with ``federation.resume`` when it saved a checkpoint, and otherwise starts over, its earlier
+    files removed first: a sweep's runs are its own, never mixed.
     """
+    folder = RunFolder(run_dir)
+    resume = federation.resume and folder.has_checkpoint()
     module.load_adapter_state(start_adapter)
-    config = dataclasses.replace(federation, output_dir=str(run_dir), algorithm=algorithm, **changes)
+    config = dataclasses.replace(federation, output_dir=str(run_dir), algorithm=algorithm, resume=resume,
+                                 resume_from="latest", overwrite=not resume, **changes)
     factory = TrainerFactory(trainer_config, run_dir)
-    return FederatedOrchestrator(module, datamodule, config, factory, echo=echo).run()
+    with folder.lock("a run of a sweep"):
+        return FederatedOrchestrator(module, datamodule, config, factory, echo=echo).run()

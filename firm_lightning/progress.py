@@ -4,7 +4,8 @@
 not — a log file or CI gets no carriage returns), ``bar``, ``lines`` or ``off``. The bar shows
 round i/N, the client now training, the ETA, the latest eval rewards and how much the clients'
 weighting changed their steps (``format_weighting_effect``: 0 when λ is inert); it is redrawn in
-place, never once per client step.
+place, never once per client step. Under differential privacy both show only what is released:
+no client identity (the engine does not tell the hooks) and no training statistic (not in the row).
 """
 
 from __future__ import annotations
@@ -59,12 +60,16 @@ class PlainLines(FederationCallback):
         self.echo(f"round {state.round}/{federation.config.num_rounds} ({what}) | {format_eval(row)}")
 
     def on_round_start(self, federation, state, round_idx, clients) -> None:
-        self.echo(f"round {round_idx}/{federation.config.num_rounds} | training clients {clients} ...")
+        who = "the sampled clients" if federation.config.privacy is not None else f"clients {clients}"
+        self.echo(f"round {round_idx}/{federation.config.num_rounds} | training {who} ...")
 
     def on_round_end(self, federation, state, row) -> None:
+        head = f"round {row['round']}/{federation.config.num_rounds} | {format_eval(row)}"
+        if "privacy/epsilon" in row:  # under privacy the row holds no training statistic
+            self.echo(f"{head} | ε = {row['privacy/epsilon']:.3f} (δ = {row['privacy/delta']:g})")
+            return
         self.echo(
-            f"round {row['round']}/{federation.config.num_rounds} | {format_eval(row)} | "
-            f"λ-dispersion {row.get('lambda_dispersion', float('nan')):.4f} | "
+            f"{head} | λ-dispersion {row.get('lambda_dispersion', float('nan')):.4f} | "
             f"update dispersion {row.get('update_dispersion', float('nan')):.3f} | {format_weighting_effect(row)} | "
             f"{row.get('time/round_s', 0.0):.1f}s"
         )

@@ -3,16 +3,20 @@
 - Prompts: the tokenizer's chat template when it has one (configurable), otherwise the
   raw text behind the special tokens the tokenizer puts first (Llama's BOS); never the ones
   it appends (ByT5's EOS). Left padded so every response starts at the same column.
-- Sampling: exactly the configured settings. ``generate`` fills every unset field from the
-  checkpoint's ``generation_config`` (Qwen2.5-Instruct ships ``repetition_penalty``,
-  ``top_k``, ``top_p``), so that config is swapped for a blank one while sampling; every EOS
-  id that the tokenizer, the model config or the generation config declares ends a response.
+- Sampling: exactly the configured settings, optionally each prompt's samples drawn from
+  generators of their own (``row_generators``), so that a rollout does not depend on how its
+  rows are batched. ``generate`` fills every unset field from the checkpoint's
+  ``generation_config`` (Qwen2.5-Instruct ships ``repetition_penalty``, ``top_k``, ``top_p``),
+  so that config is swapped for a blank one while sampling; every EOS id that the tokenizer,
+  the model config or the generation config declares ends a response.
 - Decoding: exactly the tokens generated before the EOS (ids after it are never decoded: in
   byte-level BPE vocabularies id 0 is ``"!"``).
 - Log-probs: those of the sampled distribution (temperature, top-k, top-p), for the response
   positions only (``logits_to_keep``), log-softmax in fp32 chunks that are recomputed in the
   backward pass instead of stored. Position ids are explicit (``cumsum(mask) - 1``): GPT-2
   otherwise counts pad tokens as positions.
+- Shared prompts (``firm_lightning.prefix``): each prompt computed once per group, in sampling
+  and in the log-prob passes, where the model allows it.
 - Filtered support: with top-k/top-p, the set of tokens sampling kept at each position is
   recorded while sampling (one bit per vocabulary entry) and carried with the ``Rollout``;
   the log-probs renormalise over exactly that set. Recomputing the filter from the training
@@ -29,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -39,6 +44,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from firm_lightning.prefix import prefilled_prompt_cache, shared_prompt_logits
 
 # fp32 elements per log-softmax chunk (64 MB): bounds the working memory whatever the vocabulary.
 CHUNK_ELEMENTS = 1 << 24
@@ -218,6 +225,23 @@ def encode_prompts(
     """Left-padded prompt ids. A prompt longer than ``max_length`` tokens keeps its end; the
     chat template's tokens or the leading BOS come on top of ``max_length``. With the chat
     template the user message is ``user_message(prompt, user_message_mode)``."""
+    rows = prompt_token_rows(tokenizer, prompts, max_length, chat_template, system_prompt, user_message_mode)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+
+def prompt_token_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_length: int,
+    chat_template: Optional[bool] = None,
+    system_prompt: Optional[str] = None,
+    user_message_mode: str = "question",
+) -> list[list[int]]:
+    """Each prompt's ids as ``encode_prompts`` feeds them to the policy (before padding)."""
     if uses_chat_template(tokenizer, chat_template):
         messages = [user_message(p, user_message_mode) for p in prompts]
         encoded = tokenizer(messages, add_special_tokens=False)["input_ids"]
@@ -230,11 +254,22 @@ def encode_prompts(
         encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
         prefix = leading_special_tokens(tokenizer)
         rows = [prefix + ids[-max_length:] for ids in encoded]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    return rows
+
+
+def cut_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, max_tokens: int, side: str) -> Optional[str]:
+    """``prompt`` shortened to ``max_tokens`` of its own tokens, keeping its end (``side="left"``) or its
+    start (``"right"``); None when it is no longer than that."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return None
+    return tokenizer.decode(ids[-max_tokens:] if side == "left" else ids[:max_tokens])
+
+
+def context_length(model: torch.nn.Module) -> Optional[int]:
+    """The positions the model's config declares it can attend over (its context), if it says."""
+    config = getattr(_hf_model(model), "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def _chat(tokenizer: PreTrainedTokenizerBase, prompt: str, system_prompt: Optional[str]) -> str:
@@ -299,11 +334,15 @@ def checkpoint_generation_settings_ignored(model: torch.nn.Module):
 
 
 def sampling_config(
-    max_new_tokens: int, temperature: float, top_k: int, top_p: float, pad_token_id: int, eos_token_ids: list[int]
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, pad_token_id: int, eos_token_ids: list[int],
+    do_sample: bool = True,
 ) -> GenerationConfig:
-    """Pure ancestral sampling with the given temperature/top-k/top-p; every other processor off."""
+    """Pure ancestral sampling with the given temperature/top-k/top-p; every other processor off.
+    ``do_sample=False``: ``generate`` takes the argmax of what the logits processors return (``_Sampler``
+    draws the sample there); the sampling settings are then left at their defaults, which it ignores."""
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
     return GenerationConfig(
-        do_sample=True, num_beams=1, temperature=temperature, top_k=top_k, top_p=top_p,
+        do_sample=do_sample, num_beams=1, **settings,
         max_new_tokens=max_new_tokens, min_new_tokens=0, repetition_penalty=1.0, no_repeat_ngram_size=0,
         typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, encoder_repetition_penalty=1.0, length_penalty=1.0,
         pad_token_id=pad_token_id, eos_token_id=eos_token_ids, use_cache=True,
@@ -345,17 +384,41 @@ def unpack_support(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class _RecordedWarper(LogitsProcessor):
-    """Temperature, top-k and top-p as ``generate`` applies them, recording each step's kept set."""
+    """Temperature, top-k and top-p as ``generate`` applies them, recording each step's kept set
+    (``record``, with a filter); with ``generators`` (one per row) it also draws each row's sample."""
 
-    def __init__(self, temperature: float, top_k: int, top_p: float, record: bool = True) -> None:
-        self.temperature, self.top_k, self.top_p, self.record = temperature, top_k, top_p, record
+    def __init__(self, temperature: float, top_k: int, top_p: float, record: bool = True,
+                 generators: Optional[list[torch.Generator]] = None) -> None:
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.record, self.generators = record and filters(top_k, top_p), generators
         self.steps: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         warped = warp(scores, self.temperature, self.top_k, self.top_p)
         if self.record:
             self.steps.append(pack_support(torch.isfinite(warped)))
-        return warped
+        if self.generators is None:
+            return warped
+        # Gumbel-max: argmax(warped + Gumbel noise) is a sample of softmax(warped); generate takes the argmax.
+        return warped + gumbel_noise(self.generators, warped.shape[-1], warped.device)
+
+
+def gumbel_noise(generators: list[torch.Generator], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(rows, V) standard Gumbel noise, row ``i`` drawn from ``generators[i]`` alone."""
+    uniform = torch.stack([torch.rand(vocab_size, generator=g, device=device) for g in generators])
+    return -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+
+
+def row_generators(seed: int, num_rows: int, group_size: int, first_prompt: int, device) -> list[torch.Generator]:
+    """One generator per row of a prompt-major rollout, keyed by (``seed``, prompt index, sample index):
+    row ``i`` is sample ``i % G`` of prompt ``first_prompt + i // G`` of the batch, whatever call draws it."""
+    generators = []
+    for row in range(num_rows):
+        key = [seed, first_prompt + row // group_size, row % group_size]
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
+        generators.append(generator)
+    return generators
 
 
 @torch.no_grad()
@@ -374,6 +437,10 @@ def sample(
     user_message_mode: str = "question",
     generation_batch_size: Optional[int] = None,
     record_support: bool = True,
+    seed: Optional[int] = None,
+    first_prompt: int = 0,
+    per_prompt_seeds: bool = False,
+    share_prompt: bool = False,
 ) -> Rollout:
     """Sample ``group_size`` responses per prompt from ``model`` (in eval mode, no grad).
 
@@ -384,18 +451,27 @@ def sample(
     ``Rollout.prompts`` holds the prompts as given (what the rewards score), whatever the
     chat template made of them.
 
-    ``generation_batch_size``: sequences (of the ``B·G``) per ``generate`` call; ``None``: all in
-    one. The chunks are laid out as one call would (``concat_rollouts``). What is identical to
-    one call: greedy decoding (top-1) gives the same tokens, a rollout's layout and everything
-    computed from it (log-probs, losses) are the same, and the same seed with the same chunk
-    size gives the same rollout. What is not: with temperature sampling, each call draws its
-    own random numbers from the global generator (one ``multinomial`` per chunk per token), so
-    the same seed gives other (equally distributed) responses than one call would.
+    Randomness: with ``per_prompt_seeds``, sample ``g`` of prompt ``first_prompt + b`` is drawn from a
+    generator of its own, keyed by (``seed``, ``first_prompt + b``, ``g``) (``row_generators``; ``seed``
+    None: one draw from torch's global generator). The rollout is then the same whether generated in
+    one call or in chunks (``generation_batch_size``: sequences of the ``B·G`` per ``generate`` call;
+    ``None``: all in one), a prompt at a time on several ranks (``first_prompt``: the index of
+    ``prompts[0]`` in the batch), or with ``share_prompt`` (each prompt prefilled once per group:
+    ``firm_lightning.prefix``), up to round-off in the logits. Without ``per_prompt_seeds`` every
+    ``generate`` call draws from torch's global generator (one ``multinomial`` per token for the whole
+    call), so the responses depend on the chunking. The chunks are laid out as one call would
+    (``concat_rollouts``) either way.
     """
     repeated = [p for p in prompts for _ in range(group_size)]
+    generators = None
+    if per_prompt_seeds:
+        seed = int(torch.randint(0, 2**62, ())) if seed is None else seed
+        device = next(model.parameters()).device
+        generators = row_generators(seed, len(repeated), group_size, first_prompt, device)
     settings = (max_new_tokens, max_prompt_length, temperature, top_k, top_p, chat_template, system_prompt,
                 user_message_mode, record_support)
-    parts = [_generate(model, tokenizer, repeated[rows], group_size, *settings)
+    parts = [_generate(model, tokenizer, repeated[rows], group_size, *settings,
+                       generators=None if generators is None else generators[rows], share_prompt=share_prompt)
              for rows in micro_batches(len(repeated), generation_batch_size)]
     return concat_rollouts(parts, tokenizer.pad_token_id, group_size)
 
@@ -415,31 +491,41 @@ def _generate(
     system_prompt: Optional[str],
     user_message_mode: str,
     record_support: bool = True,
+    generators: Optional[list[torch.Generator]] = None,
+    share_prompt: bool = False,
 ) -> Rollout:
-    """One ``generate`` call over rows that are already repeated ``group_size`` times."""
+    """One ``generate`` call over rows that are already repeated ``group_size`` times; ``generators``:
+    one per row (``row_generators``), else torch's global generator samples."""
     device = next(model.parameters()).device
     encoded = encode_prompts(
         tokenizer, repeated, max_prompt_length, device, chat_template, system_prompt, user_message_mode
     )
     eos = eos_token_ids(model, tokenizer)
-    recorder = _RecordedWarper(temperature, top_k, top_p, record_support) if filters(top_k, top_p) else None
-    if recorder is None:
+    recorder = None
+    if generators is not None:  # the recorder draws the samples; generate takes its argmax
+        config = sampling_config(max_new_tokens, 1.0, 0, 1.0, tokenizer.pad_token_id, eos, do_sample=False)
+        recorder = _RecordedWarper(temperature, top_k, top_p, record_support, generators)
+    elif filters(top_k, top_p):  # the same warpers, applied by the recorder instead of generate (which would not
+        config = sampling_config(max_new_tokens, 1.0, 0, 1.0, tokenizer.pad_token_id, eos)  # say what they kept)
+        recorder = _RecordedWarper(temperature, top_k, top_p, record_support)
+    else:
         config = sampling_config(max_new_tokens, temperature, top_k, top_p, tokenizer.pad_token_id, eos)
-        processors = None
-    else:  # the same warpers, applied by the recorder instead of generate (which would not say what they kept)
-        config = sampling_config(max_new_tokens, 1.0, 0, 1.0, tokenizer.pad_token_id, eos)
-        processors = LogitsProcessorList([recorder])
+    processors = None if recorder is None else LogitsProcessorList([recorder])
     was_training = model.training
     model.eval()
     try:
         with checkpoint_generation_settings_ignored(model):
-            out = model.generate(**encoded, generation_config=config, logits_processor=processors)
+            prefilled = share_prompt and prefilled_prompt_cache(
+                model, encoded["input_ids"], encoded["attention_mask"], position_ids(encoded["attention_mask"])
+            )
+            cache = {prefilled[0]: prefilled[1]} if prefilled else {}
+            out = model.generate(**encoded, **cache, generation_config=config, logits_processor=processors)
     finally:
         model.train(was_training)
     prompt_length = encoded["input_ids"].shape[1]
     response_ids = out[:, prompt_length:]
     mask = response_mask(response_ids, eos)
-    support = torch.stack(recorder.steps, dim=1) if recorder is not None and record_support else None  # (N, T, ⌈V/8⌉)
+    support = torch.stack(recorder.steps, dim=1) if recorder is not None and recorder.record else None  # (N, T, ⌈V/8⌉)
     return Rollout(
         prompts=repeated,
         responses=decode_responses(tokenizer, response_ids, mask, eos),
@@ -468,10 +554,12 @@ def decode_responses(
 # ---------------------------------------------------------------------------- log-probs
 
 
-def token_logprobs(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
+def token_logprobs(model: PreTrainedModel, rollout: Rollout, share_prompt: bool = False) -> torch.Tensor:
     """Log-probabilities of the response tokens under the rollout's sampling distribution, (N, T), fp32.
 
-    One forward pass; logits only for the response positions. With top-k/top-p the
+    One forward pass; logits only for the response positions. ``share_prompt``: rows that share a
+    prompt compute it once (``firm_lightning.prefix.shared_prompt_logits``: two passes, the prompts
+    then the responses against their keys and values), where the model allows it. With top-k/top-p the
     distribution is renormalised over the support sampling kept (``rollout.support``), the
     same set for the policy, the reference and every PPO epoch; every sampled token is in it.
     Padding after a response's EOS (masked out everywhere) may lie outside it and gets the
@@ -485,10 +573,12 @@ def token_logprobs(model: PreTrainedModel, rollout: Rollout) -> torch.Tensor:
         attention_mask=rollout.attention_mask,
         position_ids=position_ids(rollout.attention_mask),
     )
-    if "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters:
-        logits = model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
-    else:
-        logits = model(**kwargs).logits[:, P - 1 : -1]
+    logits = shared_prompt_logits(model, **kwargs, prompt_length=P) if share_prompt else None
+    if logits is None:  # every row whole
+        if "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters:
+            logits = model(**kwargs, logits_to_keep=T + 1).logits[:, :-1]
+        else:
+            logits = model(**kwargs).logits[:, P - 1 : -1]
     # logits at column j predict token j + 1: these columns predict the response tokens.
     return response_logprobs(
         logits, rollout.sequences[:, P:], rollout.temperature, rollout.top_k, rollout.top_p, rollout.support

@@ -18,8 +18,12 @@ class FederationState:
 
     round: int  # rounds completed; 0 = only the initial evaluation
     global_adapter: dict[str, torch.Tensor]
-    history: list[dict[str, float]] = field(default_factory=list)  # one row per round
-    client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per round, as released
+    client_history: list[dict[str, float]] = field(default_factory=list)  # one row per client per round, as released
+    # Under differential privacy the released rows hold only what the guarantee covers; the full round
+    # rows and the client rows are kept here, for the server-private record only (empty without privacy).
+    private_history: list[dict[str, float]] = field(default_factory=list)
+    private_client_history: list[dict[str, float]] = field(default_factory=list)
     # The statistics evaluation normalises with (NormalizedReward), calibrated when the run started;
     # each client's own statistics are in client_states["<client>/objectives"].
     objective_state: dict[str, dict] = field(default_factory=dict)
@@ -30,6 +34,24 @@ class FederationState:
     # What clients keep between their rounds: "<client>/objectives" their objectives' statistics;
     # "<client>" or "<client>_<objective>" their optimiser state with federation.client_optimizer_state=persist.
     client_states: dict[str, dict] = field(default_factory=dict)
+    # One entry per client fit that failed: {"round", "client", "error", "traceback"} (the file of its traceback).
+    client_failures: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class ClientFailure:
+    """A sampled client that delivered no update: which, in which round, why, and where its traceback is."""
+
+    client_id: int
+    round: int
+    error: str  # "<exception type>: <message>", or the transport's reason
+    traceback: str = ""  # the file holding the full traceback, if any
+
+    def __str__(self) -> str:
+        return f"client {self.client_id} failed: {self.error}"
+
+    def record(self) -> dict:
+        return {"round": self.round, "client": self.client_id, "error": self.error, "traceback": self.traceback}
 
 
 class FederationError(RuntimeError):

@@ -7,7 +7,9 @@ specs are instantiated, ready-made objects are deep-copied. Each client round lo
 of its own: the directory ``<output_dir>/clients/client_<id>/round_<r>`` for file-based loggers
 (CSV, TensorBoard), the run name ``client_<id>/round_<r>`` for MLflow (nested under the
 federation's run) and W&B. The same logger specs, built once more by
-:meth:`TrainerFactory.federation_loggers`, receive the round metrics (``round_logging``).
+:meth:`TrainerFactory.federation_loggers`, receive the round metrics (``round_logging``). Under
+differential privacy (:meth:`TrainerFactory.log_clients_privately`) a client fit's logs are per-client
+statistics: they go to a CSV log in the server-private record only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import signal
+import threading
 import warnings
 from contextlib import contextmanager
 from importlib.metadata import entry_points
@@ -51,6 +55,7 @@ class TrainerFactory:
         self.logger = config.pop("logger", True)
         self.kwargs = {k: v for k, v in config.items() if v is not None}
         self.output_dir = Path(output_dir)
+        self.private_client_logs = False
         self._parent_runs: dict[str, str] = {}
         max_steps = self.kwargs.get("max_steps")
         if max_steps is None or max_steps <= 0:  # 0 would run a federation with no local training
@@ -68,13 +73,14 @@ class TrainerFactory:
         """A fresh Trainer for one client fit; ``extra_callbacks``: the fit's own (``FitArguments``, optimiser-state
         persistence)."""
         folder = RunFolder(self.output_dir)
-        log_dir, client, fit = folder.clients, folder.client_name(client_id), folder.round_name(round_idx) + tag
+        log_dir = folder.private_clients if self.private_client_logs else folder.clients
+        client, fit = folder.client_name(client_id), folder.round_name(round_idx) + tag
         kwargs = {**CLIENT_DEFAULTS, **_built(self.kwargs, filename=f"{client}_{fit}")}
         kwargs = distributed.client_trainer_kwargs(kwargs)  # ddp: FIRM's DDP strategy, the whole batch on every rank
         kwargs.update(
             default_root_dir=str(log_dir),
             callbacks=[*(_fresh(c) for c in _as_list(self.callbacks)), *extra_callbacks, FinishWandbRuns()],
-            logger=self._fresh_loggers(log_dir, client, fit),
+            logger=self._client_loggers(log_dir, client, fit),
         )
         with _entry_points_scanned_once():
             return L.Trainer(**kwargs)
@@ -106,6 +112,16 @@ class TrainerFactory:
                 **kwargs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, default_root_dir=str(self.output_dir), callbacks=list(extra_callbacks),
             )
+
+    def log_clients_privately(self) -> None:
+        """Client fits log to ``<output_dir>/server_private/clients`` with a CSV logger, whatever ``trainer.logger``
+        names: a configured tracking service (MLflow, W&B) or log folder would publish per-client statistics."""
+        self.private_client_logs = True
+
+    def _client_loggers(self, log_dir: Path, client: str, fit: str):
+        if self.private_client_logs and self.logger is not False:
+            return CSVLogger(save_dir=str(log_dir), name=client, version=fit)
+        return self._fresh_loggers(log_dir, client, fit)
 
     def _fresh_loggers(self, save_dir: Path, name: str, version: str):
         if self.logger is False:
@@ -236,6 +252,26 @@ def stays_on_device(module: torch.nn.Module):
         yield
     finally:
         del module.cpu
+
+
+@contextmanager
+def keyboard_interrupts():
+    """Ctrl-C as a ``KeyboardInterrupt``, even inside a Trainer's ``fit`` or ``validate``.
+
+    Lightning catches a ``KeyboardInterrupt`` there, tears the Trainer down, ignores SIGINT from then
+    on and calls ``sys.exit(1)`` (``lightning.pytorch.trainer.call._call_and_handle_interrupt``): the
+    caller would end silently with exit code 1. That exit, raised while handling the interrupt, is
+    turned back into the interrupt, and Ctrl-C is restored.
+    """
+    try:
+        yield
+    except SystemExit as stop:
+        interrupt = stop.__context__
+        if not isinstance(interrupt, KeyboardInterrupt):
+            raise
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise interrupt from None
 
 
 @contextmanager

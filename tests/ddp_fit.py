@@ -8,10 +8,10 @@ again, as ``python -m firm_lightning fit`` does). Every rank fits the same modul
 (2 ranks: shares of 2 and 1 prompts, unequal), and writes ``OUT.rank<r>.pt``: the direction
 written into ``.grad`` and λ at every step, and the adapter after the fit.
 
-Sampling is replaced by a fixed table (the same responses to each prompt whatever the rank):
-under DDP each rank samples its share with its own random numbers, so a real fit's responses
-differ from one process's; with the table, both fits see the same global batch and the
-updates must agree.
+Sampling is replaced by a fixed table (the same responses to each prompt whatever the rank), so
+both fits see the same global batch and the updates must agree. ``sampled_fit`` samples for real:
+with per-prompt generators (``sampling.per_prompt_seeds``) each rank draws its share of the
+prompts' samples exactly as one process draws them, and the adapters after the step agree too.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from firm_lightning.datamodule import collate_prompts  # noqa: E402
 from firm_lightning.distributed import launch_ranks  # noqa: E402
 from firm_lightning.module import PolicyGradientSettings, SamplingSettings  # noqa: E402
 from firm_lightning.policy import LoRASettings  # noqa: E402
+from firm_lightning.seeds import client_seed  # noqa: E402
 from firm_lightning.sequences import concat_rollouts  # noqa: E402
 from firm_lightning.trainer_factory import TrainerFactory  # noqa: E402
 from firm_lightning.weighting import RegularizedMinNorm  # noqa: E402
@@ -88,11 +89,36 @@ def fit(name: str, world: int, out: Path) -> dict:
             "world_size": trainer.world_size, "summary": module.client_summary()}
 
 
+def sampled_fit(world: int, out: Path, generation_batch_size=None, per_prompt_seeds: bool = True) -> dict:
+    """A real fit, sampling included: one local SGD step (lr 1.0) on a batch of 3 prompts, the global
+    generator seeded as ``fit_client`` seeds it; the adapter before and after."""
+    torch.manual_seed(0)
+    module = make_module(objectives(), weighting=RegularizedMinNorm(beta=0.1),
+                         loss=PolicyGradientSettings(kl_coef=0.1, max_grad_norm=None),
+                         lora=LoRASettings(target_modules=["c_attn", "c_proj", "c_fc"]),
+                         sampling=SamplingSettings(max_new_tokens=8, num_generations=GROUP, top_k=40,
+                                                   generation_batch_size=generation_batch_size,
+                                                   per_prompt_seeds=per_prompt_seeds))
+    torch.manual_seed(1)
+    module.load_adapter_state({k: torch.randn_like(v) * 0.1 for k, v in module.adapter_state().items()})
+    initial = module.adapter_state()
+    module.configure_optimizers = lambda: torch.optim.SGD(module.trainable_parameters(), lr=1.0)
+    config = {"max_steps": 1, "accelerator": "cpu", "devices": world, "strategy": "ddp" if world > 1 else "auto",
+              "logger": False}
+    trainer = TrainerFactory(config, out).client_trainer(0, 1)
+    loader = DataLoader([{"prompt": p} for p in PROMPTS[:BATCH]], batch_size=BATCH, shuffle=False,
+                        collate_fn=collate_prompts)
+    torch.manual_seed(client_seed(0, 1, 0))  # as fit_client seeds client 0's fit in round 1
+    trainer.fit(module, train_dataloaders=loader)
+    return {"initial": initial, "adapter": module.adapter_state(), "world_size": trainer.world_size}
+
+
 def main(out: str, world: int) -> None:
     torch.set_num_threads(1)
     config = {"max_steps": STEPS, "accelerator": "cpu", "devices": world, "strategy": "ddp" if world > 1 else "auto"}
     with launch_ranks(config) as ranks, tempfile.TemporaryDirectory() as logs:
         results = {name: fit(name, world, Path(logs) / name) for name in CASES}
+        results["sampled"] = sampled_fit(world, Path(logs) / "sampled")
         torch.save(results, f"{out}.rank{ranks.rank}.pt")
 
 

@@ -86,6 +86,12 @@ def test_a_misspelt_option_is_one_line_naming_it(capsys):
     assert "usage:" not in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--federation.num_round", "--federation.num_r"])
+def test_an_abbreviated_option_is_refused_naming_the_close_match(flag, capsys):
+    code, _, err = _exit(["fit", "--config", CONFIG, flag, "1", "--print_config"], capsys)
+    assert code == 1 and f"unrecognized arguments: {flag} 1; did you mean --federation.num_rounds?" in err
+
+
 def test_a_misspelt_class_path_is_named_without_a_usage_dump(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
@@ -106,3 +112,52 @@ def test_the_builder_uses_lightning_cli_public_api_only():
         tree = ast.parse(inspect.getsource(module))
         used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
         assert not used & private, (module.__name__, used & private)
+
+
+HELP_IMPORTS = """
+import contextlib, io, runpy, sys
+sys.argv = ["firm_lightning", "--help"]
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    runpy.run_module("firm_lightning", run_name="__main__")
+assert "fit" in out.getvalue()
+print("imported:", sorted(m for m in ("torch", "lightning", "transformers", "firm_lightning.cli") if m in sys.modules))
+"""
+
+
+def test_help_imports_only_what_it_shows():
+    """`--help` imports neither torch nor the CLI; the CLI module imports at module level only what
+    parsing needs (each command imports its own modules when it runs, its section's when it parses)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", HELP_IMPORTS], capture_output=True, text=True, cwd=root,
+                          timeout=120)
+    assert proc.returncode == 0 and "imported: []" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    tree = ast.parse(Path(cli.__file__).read_text())
+    top = {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    top |= {a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names}
+    assert {m for m in top if m.startswith("firm_lightning")} == {"firm_lightning.commands", "firm_lightning.state"}
+    assert "torch" not in top and not any(m.startswith(("lightning", "transformers")) for m in top)
+
+
+def test_torch_threads_is_set_before_the_model_is_built_and_checked():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        build_components(["--config", CONFIG, "--data.max_prompts", "16", "--torch_threads", "1"])
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        build_components(["--config", CONFIG, "--data.max_prompts", "16", "--torch_threads", "null"])
+        assert torch.get_num_threads() == 2  # null: torch's own setting, untouched
+        with pytest.raises(ValueError, match=r"torch_threads must be >= 1"):
+            build_components(["--config", CONFIG, "--torch_threads", "0"])
+    finally:
+        torch.set_num_threads(before)
+    configs = Path(CONFIG).parent
+    for name in ("tiny", "compare_tiny", "pareto_tiny", "claims", "claims_quick"):  # tiny models and the testbed
+        assert yaml.safe_load((configs / f"{name}.yaml").read_text())["torch_threads"] == 1, name
+    for name in ("hh_rlhf_gpt2", "hh_rlhf_qwen"):  # real models: torch's default
+        assert "torch_threads" not in yaml.safe_load((configs / f"{name}.yaml").read_text()), name

@@ -63,16 +63,16 @@ class FaultyAlgorithm(Algorithm):
         return self.faulty
 
 
-def _federation(tmp_path, faults, min_clients, bad_reward_client=None):
-    data = make_datamodule(num_clients=5)
+def _federation(tmp_path, faults, min_clients, bad_reward_client=None, num_clients=5, **federation):
+    data = make_datamodule(num_clients=num_clients)
     data.setup()
     second = CharsetReward("n_to_z", "nopqrstuvwxyz")
     if bad_reward_client is not None:
         second = NaNForPrompts("n_to_z", "nopqrstuvwxyz", data.client_prompts(bad_reward_client))
     module = make_module(objectives=[CharsetReward("a_to_m", "abcdefghijklm"), second])
     messages = []
-    config = FederationConfig(num_rounds=1, num_clients=5, min_clients=min_clients, output_dir=str(tmp_path),
-                              algorithm=FaultyAlgorithm(faults))
+    config = FederationConfig(num_clients=num_clients, min_clients=min_clients, output_dir=str(tmp_path),
+                              algorithm=FaultyAlgorithm(faults), **{"num_rounds": 1, **federation})
     orch = FederatedOrchestrator(module, data, config, TrainerFactory({"max_steps": 1, "accelerator": "cpu"}, tmp_path),
                                  echo=messages.append)
     return orch, messages
@@ -87,7 +87,11 @@ def test_raising_nan_and_misshapen_clients_are_excluded_and_the_log_says_why(tmp
     assert "client 1 failed: RuntimeError: simulated crash inside the client" in log
     assert "client 2 rejected:" in log and "holds NaN or inf" in log
     assert "client 3 rejected:" in log and "has shape (3,)" in log
-    assert "round 1, client 1 raised" in caplog.text and "Traceback" in caplog.text
+    # One line per failure, naming the file that holds its whole traceback (none on stderr).
+    traceback_file = tmp_path / "clients" / "client_001" / "round_001" / "traceback.txt"
+    assert f"client 1 failed: RuntimeError: simulated crash inside the client (traceback: {traceback_file})" in log
+    assert "Traceback" in traceback_file.read_text() and "simulated crash" in traceback_file.read_text()
+    assert "Traceback" not in caplog.text
     row = state.history[-1]
     assert (row["clients"], row["failed_clients"], row["rejected_clients"]) == (1, 2, 2)
     with open(tmp_path / "metrics.csv") as f:
@@ -109,6 +113,42 @@ def test_fewer_healthy_clients_than_min_clients_stops_clearly_with_the_state_sav
     assert "--federation.resume true" in message
     saved, _ = checkpoint.load_state(tmp_path / "checkpoint", FederationState)
     assert saved.round == 0 and set(saved.global_adapter) == set(orch.module.adapter_state())
+
+
+def test_a_client_failing_the_same_way_round_after_round_stops_the_run_and_the_summary_lists_failures(tmp_path):
+    # Client 1 raises in every round, the others train: the rounds go on, one line per failure ...
+    orch, messages = _federation(tmp_path, {1: "raise"}, min_clients=1, num_clients=2, num_rounds=2)
+    state = orch.run()
+    assert [(f["round"], f["client"]) for f in state.client_failures] == [(1, 1), (2, 1)]
+    assert sum("client 1 failed" in m for m in messages) == 2
+    # ... and the summary names the clients that failed, how often, and where the last traceback is.
+    summary = (tmp_path / "summary.txt").read_text()
+    traceback_file = tmp_path / "clients" / "client_001" / "round_002" / "traceback.txt"
+    assert (f"client 1: 2 round(s) (1, 2); last error: RuntimeError: simulated crash inside the client "
+            f"(traceback: {traceback_file})") in summary
+    # Resumed for a third round with a limit of 2: the failures saved in the checkpoint count too.
+    orch, _ = _federation(tmp_path, {1: "raise"}, min_clients=1, num_clients=2, num_rounds=3, max_failed_rounds=2,
+                          resume=True)
+    with pytest.raises(FederationError) as stop:
+        orch.run()
+    message = str(stop.value)
+    assert message.startswith("Client 1 failed with the same error in 3 of its rounds in a row (rounds 1, 2, 3): "
+                              "RuntimeError: simulated crash inside the client; its traceback: ")
+    assert "--federation.resume true" in message and "federation.max_failed_rounds=2" in message
+    assert checkpoint.load_state(tmp_path / "checkpoint", FederationState)[0].round == 2
+
+
+def test_a_failure_streak_is_broken_by_a_round_the_client_trained_in():
+    from firm_lightning.engine import repeated_failure_rounds
+    from firm_lightning.state import ClientFailure
+
+    failed = lambda r, error="E: x": {"round": r, "client": 3, "error": error, "traceback": ""}
+    state = FederationState(round=5, global_adapter={}, client_failures=[failed(1), failed(2, "E: y"), failed(4)],
+                            client_history=[{"round": 3, "client": 3}, {"round": 5, "client": 1}])
+    assert repeated_failure_rounds(state, ClientFailure(3, 6, "E: x")) == [4, 6]  # trained in round 3
+    state.client_history = []
+    assert repeated_failure_rounds(state, ClientFailure(3, 6, "E: x")) == [4, 6]  # round 2: another error
+    assert repeated_failure_rounds(state, ClientFailure(1, 6, "E: x")) == [6]
 
 
 def test_update_screening_checks_keys_shapes_dtypes_finiteness_and_norm():

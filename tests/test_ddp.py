@@ -30,15 +30,22 @@ def test_shares_are_contiguous_and_differ_by_at_most_one():
         assert max(p.stop - p.start for p in parts) - min(p.stop - p.start for p in parts) <= 1
 
 
-def test_a_two_rank_client_fit_equals_the_one_process_fit(tmp_path):
-    """2 gloo ranks (started by the script itself, as `fit` starts them), batches of 3 prompts (shares of 2 and 1),
-    2 steps, micro-batches of 2 rows on each rank; against one process on the same batches, in this process."""
-    from ddp_fit import CASES, fit
-
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_fit.py"), str(tmp_path / "ddp"), "2"],
+@pytest.fixture(scope="module")
+def two_rank_fits(tmp_path_factory):
+    """What tests/ddp_fit.py's two ranks (started by the script itself, as `fit` starts them) recorded."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_fit.py"), str(out / "ddp"), "2"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"ddp.rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return [torch.load(out / f"ddp.rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_a_two_rank_client_fit_equals_the_one_process_fit(tmp_path, two_rank_fits):
+    """2 gloo ranks, batches of 3 prompts (shares of 2 and 1), 2 steps, micro-batches of 2 rows on each rank;
+    against one process on the same batches, in this process."""
+    from ddp_fit import CASES, fit
+
+    ranks = two_rank_fits
     for case in CASES:
         one = fit(case, 1, tmp_path / "one")
         rank0, rank1 = ranks[0][case], ranks[1][case]
@@ -58,6 +65,22 @@ def test_a_two_rank_client_fit_equals_the_one_process_fit(tmp_path):
         assert max(errors) <= 1e-5 and lambda_error <= 1e-5 and adapter_error <= 1e-5
         for key, value in one["summary"].items():  # whole-batch rewards, λ, KL, norm on every rank
             assert abs(rank0["summary"][key] - value) <= 1e-5 * max(1.0, abs(value)), key
+
+
+def test_sampling_on_two_ranks_or_in_chunks_gives_the_one_process_step(tmp_path, two_rank_fits):
+    """A real fit, sampling included (one local SGD step, lr 1.0): each rank samples its share of the prompts
+    from the per-prompt generators, so the adapter equals the one-process fit's to 1e-5 of the update; so does
+    one process sampling in chunks of 2 sequences (groups of 3 cut)."""
+    from ddp_fit import sampled_fit
+
+    one = sampled_fit(1, tmp_path / "one")
+    update = max(float((one["adapter"][k] - one["initial"][k]).abs().max()) for k in one["adapter"])
+    assert update > 1e-3
+    for name, other in (("2 ranks", two_rank_fits[0]["sampled"]), ("chunks", sampled_fit(1, tmp_path / "chunks", 2))):
+        error = max(float((other["adapter"][k] - one["adapter"][k]).abs().max()) for k in one["adapter"])
+        print(f"\n{name}: max|θ - θ_one| {error:.1e}, update max {update:.1e}")
+        assert error <= 1e-5 * update, name
+    assert two_rank_fits[0]["sampled"]["world_size"] == 2
 
 
 def test_fit_launches_its_ranks_itself_and_only_rank_0_writes(tmp_path):

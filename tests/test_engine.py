@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +55,24 @@ def test_public_sampling_follows_the_seed_and_private_sampling_does_not(parts, t
     first = private.sample_clients(4)
     private.secret.load_state_dict(saved)
     assert private.sample_clients(4) == first  # what the checkpoint restores on resume
+
+
+def test_private_sampling_is_poisson_at_the_client_fraction(parts, tmp_path):
+    """Under privacy each client trains independently with probability q (the sampling the ε is computed for):
+    the sample size varies as Binomial(N, q) and every client is in a fraction q of the rounds (6,000 draws,
+    bounds at 5 standard errors)."""
+    n, q, draws = 10, 0.3, 6000
+    engine = _engine(parts, tmp_path, client_fraction=q, privacy=DifferentialPrivacy(clipping_norm=1.0,
+                                                                                     noise_multiplier=1.0))
+    samples = [engine.sample_clients(1) for _ in range(draws)]
+    sizes = np.array([len(s) for s in samples])
+    assert abs(sizes.mean() - n * q) < 5 * (n * q * (1 - q) / draws) ** 0.5
+    assert sizes.var() == pytest.approx(n * q * (1 - q), rel=0.1)
+    assert (sizes == 0).any() and (sizes >= 6).any()  # not a fixed size
+    rates = np.bincount(np.concatenate([np.array(s, dtype=int) for s in samples]), minlength=n) / draws
+    assert np.all(np.abs(rates - q) < 5 * (q * (1 - q) / draws) ** 0.5)
+    assert all(s == sorted(set(s)) for s in samples)
+    assert engine.aggregator.expected_clients == pytest.approx(n * q)  # the noisy sum is divided by q·N
 
 
 def test_hidden_uploads_refuse_what_needs_one_upload_at_a_time(parts, tmp_path):

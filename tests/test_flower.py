@@ -8,6 +8,7 @@ records, while it runs, every process descended from it (Ray's, Flower's), by PI
 from __future__ import annotations
 
 import csv
+import http.client
 import json
 import math
 import os
@@ -25,6 +26,9 @@ import yaml
 from safetensors.torch import load_file
 
 from firm_lightning.cli import main as cli_main
+from firm_lightning.distributed import free_port
+from firm_lightning.flower.partition import PARTITION_ID, PROMPTS_FILE, write_partition
+from firm_lightning.flower.processes import ProcessGroup, alive, flower_env, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,8 +282,9 @@ def test_sigkill_mid_round_then_resume_ends_bit_identical(simulation):
 
 
 def test_privacy_and_16_bit_uploads_on_flower_then_ctrl_c_stops_every_process(tmp_path):
-    """federation.privacy on Flower: the same ε (and noise scale) in metrics.csv as in-process, and
-    the 16-bit upload carries half the bytes; the run is then interrupted with Ctrl-C after round 1
+    """federation.privacy on Flower: the same ε (and noise scale) in metrics.csv as in-process, the client
+    rows only in the server-private record, and the 16-bit upload carries half the bytes; the run is then
+    interrupted with Ctrl-C after round 1
     of 40 and no Flower or Ray process is left."""
     extra = ["--federation.privacy.clipping_norm", "0.1", "--federation.privacy.noise_multiplier", "1.3",
              "--federation.upload_dtype", "float16"]
@@ -303,7 +308,9 @@ def test_privacy_and_16_bit_uploads_on_flower_then_ctrl_c_stops_every_process(tm
     assert float(flower["privacy/epsilon"]) == pytest.approx(float(local["privacy/epsilon"]), rel=1e-12)
     assert float(flower["privacy/noise_std"]) == float(local["privacy/noise_std"]) == pytest.approx(1.3 * 0.1 / 2)
     assert 0 < float(flower["privacy/epsilon"]) < math.inf
-    up = [int(r["comm/bytes_up"]) for r in _rows(out / "client_metrics.csv") if r["round"] == "1"]
+    # Under privacy the client rows are the server's own (outside the guarantee), on Flower as in-process.
+    assert not (out / "client_metrics.csv").exists() and "clients" not in flower
+    up = [int(r["comm/bytes_up"]) for r in _rows(out / "server_private" / "client_metrics.csv") if r["round"] == "1"]
     adapter_bytes = sum(t.numel() * 4 for t in load_file(str(out / "adapters" / "round_000.safetensors")).values())
     assert up == [adapter_bytes // 2] * 2  # float16 deltas
 
@@ -408,7 +415,6 @@ def test_secure_aggregation_needs_only_the_weighted_mean(num_objectives):
 def test_an_error_stops_the_whole_process_tree_even_across_sessions(tmp_path):
     """What ``launch`` relies on when a run fails: leaving the ``ProcessGroup`` stops every
     descendant, also one that opened a session of its own (as Flower's SuperExec does)."""
-    from firm_lightning.flower.processes import ProcessGroup, flower_env
 
     script = tmp_path / "tree.py"
     script.write_text(
@@ -427,3 +433,112 @@ def test_an_error_stops_the_whole_process_tree_even_across_sessions(tmp_path):
     assert len(group.pids) == 3
     for pid, process in group.processes.items():
         assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE, pid
+
+
+# ---------------------------------------------------------------- a deployment that lets no one in
+
+
+def _credentials(folder: Path) -> Path:
+    """What docs/flower.md has the operator make: a CA, the SuperLink's certificate for 127.0.0.1 signed by it,
+    and a P-384 key pair per SuperNode in OpenSSH format (made with `cryptography`, as `openssl` and
+    `ssh-keygen` would)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder.mkdir(parents=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(name: str, key, issuer: str, signer, ca: bool, names=()):
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(list(names)), critical=False)
+        return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    (folder / "ca.crt").write_bytes(certificate("firm test CA", ca_key, "firm test CA", ca_key, True))
+    (folder / "server.pem").write_bytes(certificate("127.0.0.1", server_key, "firm test CA", ca_key, False, [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    for node in ("node_0", "node_1", "stranger"):
+        key = ec.generate_private_key(ec.SECP384R1())
+        (folder / node).write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+        (folder / f"{node}.pub").write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return folder
+
+
+def _supernode(port: int, client: int, work: Path, prompts: Path, *security: str) -> list[str]:
+    node = work / f"node_{client}"
+    return ["flower-supernode", *security, "--superlink", f"127.0.0.1:{port}", "--host", "127.0.0.1",
+            "--port", str(free_port()), "--node-config",
+            f'{PARTITION_ID}={client} {PROMPTS_FILE}="{prompts}" output-dir="{node}"']
+
+
+def test_a_tls_deployment_with_supernode_authentication_lets_only_registered_nodes_in(tmp_path):
+    """docs/flower.md's deployment on 127.0.0.1: a SuperLink with TLS and SuperNode authentication, two
+    registered SuperNodes that train one round — the same adapter as the plain in-process run — and, refused,
+    a SuperNode whose key was never registered and a plaintext client. Nothing is left running."""
+    from firm_lightning.config import build_components
+
+    creds, work, out = _credentials(tmp_path / "creds"), tmp_path / "work", tmp_path / "secure"
+    (work / "home").mkdir(parents=True)
+    port = free_port()
+    (work / "home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "secure"\n\n[superlink.secure]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{creds / "ca.crt"}"\n')
+    env = flower_env(work / "home")
+    config = [*_config(tmp_path), "--federation.num_rounds", "1"]
+    data = build_components(config).datamodule
+    data.setup()
+    prompts = [write_partition(data, c, work / f"node_{c}" / "prompts.jsonl") for c in (0, 1)]
+    tls = ["--root-certificates", str(creds / "ca.crt")]
+    with ProcessGroup() as group:
+        link = group.start(["flower-superlink", "--ssl-ca-certfile", str(creds / "ca.crt"), "--ssl-certfile",
+                            str(creds / "server.pem"), "--ssl-keyfile", str(creds / "server.key"),
+                            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+                            "--host", "127.0.0.1", "--port", str(port)], env, work / "superlink.log", cwd=work)
+        wait_for_port(port, proc=link, log=work / "superlink.log")
+        for node in ("node_0", "node_1"):  # the operator registers the two authorised public keys
+            subprocess.run(["flwr", "supernode", "register", str(creds / f"{node}.pub"), "secure"], env=env,
+                           check=True, capture_output=True, timeout=60)
+        for client in (0, 1):
+            group.start(_supernode(port, client, work, prompts[client], *tls, "--auth-supernode-private-key",
+                                   str(creds / f"node_{client}")), env, work / f"node_{client}.log", cwd=work)
+        stranger = group.start(_supernode(port, 0, work, prompts[0], *tls, "--auth-supernode-private-key",
+                                          str(creds / "stranger"), "--max-retries", "1"), env, work / "stranger.log")
+        plaintext = group.start(_supernode(port, 1, work, prompts[1], "--insecure", "--max-retries", "1"), env,
+                                work / "plaintext.log")
+        federation = group.start([sys.executable, "-m", "firm_lightning", "flower", *config, "--federation.output_dir",
+                                  str(out), "--flower.engine", "deployment", "--flower.superlink", "secure"], env,
+                                 work / "flower.log", cwd=ROOT)
+        assert group.wait(federation, timeout_s=400) == 0, (work / "flower.log").read_text()[-3000:]
+        for refused in (stranger, plaintext):
+            assert group.wait(refused, timeout_s=60) != 0
+        with pytest.raises((ConnectionError, http.client.HTTPException)):  # no plaintext answer from the link
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/")
+            connection.getresponse()
+    assert alive(group) == [], "processes left behind"
+    # Flower 1.42's words (pinned): the link refused the unregistered key; the plaintext hello got no answer.
+    assert "Failed to activate SuperNode" in (work / "stranger.log").read_text()
+    assert "Server disconnected without sending a response" in (work / "plaintext.log").read_text()
+    assert [r["round"] for r in _rows(out / "metrics.csv")] == ["0", "1"]
+    _in_process(tmp_path, tmp_path / "plain", "--federation.num_rounds", "1")
+    secure = load_file(str(out / "adapters" / "final" / "adapter_model.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "adapters" / "final" / "adapter_model.safetensors"))
+    assert secure.keys() == plain.keys()
+    for k in plain:
+        torch.testing.assert_close(secure[k], plain[k], rtol=0, atol=1e-6)

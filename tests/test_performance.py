@@ -133,7 +133,8 @@ def test_federation_upload_dtype_halves_counted_uplink(tmp_path):
 
 KEYS = ("update_ratio_s2", "update_ratio_s3", "update_floor_ratio_s2", "step_ratio_s2", "orchestration_overhead",
         "rss_ratio_32_vs_2", "adapter_bytes", "uplink_bytes_firm_s2", "uplink_bytes_fmgda_s2",
-        "trl_grpo_tokens_per_s", "firm_s2_tokens_per_s")
+        "trl_grpo_tokens_per_s", "firm_s2_tokens_per_s", "update_shared_over_unshared_tiny",
+        "sampling_shared_over_unshared_tiny")
 BYTE_KEYS = ("adapter_bytes", "uplink_bytes_firm_s2", "uplink_bytes_fmgda_s2")
 
 

@@ -1,5 +1,6 @@
-"""DP-FedAvg: clipping, the noise scale, ε as Opacus' accountant computes it, and noise that no
-reader of the config can regenerate."""
+"""DP-FedAvg: clipping, the noise scale, Poisson sampling and the ε that bounds it against independent
+accountants, settings the guarantee cannot honour, noise that no reader of the config can regenerate, and
+outputs that release nothing the guarantee does not cover."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from safetensors.torch import load_file
 from conftest import make_datamodule, make_module
 from firm_lightning.aggregation import CoordinateMedian, FedAvg
 from firm_lightning.client import ClientUpdate
+from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig
-from firm_lightning.privacy import DifferentialPrivacy, SecretGenerator, clip_delta
+from firm_lightning.privacy import DifferentialPrivacy, SecretGenerator, clip_delta, released_row
 from firm_lightning.trainer_factory import TrainerFactory
 
 
@@ -72,17 +74,56 @@ def _private_run(tmp_path, sigma=1.1, delta=1e-5, rounds=2, num_clients=2, fract
     return orch, orch.run()
 
 
-def test_epsilon_per_round_matches_opacus_accountant(tmp_path):
-    sigma, delta, rounds = 1.1, 1e-5, 2
-    _private_run(tmp_path, sigma, delta, rounds)
-    with open(tmp_path / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))[1:]
-    accountant = RDPAccountant()
-    for row in rows:
-        accountant.step(noise_multiplier=sigma, sample_rate=0.5)  # one client of two per round
-        assert float(row["privacy/epsilon"]) == pytest.approx(accountant.get_epsilon(delta), rel=1e-9)
-        assert float(row["privacy/noise_std"]) == pytest.approx(sigma * 0.1 / 1)
-    assert len(rows) == rounds
+# (N, q, σ, rounds, δ): the issue's case (N 100, 10 per round, σ 1, 100 rounds), cross-device, all clients, few clients.
+ACCOUNTING_CASES = [(100, 0.1, 1.0, 100, 1e-5), (1000, 0.01, 1.0, 1000, 1e-6), (4, 1.0, 1.0, 3, 1e-5),
+                    (50, 0.2, 2.0, 200, 1e-5), (10, 0.3, 0.7, 10, 1e-3)]
+
+
+def _dp_accounting_pld(q: float, sigma: float, rounds: int, delta: float) -> float:
+    """The tight bound: dp-accounting's privacy-loss-distribution accountant (pessimistic estimate)."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+    accountant = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-3)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("num_clients, q, sigma, rounds, delta", ACCOUNTING_CASES)
+def test_epsilon_bounds_the_poisson_sampled_mechanism_that_runs(num_clients, q, sigma, rounds, delta):
+    """The ε reported for q = client_fraction (the engine's own rate: test_a_private_run_releases_...), against
+    independent accountants of the Poisson-subsampled Gaussian (add or remove one client): at least Opacus' RDP
+    bound and within 1 % of it, and at least the tight PLD bound of dp-accounting, within 25 % (what RDP's
+    conversion to (ε, δ) costs)."""
+    dp = DifferentialPrivacy(clipping_norm=1.0, noise_multiplier=sigma, delta=delta)
+    FederationConfig(num_clients=num_clients, client_fraction=q, privacy=dp)  # a valid setting (δ < 1/N)
+    reported = dp.epsilon(q, rounds)
+    opacus = RDPAccountant()
+    opacus.history = [(sigma, q, rounds)]
+    rdp = opacus.get_epsilon(delta)
+    pld = _dp_accounting_pld(q, sigma, rounds, delta)
+    assert rdp * (1 - 1e-9) <= reported <= rdp * 1.01
+    assert pld <= reported <= pld * 1.25
+
+
+def test_settings_the_guarantee_cannot_honour_are_refused():
+    dp = DifferentialPrivacy(clipping_norm=1.0, noise_multiplier=1.0, delta=0.01)
+    with pytest.raises(ValueError, match=r"delta=0.01 is not below 1/num_clients = 0.01"):
+        FederationConfig(num_clients=100, privacy=dp)
+    FederationConfig(num_clients=99, privacy=dp)  # 1/99 > 0.01
+    with pytest.raises(ValueError, match="min_clients=2 cannot be guaranteed under federation.privacy"):
+        FederationConfig(num_clients=10, client_fraction=0.5, min_clients=2, privacy=dp)
+    FederationConfig(num_clients=10, client_fraction=1.0, min_clients=2, privacy=dp)  # every client, every round
+    from firm_lightning.flower.settings import FlowerSettings, SecureAggregation
+
+    with pytest.raises(ValueError, match="secure_aggregation with federation.privacy needs client_fraction 1"):
+        FlowerSettings(secure_aggregation=SecureAggregation()).check(
+            FederationConfig(num_clients=10, client_fraction=0.5, privacy=dp))
+    from firm_lightning.studies.compare import CompareSettings, run_comparison
+
+    with pytest.raises(ValueError, match="compare tests its claims on training statistics"):  # before any training
+        run_comparison(None, None, FederationConfig(num_clients=10, privacy=dp), {}, CompareSettings())
 
 
 def test_the_released_adapter_hides_noise_that_the_config_cannot_regenerate(tmp_path):
@@ -111,3 +152,104 @@ def test_the_released_adapter_hides_noise_that_the_config_cannot_regenerate(tmp_
         guess = {k: std * torch.randn(v.shape, generator=gen) for k, v in noise.items()}
         residual = torch.cat([(noise[k] - guess[k]).flatten() for k in noise])
         assert float(residual.std()) > std  # subtracting the guess adds noise instead of removing it
+
+
+# ---------------------------------------------------------------- what a private run releases
+
+OUTSIDE_THE_GUARANTEE = ("checkpoint", "server_private")  # the server's own, documented as such
+_LOGGERS = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "unused"}},
+            {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "unused"}}]
+
+
+class NeighbouringData(PromptDataModule):
+    """The same prompts but client 0's, which are replaced: a neighbouring data set (one client's data changed).
+    The held-out prompts and the other client's are untouched."""
+
+    def setup(self, stage=None) -> None:
+        first = self._train_prompts is None
+        super().setup(stage)
+        if first:
+            for i in self._client_indices[0]:
+                self._train_prompts[i] = "zebra " + self._train_prompts[i][::-1]
+
+
+def _released_values(out, lines: list[str]) -> dict:
+    """Every value a run releases, keyed by where it is: each CSV cell, each line of a text file (summary, model
+    cards, the loggers' hyperparameters, JSON), each TensorBoard scalar, each adapter tensor, each plot, and each
+    progress line; everything under the run folder but what the docs name outside the guarantee."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = {("progress", i): line for i, line in enumerate(lines)}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = path.relative_to(out)
+        if rel.parts[0] in OUTSIDE_THE_GUARANTEE:
+            continue
+        if "tfevents" in path.name:  # named by time and process: one events file per logger run
+            events = EventAccumulator(str(path))
+            events.Reload()
+            for tag in events.Tags()["scalars"]:
+                values.update({(str(rel.parent), tag, e.step): e.value for e in events.Scalars(tag)})
+        elif path.suffix == ".csv":
+            with open(path) as f:
+                values.update({(str(rel), i, k): v for i, row in enumerate(csv.DictReader(f)) for k, v in row.items()})
+        elif path.suffix == ".safetensors":
+            values.update({(str(rel), k): t.numpy().tobytes() for k, t in load_file(str(path)).items()})
+        elif path.suffix == ".png":
+            values[(str(rel),)] = path.read_bytes()
+        else:
+            values.update({(str(rel), i): line for i, line in enumerate(path.read_text().splitlines())})
+    return values
+
+
+def test_a_private_run_releases_nothing_that_is_a_function_of_one_client_s_data(tmp_path):
+    """One DP round, three times on the same data and once with client 0's prompts replaced, a CSV and a
+    TensorBoard logger configured, SaveBestAdapter's card too: no released value is equal on the same data and
+    different on the neighbour (three same-data runs: a tie of two noisy evaluations is not taken for a
+    deterministic value). The sampled clients are not named anywhere released; the server-private record has
+    the training statistics; the reported ε is the accountant's for q = client_fraction."""
+    from firm_lightning.callbacks import SaveBestAdapter
+
+    module = make_module()
+    start = module.adapter_state()
+    data_args = dict(num_clients=2, batch_size=4, eval_size=8, eval_batch_size=8, max_prompts=48, group_column=None)
+    dp = DifferentialPrivacy(clipping_norm=0.1, noise_multiplier=5.0)
+
+    def run(name: str, data: PromptDataModule) -> dict:
+        out, lines = tmp_path / name, []
+        module.load_adapter_state(start)
+        config = FederationConfig(num_rounds=1, num_clients=2, output_dir=str(out), progress="lines", privacy=dp,
+                                  callbacks=[SaveBestAdapter("eval/reward/a_to_m")])
+        trainers = TrainerFactory({"max_steps": 1, "accelerator": "cpu", "logger": _LOGGERS}, out)
+        FederatedOrchestrator(module, data, config, trainers, echo=lines.append).run()
+        return _released_values(out, lines)
+
+    same = [run(f"same_{i}", PromptDataModule(**data_args)) for i in range(3)]
+    neighbour = run("neighbour", NeighbouringData(**data_args))
+    assert same[0].keys() == same[1].keys() == neighbour.keys()
+    leaks = [key for key, value in same[0].items()
+             if all(s[key] == value for s in same[1:]) and neighbour[key] != value]
+    assert not leaks, f"released values that are functions of client 0's data: {leaks}"
+
+    out = tmp_path / "same_0"
+    for rel in {key[0] for key in same[0] if str(key[0]).endswith(".csv")}:
+        with open(out / rel) as f:
+            assert "client" not in next(csv.reader(f)), rel
+    assert not (out / "client_metrics.csv").exists() and not (out / "clients").exists()
+    assert not any("clients [" in str(v) or "client 0" in str(v) for v in same[0].values())
+    with open(out / "server_private" / "client_metrics.csv") as f:
+        assert sorted(int(r["client"]) for r in csv.DictReader(f)) == [0, 1]
+    assert float(same[0][("metrics.csv", 1, "privacy/epsilon")]) == pytest.approx(dp.epsilon(1.0, 1), rel=1e-12)
+    epsilon = f"ε = {dp.epsilon(1.0, 1):.3f}, δ = 1e-05"
+    assert epsilon in (out / "summary.txt").read_text()
+    card = (out / "adapters" / "final" / "README.md").read_text()
+    for stated in (epsilon, "after 1 round;", "Poisson sampling, q = 1 of 2 clients", "C = 0.1", "σ = 5"):
+        assert stated in card, stated
+
+
+def test_the_released_row_keeps_the_held_out_evaluation_and_the_accounting_only():
+    row = {"round": 3, "eval/reward/a": 0.5, "eval/group/cooking/a": 0.4, "eval/client_mean/a": 0.45,
+           "eval/worst_client/mean": 0.3, "train/reward/a": 0.6, "lambda/a": 0.5, "lambda_dispersion": 0.1,
+           "update_dispersion": 2.0, "clients": 2, "comm/bytes_up": 10, "failed_clients": 0, "time/round_s": 1.0,
+           "privacy/epsilon": 4.0, "privacy/delta": 1e-5, "privacy/noise_std": 0.1}
+    assert released_row(row) == {"round": 3, "eval/reward/a": 0.5, "eval/group/cooking/a": 0.4,
+                                 "privacy/epsilon": 4.0, "privacy/delta": 1e-5, "privacy/noise_std": 0.1}

@@ -76,6 +76,8 @@ def test_sigkill_mid_round_then_resume_equals_an_uninterrupted_run(tmp_path, cap
     assert proc.returncode == -signal.SIGKILL, "".join(proc.seen)
     # It died during round 2: round 1 is the last finished one, round 2 left nothing behind.
     assert checkpoint.load_state(killed / "checkpoint", FederationState)[0].round == 1
+    # It died holding the folder's lock: the file stays, the lock (the kernel's) does not block the resume.
+    assert f'"pid": {proc.pid}' in (killed / ".lock").read_text()
     assert [int(r["round"]) for r in _rows(killed / "metrics.csv")] == [0, 1]
 
     capsys.readouterr()
@@ -287,7 +289,7 @@ def test_resume_refuses_a_changed_wrapped_objective_in_one_line_naming_it(tmp_pa
     module = _wrapped()
     _orchestrator(tmp_path, module).engine.save_checkpoint(
         FederationState(round=0, global_adapter=module.adapter_state()))
-    assert _orchestrator(tmp_path, _wrapped(), resume=True).engine.resumed_state().round == 0
+    assert _orchestrator(tmp_path, _wrapped(), resume=True).engine.saved_state().round == 0
     changes = {
         "objectives[0].reward.class": _wrapped(inner="charset"),
         "objectives[0].reward.name_or_path": _wrapped(name_or_path="rm/helpful"),
@@ -310,18 +312,18 @@ def test_a_checkpoint_of_an_earlier_fingerprint_version_compares_only_what_it_re
     del meta["fingerprint"]["training"]["loss"]["advantages"]  # a key this version records and an older did not
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"training\.loss\.advantages: absent before"):
-        _orchestrator(tmp_path, resume=True).engine.resumed_state()
+        _orchestrator(tmp_path, resume=True).engine.saved_state()
 
     del meta["fingerprint_version"]  # written before versions were recorded: version 1
     meta_path.write_text(json.dumps(meta))
     lines = []
     resumed = _orchestrator(tmp_path, resume=True)
     resumed.engine.echo = lines.append
-    assert resumed.engine.resumed_state().round == 0
+    assert resumed.engine.saved_state().round == 0
     assert any("version 1) does not record training.loss.advantages; not compared" in line for line in lines), lines
     # ... and a change it did record is still refused
     with pytest.raises(CheckpointError, match=r"federation\.seed: was 0, now 5"):
-        _orchestrator(tmp_path, seed=5, resume=True).engine.resumed_state()
+        _orchestrator(tmp_path, seed=5, resume=True).engine.saved_state()
 
 
 def test_the_fingerprint_describes_callable_settings():

@@ -70,12 +70,17 @@ def fit_round(
     round_idx = int(content[CONFIG]["server-round"])
     global_adapter = record_adapter(content[ARRAYS])
     output_dir = Path(str(node_config.get(OUTPUT_DIR, federation.output_dir)))
-    # This client's own state (its objectives' statistics; its optimiser with persist), on its own disk.
-    store = ClientStateFiles(RunFolder(output_dir).client_state(data.client_id), round_idx)
+    private = federation.privacy is not None
+    # This client's own state (its objectives' statistics; its optimiser with persist), on its own disk; under
+    # privacy beside its logs in the server-private record (in a simulation this machine's run folder).
+    store = ClientStateFiles(RunFolder(output_dir).client_state(data.client_id, private=private), round_idx)
+    trainers = TrainerFactory(comps.trainer_config, output_dir)
+    if private:
+        trainers.log_clients_privately()
     with quiet_lightning(federation.quiet), stays_on_device(comps.module):
         update = fit_client(
             comps.module, federation.resolved_algorithm, global_adapter, data, round_idx,
-            TrainerFactory(comps.trainer_config, output_dir), federation.seed, client_states=store,
+            trainers, federation.seed, client_states=store,
             persist_optimizer=federation.client_optimizer_state == "persist",
             upload_dtype=_upload_dtype(federation.upload_dtype),
         )

@@ -19,7 +19,7 @@ from firm_lightning.flower.records import CONFIG_KEY
 from firm_lightning.distributed import free_port
 from firm_lightning.flower.processes import ProcessGroup, flower_env, wait_for_port
 from firm_lightning.flower.settings import FlowerSettings
-from firm_lightning.run_folder import RunFolder
+from firm_lightning.run_folder import RunFolder, atomic_write
 from firm_lightning.state import FederationError
 
 LOCAL_CONNECTION = "firm-local"
@@ -33,11 +33,11 @@ def launch(
     processes: ProcessGroup | None = None,
 ) -> ProcessGroup:
     """Run the federation the saved config describes; return the (stopped) processes it used."""
-    text = _absolute_output_dir(config_path.read_text())
+    text = _for_the_server(config_path.read_text())
     run = RunFolder(yaml.safe_load(text)["federation"]["output_dir"])
     work = run.flower
     work.mkdir(parents=True, exist_ok=True)
-    run.flower_config.write_text(text)
+    atomic_write(run.flower_config, text.encode())
     started = time.time()
     try:
         with processes or ProcessGroup() as group:
@@ -145,7 +145,10 @@ clientapp = "firm_lightning.flower.client_app:app"
     return app_dir
 
 
-def _absolute_output_dir(config_text: str) -> str:
+def _for_the_server(config_text: str) -> str:
+    """The config the server app runs: output_dir absolute (its processes start elsewhere), and no overwrite
+    (the ``flower`` command cleared the folder already; the server must not remove what it wrote since)."""
     config = yaml.safe_load(config_text)
     config["federation"]["output_dir"] = str(Path(config["federation"]["output_dir"]).resolve())
+    config["federation"]["overwrite"] = False
     return yaml.safe_dump(config, sort_keys=False)

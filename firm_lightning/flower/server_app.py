@@ -27,7 +27,7 @@ from firm_lightning.flower.secure_aggregation import run_secure
 from firm_lightning.flower.settings import FlowerSettings
 from firm_lightning.flower.strategy import FIRMStrategy
 from firm_lightning.memory import steady_memory
-from firm_lightning.run_folder import RunFolder
+from firm_lightning.run_folder import RunFolder, atomic_write
 from firm_lightning.state import FederationError, FederationState
 from firm_lightning.trainer_factory import TrainerFactory, quiet_lightning, stays_on_device
 
@@ -53,7 +53,8 @@ def run_server(grid: Grid, comps: Components, context: Context, echo: Callable[[
     except (FederationError, ValueError, OSError) as error:  # a user error: the `flower` command prints it
         path = RunFolder(comps.federation.output_dir).server_error
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{'FederationError' if isinstance(error, FederationError) else 'ValueError'}\n{error}")
+        kind = "FederationError" if isinstance(error, FederationError) else "ValueError"
+        atomic_write(path, f"{kind}\n{error}".encode())
         raise
 
 

@@ -85,3 +85,10 @@ class FlowerSettings:
             )
         if self.secure_aggregation is not None:
             refuse_for_hidden_uploads(federation)
+            if federation.privacy is not None and federation.client_fraction < 1:
+                raise ValueError(
+                    f"flower.secure_aggregation with federation.privacy needs client_fraction 1 (got "
+                    f"{federation.client_fraction}): under privacy the clients are Poisson-sampled, a round may sample "
+                    "fewer than the two clients SecAgg+ needs, and leaving such a round's client out would change the "
+                    "sensitivity the ε is computed for. Set client_fraction 1, or turn one of them off."
+                )

@@ -22,7 +22,7 @@ from firm_lightning.adapters import ClientUpdate
 from firm_lightning.engine import RoundEngine
 from firm_lightning.flower.accounting import MeasuredGrid
 from firm_lightning.flower.records import ARRAYS, CONFIG, adapter_record, content_update
-from firm_lightning.state import FederationState
+from firm_lightning.state import ClientFailure, FederationState
 
 
 class FIRMStrategy(Strategy):
@@ -76,24 +76,25 @@ class FIRMStrategy(Strategy):
             self.state, round_idx, updates, failures,
             client_extras=self._client_traffic(round_idx, updates), round_extras=self._round_traffic(round_idx),
         )
-        return adapter_record(self.state.global_adapter), MetricRecord({"clients": len(updates)})
+        # Flower logs these metrics; under privacy how many clients replied is not released.
+        metrics = None if self.engine.private else MetricRecord({"clients": len(updates)})
+        return adapter_record(self.state.global_adapter), metrics
 
-    def _read(self, round_idx: int, replies: list[Message]) -> tuple[list[ClientUpdate], list[str]]:
+    def _read(self, round_idx: int, replies: list[Message]) -> tuple[list[ClientUpdate], list[ClientFailure]]:
         updates, failures, answered = [], [], set()
         for message in replies:
             client = self.node_clients.get(message.metadata.src_node_id)
             answered.add(client)
-            if message.has_error():
-                failures.append(f"client {client} failed: {message.error.reason}")
+            if message.has_error():  # the exception's type and message; its traceback is in the node's log
+                reason = " ".join(str(message.error.reason).split()) or f"error code {message.error.code}"
+                failures.append(self.engine.client_failed(round_idx, client, reason))
                 continue
             update = content_update(message.content)
             updates.append(update)
             self.engine.client_finished(round_idx, update)
         for client in self.sampled[round_idx]:
             if client not in answered:
-                failures.append(f"client {client} did not reply within flower.timeout_s")
-        for failure in failures:
-            self.engine.echo(f"round {round_idx} | {failure} (left out of this round)")
+                failures.append(self.engine.client_failed(round_idx, client, "no reply within flower.timeout_s"))
         return updates, failures
 
     def _client_traffic(self, round_idx: int, updates: list[ClientUpdate]) -> dict[int, dict]:

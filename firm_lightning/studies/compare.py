@@ -18,7 +18,7 @@ from firm_lightning.algorithms import FIRM, FMGDA, Algorithm, Linear, LocalMGDA
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
-from firm_lightning.report import new_figure, write_csv
+from firm_lightning.report import new_figure, save_figure, write_csv
 from firm_lightning.run_folder import RunFolder, load_adapter_file
 from firm_lightning.studies import claims as stats  # CompareSettings has an argument called claims
 from firm_lightning.studies.claims import Claim
@@ -40,6 +40,10 @@ class CompareSettings:
     algorithm that is an identical copy of the reference under another name, run on the same
     data split with its own sampling noise (``AA_SEED_OFFSET``): an A/A row whose verdict must be
     inconclusive but for the family's error rate.
+
+    ``share_folder``: several ``compare`` processes share this output folder on purpose (e.g. one per
+    half of the seeds, then a last pass that writes the report): each holds the folder's lock shared
+    instead of alone, and each run of the comparison is locked by the process training it.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class CompareSettings:
         family_error_rate: float = 0.05,
         min_seeds: int = 3,
         aa_control: Optional[str] = None,
+        share_folder: bool = False,
     ) -> None:
         self.algorithms = algorithms or [FIRM(beta=1.0), LocalMGDA(), Linear(), FMGDA()]
         self.seeds = seeds or [0]
@@ -76,6 +81,7 @@ class CompareSettings:
             raise ValueError(f"compare.min_seeds={min_seeds!r}: a t-interval needs at least 2 seeds; use 3 or more.")
         self.family_error_rate, self.min_seeds = family_error_rate, min_seeds
         self.aa_control = aa_control
+        self.share_folder = share_folder
         if aa_control is not None:
             _check_identical_copy(by_name, self.reference, aa_control)
         self.claims = [_as_claim(c) for c in claims] if claims is not None else None
@@ -171,6 +177,12 @@ def run_comparison(
     Main runs have ``preference == "default"``; sweep runs the preference they were trained with.
     """
     out = Path(federation.output_dir)
+    if federation.privacy is not None:
+        raise ValueError(
+            "compare tests its claims on training statistics (λ and update dispersion, uplink per client) that a "
+            "run with federation.privacy does not release. Compare without privacy, or run `fit` per algorithm "
+            "(each releases its eval rewards and ε) or `pareto` (eval rewards only)."
+        )
     settings.claims_for(module.objective_names)  # a bad claim fails before anything trains
     initial = module.adapter_state()
     alphas = settings.dirichlet_alphas or [datamodule.hparams["dirichlet_alpha"]]
@@ -204,7 +216,7 @@ def finished_history(run_dir: Path, num_rounds: int) -> Optional[list[dict]]:
     """The metric rows of a run finished in ``run_dir`` with ``num_rounds`` rounds, else None.
 
     Lets an interrupted comparison continue, or several processes share the runs of one
-    comparison (e.g. one per α) and a last pass write the report.
+    comparison (e.g. one per α, with ``compare.share_folder``) and a last pass write the report.
     """
     folder = RunFolder(run_dir)
     return folder.history() if folder.is_finished(num_rounds) else None
@@ -288,7 +300,7 @@ def plot_comparison(rows: list[dict], objectives: list[str], plot_dir: Path) -> 
 
     def save(fig, name):
         fig.tight_layout()
-        fig.savefig(plot_dir / name, dpi=100)
+        save_figure(fig, plot_dir / name)
         paths.append(plot_dir / name)
 
     fig, axes = new_figure(1, len(objectives), figsize=(5 * len(objectives), 3.8), squeeze=False)
@@ -403,7 +415,6 @@ def plot_beta_ablation(per_run: dict, algorithms: list[Algorithm], path: Path) -
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
     return path

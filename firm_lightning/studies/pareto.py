@@ -7,6 +7,7 @@ adapter on the same held-out prompts and skips runs already finished in the outp
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -17,8 +18,8 @@ from firm_lightning.algorithms import FIRM, Algorithm, Linear
 from firm_lightning.datamodule import PromptDataModule
 from firm_lightning.module import FIRMClientModule
 from firm_lightning.orchestrator import FederationConfig, run_federation
-from firm_lightning.report import new_figure
-from firm_lightning.run_folder import RunFolder
+from firm_lightning.report import new_figure, save_figure
+from firm_lightning.run_folder import RunFolder, atomic_write
 from firm_lightning.studies.fronts import hypervolume, non_dominated
 from firm_lightning.weighting import validate_preference
 
@@ -112,13 +113,15 @@ def front_report(rows: list[dict], names: list[str], reference: Optional[Sequenc
 
 
 def write_outputs(rows: list[dict], names: list[str], report: dict, out: Path) -> None:
-    with open(out / "pareto.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["algorithm", "preference"] + [f"eval/reward/{n}" for n in names])
-        for r in rows:
-            writer.writerow([r["algorithm"], json.dumps(r["preference"])] + [r[f"eval/reward/{n}"] for n in names])
-    (out / "hypervolume.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot_fronts(rows, names, out / "pareto.png", report["reference"])
+    folder = RunFolder(out)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["algorithm", "preference"] + [f"eval/reward/{n}" for n in names])
+    for r in rows:
+        writer.writerow([r["algorithm"], json.dumps(r["preference"])] + [r[f"eval/reward/{n}"] for n in names])
+    atomic_write(folder.pareto_table, text.getvalue().encode())
+    atomic_write(folder.hypervolume, (json.dumps(report, indent=2) + "\n").encode())
+    plot_fronts(rows, names, folder.pareto_plot, report["reference"])
 
 
 def plot_fronts(rows: list[dict], names: list[str], path: Path, reference: Sequence[float]) -> None:
@@ -140,8 +143,7 @@ def plot_fronts(rows: list[dict], names: list[str], path: Path, reference: Seque
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def preference_label(p: Sequence[float]) -> str:
