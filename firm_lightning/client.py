@@ -23,6 +23,7 @@ from firm_lightning.adapters import ClientUpdate
 from firm_lightning.client_optimizer import PersistOptimizerState
 from firm_lightning.datamodule import ClientData
 from firm_lightning.memory import release_client_memory
+from firm_lightning.gradients import WEIGHTING_EFFECT
 from firm_lightning.module import FitArguments, FIRMClientModule
 from firm_lightning.rewards import load_objective_states, objective_states, stateful
 from firm_lightning.seeds import client_seed
@@ -167,6 +168,7 @@ class AdapterPerObjective(ClientProcedure):
             adapters.append(adapter)
             summaries.append(metrics)
         metrics = {k: sum(m[k] for m in summaries) / len(summaries) for k in summaries[0]}
-        # Client-side λ are one-hot by construction; the weighting happens on the server.
+        # Client-side λ are one-hot by construction (λ = p: no weighting effect); the weighting happens on the server.
         metrics.update({f"lambda/{n}": math.nan for n in names})
+        metrics.update({key: math.nan for key in WEIGHTING_EFFECT})
         return ClientUpdate(client_id, adapters, num_examples, metrics)

@@ -11,6 +11,7 @@ import torch
 
 from firm_lightning.adapters import ClientUpdate
 from firm_lightning.aggregation import AggregationResult
+from firm_lightning.gradients import WEIGHTING_EFFECT
 
 
 def payload_bytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -92,6 +93,8 @@ def round_metrics(
     }
     for key in [f"train/reward/{n}" for n in objective_names] + [f"lambda/{n}" for n in objective_names] + ["train/kl"]:
         metrics[key] = float(np.mean([u.metrics[key] for u in updates]))
+    for key in WEIGHTING_EFFECT:  # NaN where a client did not measure it (FMGDA, gram_from hidden / logits)
+        metrics[key] = float(np.mean([u.metrics.get(key, math.nan) for u in updates]))
     if result.server_lambdas is not None:
         metrics.update({f"server_lambda/{n}": lam for n, lam in zip(objective_names, result.server_lambdas)})
     return metrics

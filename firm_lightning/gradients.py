@@ -37,6 +37,8 @@ reads a new tensor of the model, in ``REPRESENTATIONS``); the name joins the cho
 from __future__ import annotations
 
 import abc
+import copy
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -157,6 +159,65 @@ def write_direction(params: Params, direction: torch.Tensor, scale: LossScale) -
     """``d × scale`` into ``.grad`` (Lightning's precision plugin unscales it before the step)."""
     with full_precision(direction.device):
         write_grad(params, direction * scale.factor())
+
+
+#: The metric names of ``weighting_effect``'s two values: after the optimiser, and before it (on ``d``).
+WEIGHTING_EFFECT = ("train/weighting_effect", "train/weighting_effect_direction")
+
+
+def weighting_effect(
+    optimizer: torch.optim.Optimizer, params: Params, taken: torch.Tensor, preferred: torch.Tensor
+) -> tuple[float, float]:
+    """How much the weighting changes the step: ``(‖Δθ(d) − Δθ(d_p)‖ / ‖Δθ(d_p)‖, ‖d − d_p‖ / ‖d_p‖)``.
+
+    ``taken`` is the direction ``d = Σ λ_s g_s`` the optimiser receives, ``preferred`` the same with the
+    preference, ``d_p = Σ p_s g_s`` (both flat, unscaled, clipped alike). ``Δθ(·)``: the step ``optimizer``
+    (the raw torch optimiser) takes with that gradient from its current state, simulated and undone
+    (``_simulated_step``), so the measure sees what the optimiser makes of λ: Adam's first step from a fresh
+    state is nearly ``lr·sign(d)``, so a λ that keeps every coordinate's sign scores 0 after it. Equal
+    directions score 0 without a simulation; a zero ``d_p`` gives inf (NaN if ``d`` is zero too).
+    """
+    with full_precision(taken.device):
+        before = _relative_change(taken, preferred)
+        if before == 0.0:
+            return 0.0, 0.0
+        step_p = _simulated_step(optimizer, params, preferred)
+        after = _relative_change(_simulated_step(optimizer, params, taken), step_p)
+    return after, before
+
+
+def _relative_change(new: torch.Tensor, reference: torch.Tensor) -> float:
+    change, size = float((new - reference).norm()), float(reference.norm())
+    return 0.0 if change == 0.0 else change / size if size > 0 else math.inf
+
+
+def _simulated_step(optimizer: torch.optim.Optimizer, params: Params, gradient: torch.Tensor) -> torch.Tensor:
+    """``Δθ`` of one ``optimizer.step()`` with ``gradient`` in ``.grad``; parameters, optimiser state and
+    param groups are restored exactly afterwards (for any torch optimiser: its state is tensors and values)."""
+    start = [p.detach().clone() for p in params]
+    state = {p: {k: _copied(v) for k, v in s.items()} for p, s in optimizer.state.items()}
+    groups = [{k: _copied(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    write_grad(params, gradient.clone())  # an optimiser may change .grad in place (maximize, weight decay)
+    optimizer.step()
+    step = torch.cat([_widened(p.detach()).sub(_widened(s)).flatten() for p, s in zip(params, start)])
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+    for p in [p for p in optimizer.state if p not in state]:  # state the step created (a fresh optimiser)
+        del optimizer.state[p]
+    optimizer.state.update(state)
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update(saved)
+    return step
+
+
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (bf16 / fp16 weights), fp64 kept: a step's change may be far below the weights' rounding."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _copied(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
 
 
 def write_non_finite(params: Params, device: torch.device) -> None:

@@ -35,6 +35,7 @@ pass is skipped.
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
@@ -49,7 +50,7 @@ from firm_lightning.advantages import group_advantages
 from firm_lightning.datamodule import PromptLimit
 from firm_lightning.gradients import (
     GRAM_SOURCES, ExactGradients, GramSource, LossScale, RepresentationGradients, capture_representation, check_finite,
-    clipped, objective_weights, write_direction, write_non_finite,
+    WEIGHTING_EFFECT, clipped, objective_weights, weighting_effect, write_direction, write_non_finite,
 )
 from firm_lightning.losses import check_loss_settings, policy_gradient_losses
 from firm_lightning.policy import LoRASettings, PolicyBuilder, TinyPolicy, add_lora
@@ -225,11 +226,13 @@ class FIRMClientModule(L.LightningModule):
         base, self.tokenizer = (policy or TinyPolicy()).build()
         self.policy = add_lora(base, lora)
         self.client_metrics = torch.nn.ModuleDict(
-            # Under DDP every rank records the same (whole-batch) values: nothing to synchronise.
-            # KL is NaN when not measured (kl_coef = 0): its mean is then NaN, without a warning per step.
-            {_metric_key(k): MeanMetric(sync_on_compute=False, nan_strategy="ignore" if k == "train/kl" else "warn")
+            # Under DDP every rank records the same (whole-batch) values: nothing to synchronise. The
+            # weighting effect is NaN where it is not measured, and KL when kl_coef is 0: each is left out of its
+            # mean (or its mean is NaN) without a warning per step.
+            {_metric_key(k): MeanMetric(sync_on_compute=False, nan_strategy=_nan_strategy(k))
              for k in self._summary_names()}
         )
+        self._last_effect = (math.nan, math.nan)  # the weighting effect of the last optimiser step
         if sampling.num_generations < 2:
             raise ValueError("sampling.num_generations must be >= 2: the leave-one-out baseline needs a group.")
         context = context_length(self.policy)
@@ -502,14 +505,28 @@ class FIRMClientModule(L.LightningModule):
         lambdas = objective_weights(self.fit_weighting(), gradients.gram())
         direction = gradients.direction(lambdas, forwards, distributed=ranks is not None)
         direction, norm = clipped(direction, self.loss_settings.max_grad_norm)
+        self._last_effect = self._weighting_effect(optimizer, gradients, lambdas, direction)
         write_direction(params, direction, scale)
         optimizer.step()
         self._step_schedulers()
         return lambdas.detach(), norm.detach()
 
+    def _weighting_effect(self, optimizer, gradients: GramSource, lambdas, direction) -> tuple[float, float]:
+        """``weighting_effect`` of this step against the preference ``p`` of the fit's weighting; NaN without
+        a ``p``, without per-objective gradients (``gram_from`` hidden / logits never form them) or without
+        a torch optimiser to simulate."""
+        preference = self.fit_weighting().preference_weights(len(lambdas))
+        raw = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper would count the simulated steps
+        simulable = isinstance(gradients, ExactGradients) and isinstance(raw, torch.optim.Optimizer)
+        if preference is None or not simulable:
+            return math.nan, math.nan
+        preferred, _ = clipped(gradients.direction(preference.to(lambdas), (), False), self.loss_settings.max_grad_norm)
+        return weighting_effect(raw, self.trainable_parameters(), direction, preferred)
+
     def _skipped_step(self, optimizer, params, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """fp16 overflow: a NaN gradient, so the scaler skips this step and lowers its scale; λ and ‖d‖ are NaN."""
         write_non_finite(params, finite.device)
+        self._last_effect = (math.nan, math.nan)
         optimizer.step()
         self._step_schedulers()  # a step the scaler skipped still counts: schedulers follow step calls
         nan = torch.full((len(finite),), float("nan"), device=finite.device)
@@ -569,11 +586,12 @@ class FIRMClientModule(L.LightningModule):
 
     def _summary_names(self) -> list[str]:
         per_objective = [f"{kind}/{n}" for kind in ("train/reward", "lambda") for n in self.objective_names]
-        return per_objective + ["train/kl", "train/update_norm", "train/response_length"]
+        return per_objective + ["train/kl", "train/update_norm", "train/response_length", *WEIGHTING_EFFECT]
 
     def _record(self, rewards, lambdas, kl, norm, rollout: Rollout) -> None:
         values = dict(zip(self._summary_names(), [*rewards, *lambdas, kl, norm]))
         values["train/response_length"] = rollout.response_mask.sum(1).float().mean()
+        values.update({k: torch.tensor(v, device=self.device) for k, v in zip(WEIGHTING_EFFECT, self._last_effect)})
         for name, value in values.items():
             self.client_metrics[_metric_key(name)].update(value)
         self.log_dict({k: float(v) for k, v in values.items()}, on_step=True, on_epoch=False)
@@ -586,6 +604,10 @@ class FIRMClientModule(L.LightningModule):
 def _lora_state(policy) -> dict[str, torch.Tensor]:
     # Only the LoRA tensors: never the (frozen) embeddings peft may add for tied layers.
     return get_peft_model_state_dict(policy, save_embedding_layers=False)
+
+
+def _nan_strategy(name: str) -> str:
+    return "ignore" if name in WEIGHTING_EFFECT or name == "train/kl" else "warn"
 
 
 def _metric_key(name: str) -> str:

@@ -2,7 +2,8 @@
 
 ``federation.progress`` picks it: ``auto`` (a bar when stdout is a terminal, lines when it is
 not — a log file or CI gets no carriage returns), ``bar``, ``lines`` or ``off``. The bar shows
-round i/N, the client now training, the ETA and the latest eval rewards; it is redrawn in
+round i/N, the client now training, the ETA, the latest eval rewards and how much the clients'
+weighting changed their steps (``format_weighting_effect``: 0 when λ is inert); it is redrawn in
 place, never once per client step. Under differential privacy both show only what is released:
 no client identity (the engine does not tell the hooks) and no training statistic (not in the row).
 """
@@ -15,6 +16,7 @@ from typing import Callable, Literal, Optional, TextIO
 from tqdm import tqdm
 
 from firm_lightning.callbacks import FederationCallback
+from firm_lightning.gradients import WEIGHTING_EFFECT
 
 ProgressMode = Literal["auto", "bar", "lines", "off"]
 
@@ -40,6 +42,12 @@ def format_eval(row: dict) -> str:
     )
 
 
+def format_weighting_effect(row: dict) -> str:
+    """How much λ changed the clients' steps against the preference: after the optimiser (on d before it)."""
+    step, direction = (row.get(k, float("nan")) for k in WEIGHTING_EFFECT)
+    return f"λ effect {step:.3f} (on d {direction:.3f})"
+
+
 class PlainLines(FederationCallback):
     """Two lines per round: which clients train, then the round's results."""
 
@@ -62,7 +70,8 @@ class PlainLines(FederationCallback):
             return
         self.echo(
             f"{head} | λ-dispersion {row.get('lambda_dispersion', float('nan')):.4f} | "
-            f"update dispersion {row.get('update_dispersion', float('nan')):.3f} | {row.get('time/round_s', 0.0):.1f}s"
+            f"update dispersion {row.get('update_dispersion', float('nan')):.3f} | {format_weighting_effect(row)} | "
+            f"{row.get('time/round_s', 0.0):.1f}s"
         )
 
 
@@ -86,7 +95,7 @@ class ProgressBar(FederationCallback):
         self.bar.set_postfix_str(f"round {round_idx}: client {client_id} | {self.latest}")
 
     def on_round_end(self, federation, state, row) -> None:
-        self.latest = format_eval(row)
+        self.latest = f"{format_eval(row)} | {format_weighting_effect(row)}"
         self.bar.set_postfix_str(self.latest, refresh=False)
         self.bar.update(1)
 

@@ -444,6 +444,11 @@ class Weighting(abc.ABC):
         """One line for logs."""
         return type(self).__name__ + "()"
 
+    def preference_weights(self, num_objectives: int) -> Optional[torch.Tensor]:
+        """The weights ``p`` it leans to whatever the gradients (float64), or None if it has none: what the
+        weighting-effect measure compares ``λ`` with (``firm_lightning.gradients.weighting_effect``)."""
+        return None
+
     def __repr__(self) -> str:
         return self.describe()
 
@@ -505,6 +510,9 @@ class RegularizedMinNorm(Weighting):
         lam = _solve(_normalize_gram(q), self.beta, p, tol=self.tol, max_iter=self.max_iter)
         return _output(lam, gram)
 
+    def preference_weights(self, num_objectives: int) -> torch.Tensor:
+        return torch.from_numpy(self._preference_for(num_objectives))
+
     def describe(self) -> str:
         pref = "uniform" if self.preference is None else _fmt_list(self.preference)
         return f"RegularizedMinNorm(beta={self.beta:g}, preference={pref})"
@@ -531,6 +539,9 @@ class LinearScalarization(Weighting):
         q = _validate_gram(gram)
         w = validate_preference(self._w, q.shape[0], name="weights").numpy()
         return _output(w, gram)
+
+    def preference_weights(self, num_objectives: int) -> torch.Tensor:
+        return validate_preference(self._w, num_objectives, name="weights")
 
     def describe(self) -> str:
         return f"LinearScalarization(weights={_fmt_list(self.weights)})"

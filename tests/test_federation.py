@@ -217,3 +217,18 @@ def test_save_adapters_false_keeps_only_the_final_adapter(tmp_path):
     assert not list((tmp_path / "adapters").glob("round_*.safetensors"))
     assert (tmp_path / "adapters" / "final" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapters" / "final" / "adapter_config.json").is_file()
+
+
+def test_the_weighting_effect_reaches_the_client_rows_the_round_row_and_the_progress_line(tmp_path):
+    lines = []
+    config = FederationConfig(num_clients=2, output_dir=str(tmp_path), num_rounds=1, progress="lines")
+    factory = TrainerFactory({"max_steps": 1, "accelerator": "cpu"}, tmp_path)
+    state = FederatedOrchestrator(make_module(), make_datamodule(num_clients=2), config, factory,
+                                  echo=lines.append).run()
+    for key in ("train/weighting_effect", "train/weighting_effect_direction"):
+        per_client = [row[key] for row in state.client_history]
+        assert len(per_client) == 2 and all(v > 0 for v in per_client)  # FIRM β = 1: λ ≠ p moves the step
+        assert state.history[-1][key] == pytest.approx(sum(per_client) / 2)
+    row = state.history[-1]
+    expected = f"λ effect {row['train/weighting_effect']:.3f} (on d {row['train/weighting_effect_direction']:.3f})"
+    assert any(line.startswith("round 1/1 | eval") and expected in line for line in lines), lines

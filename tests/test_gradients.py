@@ -12,7 +12,7 @@ import torch
 
 from firm_lightning.gradients import (
     ExactGradients, LossScale, RepresentationGradients, capture_representation, check_finite, clipped, flat_grad,
-    write_grad,
+    weighting_effect, write_grad,
 )
 
 N, D, H, S = 6, 4, 3, 3
@@ -159,3 +159,70 @@ def test_an_unknown_gram_mode_is_refused_naming_the_key():
 
     with pytest.raises(ValueError, match=r"loss\.gram_from='weights'.*\['parameters', 'hidden', 'logits'\]"):
         make_module(loss=PolicyGradientSettings(gram_from="weights"))
+
+
+# ---- the weighting effect: how much λ changes the step against the preference p
+
+
+G = torch.tensor([[2.0, 1.0], [-1.0, 1.0]])  # two objectives' gradients over two coordinates
+P = torch.tensor([0.5, 0.5])  # d_p = (0.5, 1)
+
+
+def _adam_first_step(d: torch.Tensor, lr: float, eps: float) -> torch.Tensor:
+    """Adam's first step from a fresh state: bias-corrected m = d, v = d², so Δθ = −lr · d / (|d| + eps)."""
+    return -lr * d / (d.abs() + eps)
+
+
+@pytest.mark.parametrize("lambdas, flips", [((0.6, 0.4), False), ((0.2, 0.8), True)])
+def test_the_weighting_effect_of_adams_first_step_is_its_sign_change(lambdas, flips):
+    """λ = (0.6, 0.4) keeps both coordinates' signs: Adam's first step (≈ lr·sign(d)) is the same as p's, so
+    the effect after the optimiser is ≈ 0 while d itself moved; λ = (0.2, 0.8) flips the first coordinate."""
+    theta = torch.nn.Parameter(torch.tensor([0.3, -0.7], dtype=torch.float64))
+    lr, eps = 0.1, 1e-8
+    adam = torch.optim.Adam([theta], lr=lr, eps=eps)
+    d, d_p = (torch.tensor(lambdas, dtype=torch.float64) @ G.double()), P.double() @ G.double()
+    after, before = weighting_effect(adam, [theta], d, d_p)
+    step, step_p = _adam_first_step(d, lr, eps), _adam_first_step(d_p, lr, eps)
+    print(f"\nλ={lambdas}: d={d.tolist()} d_p={d_p.tolist()} effect after {after:.6g}, before {before:.6g}")
+    assert before == pytest.approx(float((d - d_p).norm() / d_p.norm()), rel=1e-12)
+    assert after == pytest.approx(float((step - step_p).norm() / step_p.norm()), rel=1e-9, abs=1e-12)
+    assert (after == pytest.approx(2**0.5, rel=1e-6)) if flips else (after < 1e-7)  # |Δθ(p)| = lr·√2, one sign flip
+    assert torch.equal(theta.detach(), torch.tensor([0.3, -0.7], dtype=torch.float64)) and not adam.state
+
+
+def test_a_lambda_equal_to_the_preference_has_no_effect_and_sgd_keeps_the_directions_ratio():
+    theta = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    d_p = P.double() @ G.double()
+    assert weighting_effect(torch.optim.SGD([theta], lr=0.5), [theta], d_p.clone(), d_p) == (0.0, 0.0)
+    d = torch.tensor([0.2, 0.8], dtype=torch.float64) @ G.double()
+    after, before = weighting_effect(torch.optim.SGD([theta], lr=0.5), [theta], d, d_p)
+    assert after == pytest.approx(before, rel=1e-12)  # plain SGD: Δθ = −lr·d, linear in d
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True),
+    lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+])
+def test_measuring_the_effect_leaves_the_parameters_the_optimiser_and_the_next_step_bit_identical(setup, make):
+    model, params, x, targets = setup
+    grads = ExactGradients.accumulate(_forwards(model, x, targets, WHOLE), params, LossScale()).grads
+    lambdas, preference = torch.tensor([0.7, 0.2, 0.1]), torch.full((S,), 1 / S)
+
+    def run(measure: bool) -> list[torch.Tensor]:
+        for p, start in zip(params, starts):
+            p.data.copy_(start)
+        optimizer = make(params)
+        for _ in range(3):  # the measure on a fresh state, then on one with history
+            direction = lambdas @ grads
+            if measure:
+                after, before = weighting_effect(optimizer, params, direction, preference @ grads)
+                assert after > 0 and before > 0
+            write_grad(params, direction)
+            optimizer.step()
+        return [p.detach().clone() for p in params] + [t for s in optimizer.state.values() for t in s.values()
+                                                         if isinstance(t, torch.Tensor)]
+
+    starts = [p.detach().clone() for p in params]
+    plain, measured = run(False), run(True)
+    assert len(plain) == len(measured) and all(torch.equal(a, b) for a, b in zip(plain, measured))

@@ -8,6 +8,7 @@ per-objective gradients.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import lightning as L
@@ -415,3 +416,16 @@ def test_the_client_optimizer_is_configuration_not_a_patched_method():
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.5
     assert len(params) == len(module.trainable_parameters())
     assert all(a is b for a, b in zip(params, module.trainable_parameters()))
+
+
+def test_the_weighting_effect_is_zero_when_lambda_is_the_preference_and_nan_without_parameter_gradients():
+    torch.manual_seed(0)
+    module = make_module()
+    fit(module, max_steps=1, callbacks=[FitArguments(weighting=LinearScalarization([0.3, 0.7]))])
+    summary = module.client_summary()
+    assert summary["train/weighting_effect"] == 0.0 == summary["train/weighting_effect_direction"]
+    module = make_module(loss=PolicyGradientSettings(gram_from="hidden"))
+    fit(module, max_steps=1)
+    summary = module.client_summary()
+    assert math.isnan(summary["train/weighting_effect"]) and math.isnan(summary["train/weighting_effect_direction"])
+    assert not math.isnan(summary["lambda/a_to_m"])

@@ -22,6 +22,7 @@ from conftest import make_datamodule, make_module
 from firm_lightning import checkpoint
 from firm_lightning.checkpoint import CheckpointError
 from firm_lightning.cli import main
+from firm_lightning.gradients import WEIGHTING_EFFECT
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationState
 from firm_lightning.rewards import CharsetReward, HFRewardModel, NormalizedReward
 from firm_lightning.trainer_factory import TrainerFactory
@@ -268,7 +269,9 @@ def test_a_run_saved_by_the_code_before_the_restructuring_resumes_and_continues_
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
-    assert _rows(out / "metrics.csv") == _rows(PRE_REFACTOR / "expected_metrics.csv")
+    rows, old_rows = _rows(out / "metrics.csv"), _rows(PRE_REFACTOR / "expected_metrics.csv")
+    assert set(rows[0]) - set(old_rows[0]) == set(WEIGHTING_EFFECT), "the only metrics added since that code's"
+    assert [{k: r[k] for k in old} for r, old in zip(rows, old_rows)] == old_rows and len(rows) == len(old_rows)
 
 
 def _wrapped(inner: str = "hf", name_or_path: str = "rm/harmless", template: str = "{prompt} {response}",

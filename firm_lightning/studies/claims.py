@@ -55,7 +55,10 @@ marks the primary ones):
    budget and the hypervolume of a preference sweep (higher is better);
 5. an A/A control (optional) — FIRM against an identical copy under another name, run on the
    same data splits with its own sampling noise, which must come out inconclusive but for the
-   family's error rate.
+   family's error rate;
+6. the weighting effect (no claim of its own) — how much λ changed the clients' steps against the
+   preference, after the optimiser and on ``d`` (``firm_lightning.gradients.weighting_effect``),
+   a manipulation check: 0 says the weighting cannot have caused any difference.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ PRIMARY, BY_CONSTRUCTION = "primary", "by construction"
 KNOWN_METRICS = (
     "uplink_bytes", "lambda_dispersion", "update_dispersion_weighted", "eval_roughness", "update_cosine",
     "worst_client", "final/mean", "equal_uplink/mean", "equal_uplink/worst_client", "hypervolume",
+    "weighting_effect", "weighting_effect_direction",
 )
 
 
@@ -351,6 +355,9 @@ def run_metrics(rows: Sequence[dict], objectives: Sequence[str], adapters: Optio
         "update_cosine": consecutive_update_cosine(adapters) if adapters else math.nan,
         "worst_client": float(last.get("eval/worst_client/mean", math.nan)),
         "final/mean": statistics.mean(last[f"eval/reward/{n}"] for n in objectives),
+        # how much λ changed the clients' steps against p (gradients.weighting_effect); NaN where not measured
+        "weighting_effect": mean_of(trained, "train/weighting_effect"),
+        "weighting_effect_direction": mean_of(trained, "train/weighting_effect_direction"),
     }
     out.update({f"final/{n}": last[f"eval/reward/{n}"] for n in objectives})
     return out
@@ -480,6 +487,17 @@ def claims_table(
                     "baseline": baseline, "role": role, "interval": interval, "p": paired_t_pvalue(interval),
                     "p_holm": math.nan, "mde": math.nan, "mde_level": math.nan, "verdict": EXPLORATORY, "note": "",
                 })
+    return adjust_family(table, family_error_rate, min_seeds, power)
+
+
+def adjust_family(
+    table: list[dict], family_error_rate: float = 0.05, min_seeds: int = 3, power: float = 0.8
+) -> list[dict]:
+    """Holm across the tested primary rows of ``table`` (one family), then every row's verdict, note and MDE.
+
+    ``claims_table`` calls it on its own rows; a study of several tables (one per regime) calls it again on
+    all their rows together, so its family is the whole study's table.
+    """
     tested = [
         r for r in table if r["role"] == PRIMARY and r["interval"].n >= min_seeds and not math.isnan(r["p"])
     ]

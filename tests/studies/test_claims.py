@@ -17,9 +17,9 @@ from scipy import stats
 
 from conftest import make_datamodule, make_module
 from firm_lightning.studies.claims import (
-    BY_CONSTRUCTION, CONTRADICTED, EXPLORATORY, INCONCLUSIVE, PRIMARY, SUPPORTED, Claim, Interval, check_claims,
-    claims_table, consecutive_update_cosine, default_claims, eval_roughness, holm, markdown,
-    minimum_detectable_effect, paired_t_pvalue, reward_at_uplink, t_interval, verdict, verdict_sentence,
+    BY_CONSTRUCTION, CONTRADICTED, EXPLORATORY, INCONCLUSIVE, PRIMARY, SUPPORTED, Claim, Interval, adjust_family,
+    check_claims, claims_table, consecutive_update_cosine, default_claims, eval_roughness, holm, markdown,
+    minimum_detectable_effect, paired_t_pvalue, reward_at_uplink, run_metrics, t_interval, verdict, verdict_sentence,
 )
 from firm_lightning.module import SamplingSettings
 
@@ -233,6 +233,28 @@ def test_holm_decides_primary_rows_across_the_whole_table_and_exploratory_rows_g
     assert all(r["verdict"] == EXPLORATORY and math.isnan(r["p_holm"]) for r in table if r["role"] == EXPLORATORY)
     one = claims_table({k: v for k, v in per_run.items() if k[1] == 0.1}, "firm", claims)
     assert [r["verdict"] for r in one] == [SUPPORTED, EXPLORATORY]
+
+
+def test_a_study_of_several_tables_is_one_holm_family():
+    """benchmarks/regimes.py builds one table per regime and adjusts their primary rows together."""
+    firm, claim = [0.30, 0.10, 0.25, 0.05, 0.20], Claim("c", "m", "higher", ("base",), primary=True)
+    tables = [claims_table(_two_algorithms(firm, [0.0] * 5), "firm", [claim]) for _ in range(3)]
+    assert all(t[0]["verdict"] == SUPPORTED for t in tables)  # each alone: a family of one
+    study = adjust_family([dict(row, regime=i) for i, t in enumerate(tables) for row in t])
+    p = tables[0][0]["p"]
+    assert all(r["p_holm"] == pytest.approx(min(1.0, 3 * p)) and r["verdict"] == INCONCLUSIVE for r in study)
+    assert study[0]["mde_level"] == pytest.approx(0.05 / 3)
+
+
+def test_run_metrics_average_the_weighting_effect_over_the_trained_rounds():
+    rows = [{"round": 0, "comm/bytes_up": 0, "clients": 1, "eval/reward/a": 0.1}] + [
+        {"round": r, "comm/bytes_up": 8, "clients": 1, "eval/reward/a": 0.2, "train/weighting_effect": e,
+         "train/weighting_effect_direction": e / 2} for r, e in ((1, 0.3), (2, 0.1))]
+    metrics = run_metrics(rows, ["a"])
+    assert metrics["weighting_effect"] == pytest.approx(0.2)
+    assert metrics["weighting_effect_direction"] == pytest.approx(0.1)
+    older = [{k: v for k, v in r.items() if not k.startswith("train/weighting")} for r in rows]
+    assert math.isnan(run_metrics(older, ["a"])["weighting_effect"])  # a run from before the measure
 
 
 def test_claims_table_pairs_on_seed():
