@@ -199,6 +199,15 @@ def test_the_extras_named_for_missing_packages_install_them():
     assert install_hint("comet-ml") == "pip install comet-ml"
 
 
+@pytest.mark.parametrize("command, example", [("fit", "configs/tiny.yaml"), ("compare", "configs/compare_tiny.yaml")])
+def test_a_command_without_a_config_points_at_one(command, example, capsys):
+    code, _, err = _exit([command], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert f"the following arguments are required: model.objectives, data; start from a config: " \
+           f"python -m firm_lightning {command} --config {example}" in err, err
+    assert (Path(CONFIG).parents[1] / example).is_file()
+
+
 def test_help_shows_the_federation_first_and_the_trainer_in_short_help_all_shows_every_option(capsys):
     code, short, _ = _exit(["compare", "--help"], capsys)
     assert code == 0
@@ -213,3 +222,31 @@ def test_help_shows_the_federation_first_and_the_trainer_in_short_help_all_shows
     assert not any(option in short for option in hidden) and all(option in full for option in hidden)
     assert "--trainer.max_steps" in short and "--trainer.logger " in short and "--help_all shows its" in short
     assert len(short.splitlines()) < 0.8 * len(full.splitlines())
+
+
+CONSOLE_SCRIPT = """
+import contextlib, importlib, io, sys, tomllib
+target = tomllib.load(open("pyproject.toml", "rb"))["project"]["scripts"]["firm-lightning"]
+module, name = target.split(":")
+script = getattr(importlib.import_module(module), name)
+import firm_lightning.__main__
+assert script is firm_lightning.__main__.main, target  # what `python -m firm_lightning` runs
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    script(["--help"])
+assert "firm-lightning <command>" in out.getvalue() and "python -m firm_lightning <command>" in out.getvalue()
+print("imported:", sorted(m for m in ("torch", "lightning", "transformers", "firm_lightning.cli") if m in sys.modules))
+"""
+
+
+def test_the_console_script_is_python_m_firm_lightning_and_is_documented():
+    """``firm-lightning`` (pyproject's [project.scripts]) runs the same main as ``python -m firm_lightning`` (its help
+    imports nothing heavy either), and README and the getting-started page show it beside ``python -m``."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT], capture_output=True, text=True, cwd=root,
+                          timeout=120)
+    assert proc.returncode == 0 and "imported: []" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    for page in ("README.md", "docs/getting-started.md"):
+        assert "firm-lightning fit --config configs/tiny.yaml" in (root / page).read_text(), page
