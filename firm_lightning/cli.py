@@ -10,7 +10,8 @@ shows the resolved config.
 A user error (a bad, misspelt or abbreviated setting, an unreadable file, a federation that cannot
 go on) ends in one message on stderr that names the problem, and exit code 1; ``--debug`` or
 ``FIRM_DEBUG=1`` shows the full traceback instead; Ctrl-C ends in one line and exit code 130.
-``<command> --help`` lists every option.
+``<command> --help`` lists the options (the Trainer's common ones; ``--help_all``: every one); a
+command without ``--config`` and its required settings points at an example config.
 
 The commands that write a run folder (``fit``, ``compare``, ``pareto``, ``flower``) hold its lock
 for their whole life and write nothing, ``config.yaml`` included, until every check that can refuse
@@ -64,10 +65,16 @@ class FIRMCLI:
         command = COMMANDS[self.subcommand]
         from firm_lightning.config import build_components
 
-        self.components: Components = build_components(
-            rest, command.sections, command.ckpt_path, command.description, f"{PROG} {self.subcommand}",
-            command.data_unless,
-        )
+        try:
+            self.components: Components = build_components(
+                rest, command.sections, command.ckpt_path, command.description, f"{PROG} {self.subcommand}",
+                command.data_unless,
+            )
+        except ArgumentError as error:
+            if "arguments are required" not in str(error) or _has_config(rest):
+                raise
+            raise ArgumentError(None, f"{error}; start from a config: {PROG} {self.subcommand} --config "
+                                      f"{command.example}") from error
         self.model, self.datamodule = self.components.module, self.components.datamodule
         getattr(self, f"run_{self.subcommand}")()
 
@@ -337,6 +344,10 @@ def needs_statistics(objectives) -> bool:
     from firm_lightning.rewards import stateful
 
     return any(getattr(o, "mode", "fixed") != "fixed" for o in stateful(objectives))
+
+
+def _has_config(args: list[str]) -> bool:
+    return any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
 
 
 def _echo(message: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 PROG = "python -m firm_lightning"
+SCRIPT = "firm-lightning"  # the installed command ([project.scripts] in pyproject.toml): the same commands
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Command:
     section_paths: dict[str, str] = field(default_factory=dict)  # group -> "module:Class", imported when used
     ckpt_path: bool = False
     data_unless: Optional[str] = None  # a section of its own that stands in for data: when given
+    example: str = "configs/tiny.yaml"  # the config a user without one starts from
 
     @property
     def sections(self) -> dict[str, type]:
@@ -51,10 +53,12 @@ COMMANDS = {
     "compare": Command(
         "Run several algorithms with identical seeds, data and budget.",
         {"compare": "firm_lightning.studies.compare:CompareSettings"},
+        example="configs/compare_tiny.yaml",
     ),
     "pareto": Command(
         "Sweep preferences for FIRM and linear scalarisation; draw the fronts.",
         {"pareto": "firm_lightning.studies.pareto:ParetoSettings"},
+        example="configs/pareto_tiny.yaml",
     ),
     "flower": Command(
         "Run the federation on Flower: simulation engine or SuperLink + SuperNodes.",
@@ -65,7 +69,11 @@ COMMANDS = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = [f"usage: {PROG} <command> --config X.yaml [--group.option value ...]", "", "commands:"]
+    lines = [f"usage: {PROG} <command> --config X.yaml [--group.option value ...]",
+             f"       {SCRIPT} <command> --config X.yaml [--group.option value ...]   (the installed command)",
+             "", "commands:"]
     lines += [f"  {name:<{width}}  {command.description}" for name, command in COMMANDS.items()]
-    lines += ["", f"`{PROG} <command> --help` lists every option; `--print_config` shows the resolved config."]
+    lines += ["", f"Start from a config: {PROG} fit --config configs/tiny.yaml",
+              f"`{PROG} <command> --help` lists the federation's options and the Trainer's common ones, "
+              "`--help_all` every option; `--print_config` shows the resolved config."]
     return "\n".join(lines)

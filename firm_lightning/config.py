@@ -9,7 +9,8 @@ stands on LightningCLI's public API only (``run=False``, ``add_core_arguments_to
 ``add_arguments_to_parser``, ``before_instantiate_classes``, ``instantiate_classes``,
 ``parse_arguments``), knows nothing of what the command does, and is what the CLI and the Flower
 apps both build from. Keys and classes that moved are refused with one line naming their new place
-(``refuse_moved_keys``).
+(``refuse_moved_keys``); a class whose package is not installed, with one line naming the package and
+the extra that installs it (``firm_lightning.extras``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from firm_lightning.client_optimizer import use_client_optimizer
 from firm_lightning.datamodule import PromptDataModule
+from firm_lightning.extras import failing_class_path, missing_package_line
 from firm_lightning.federation import MOVED_KEYS, FederationConfig
 from firm_lightning.module import FIRMClientModule
+from firm_lightning.parser import FIRMArgumentParser
 from firm_lightning.run_folder import atomic_write
 
 
@@ -101,6 +104,7 @@ class ComponentBuilder(LightningCLI):
             load_from_checkpoint_support=False,
             subclass_mode_data=True,  # PromptDataModule or a subclass such as HHRLHFDataModule
             parser_kwargs=parser_kwargs,
+            parser_class=FIRMArgumentParser,  # --help: the federation first, the Trainer's common options only
             args=list(args),
             run=False,
         )
@@ -117,8 +121,9 @@ class ComponentBuilder(LightningCLI):
         parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=self.subclass_mode_data,
                                         required=False)
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+    def add_arguments_to_parser(self, parser: FIRMArgumentParser) -> None:
         parser.add_class_arguments(FederationConfig, "federation")
+        parser.first_groups = ("federation", *self.sections)
         parser.link_arguments("federation.num_clients", "data.init_args.num_clients")
         parser.link_arguments("federation.seed", "data.init_args.seed")
         for group, cls in self.sections.items():
@@ -149,6 +154,9 @@ class ComponentBuilder(LightningCLI):
         try:
             self.config = parser.parse_args(args)
         except ArgumentError as error:
+            line = missing_package_line(error, re.findall(r'^Parser key "([\w.]+)"', str(error)))
+            if line is not None:  # a class path in a package that is not installed
+                raise ValueError(line) from error
             raise ArgumentError(None, str(error) + close_matches(str(error), parser)) from error
 
     def before_instantiate_classes(self) -> None:
@@ -165,7 +173,13 @@ class ComponentBuilder(LightningCLI):
     def instantiate_classes(self) -> None:
         """Model and data once; trainers are built per client (``TrainerFactory``), so none here."""
         instantiate = getattr(self.parser, "instantiate", None) or self.parser.instantiate_classes  # renamed in 4.49
-        self.config_init = instantiate(self.config)
+        try:
+            self.config_init = instantiate(self.config)
+        except (ValueError, TypeError, ImportError) as error:  # jsonargparse wraps a class's own error
+            line = missing_package_line(error, keys_naming(self.config.as_dict(), failing_class_path(error)))
+            if line is None:
+                raise
+            raise ValueError(line) from error
         self.model = self.config_init["model"]
         self.datamodule = self.config_init["data"]
         self.trainer = None
@@ -213,6 +227,18 @@ def load_components(config_text: str, sections: Optional[dict[str, type]] = None
             path.write_text(config_text)
             _CACHE[key] = build_components(["--config", str(path)], sections)
     return _CACHE[key]
+
+
+def keys_naming(config: Any, class_path: Optional[str], key: str = "") -> list[str]:
+    """The keys of ``config`` (a plain dict) whose value names ``class_path`` (in a list: the list's key)."""
+    if isinstance(config, list):
+        return list(dict.fromkeys(k for item in config for k in keys_naming(item, class_path, key)))
+    if not isinstance(config, dict) or class_path is None:
+        return []
+    found = [key] if key and config.get("class_path") == class_path else []
+    for name, value in config.items():
+        found += keys_naming(value, class_path, key if name == "init_args" else f"{key}.{name}".lstrip("."))
+    return found
 
 
 def use_threads(threads: Optional[int]) -> None:

@@ -110,6 +110,7 @@ class RoundEngine:
         self.eval_objective_state: dict[str, dict] = {}  # calibrated when the federation starts
         self._fingerprint: Optional[dict] = None
         self._started = self._round_tic = time.perf_counter()
+        self._wall_before: Optional[float] = 0.0  # the time of the segments before this one (a resume's)
 
     @property
     def objective_names(self) -> list[str]:
@@ -136,6 +137,7 @@ class RoundEngine:
         self._started = time.perf_counter()
         self.stop_reason = None
         saved = self.check()
+        self._wall_before = saved.wall_s if saved is not None else 0.0
         state = self._continue(saved) if saved is not None else self._initial_state()
         if self.config.overwrite:
             self.folder.clear()
@@ -293,7 +295,8 @@ class RoundEngine:
         self.callbacks.on_federation_end(self, state)
         if self.stop_reason:
             self.echo(f"stopped after round {state.round}/{self.config.num_rounds}: {self.stop_reason}")
-        self.writer.finish(state, time.perf_counter() - self._started, self.config)
+        # The time up to the last round saved, over every segment: a resume that trains nothing keeps it.
+        self.writer.finish(state, state.wall_s, self.config)
         return state
 
     def _stop_on_repeated_failures(self, state: FederationState, failures: Sequence[ClientFailure | str]) -> None:
@@ -395,10 +398,15 @@ class RoundEngine:
         state = dataclasses.replace(
             state, objective_state=self.eval_objective_state, rng_state=checkpoint.capture_rng(),
             secret_rng_state=self.secret.state_dict() if self.secret is not None else {},
+            wall_s=self._wall_s(),
         )
         checkpoint.save_state(self.checkpoint_dir, state, {"fingerprint": self.fingerprint(),
                                                            "fingerprint_version": checkpoint.FINGERPRINT_VERSION})
         return state
+
+    def _wall_s(self) -> Optional[float]:
+        """The run's time so far: the earlier segments' (None when a checkpoint did not record it) plus this one's."""
+        return None if self._wall_before is None else self._wall_before + time.perf_counter() - self._started
 
     def saved_state(self) -> Optional[FederationState]:
         """The state saved by an earlier run in this output_dir (``resume_from``: the latest, or the one kept

@@ -88,8 +88,9 @@ class RunWriter:
                 self.adapter_config.save_pretrained(tmp)
                 os.replace(Path(tmp) / ADAPTER_CONFIG, path.parent / ADAPTER_CONFIG)
 
-    def finish(self, state: "FederationState", wall_s: float, config: "FederationConfig") -> None:
-        """The final adapter and the best ones as peft folders with model cards, the plots, then the summary."""
+    def finish(self, state: "FederationState", wall_s: Optional[float], config: "FederationConfig") -> None:
+        """The final adapter and the best ones as peft folders with model cards, the plots, then the summary
+        (``wall_s``: the run's time, None when unknown)."""
         folder = self.folder.create()
         self.save_adapter(state.global_adapter, folder.final / ADAPTER_WEIGHTS, state.round)
         card = ModelCard(folder.path, self.names, self.adapter_config, config, state)

@@ -7,7 +7,7 @@ the clients are reached (in-process or Flower).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -36,6 +36,9 @@ class FederationState:
     client_states: dict[str, dict] = field(default_factory=dict)
     # One entry per client fit that failed: {"round", "client", "error", "traceback"} (the file of its traceback).
     client_failures: list[dict] = field(default_factory=list)
+    # Seconds the run has spent up to ``round``, summed over the processes that resumed it (the summary's time);
+    # None: a checkpoint written before this was recorded, whose earlier time is unknown.
+    wall_s: Optional[float] = None
 
 
 @dataclass

@@ -161,3 +161,92 @@ def test_torch_threads_is_set_before_the_model_is_built_and_checked():
         assert yaml.safe_load((configs / f"{name}.yaml").read_text())["torch_threads"] == 1, name
     for name in ("hh_rlhf_gpt2", "hh_rlhf_qwen"):  # real models: torch's default
         assert "torch_threads" not in yaml.safe_load((configs / f"{name}.yaml").read_text()), name
+
+
+def test_a_missing_optional_package_is_one_line_naming_it_and_its_extra(tmp_path, capsys, monkeypatch):
+    """The documented W&B command without wandb (the loggers extra): one line naming the key, the class, the
+    package and the install command, not jsonargparse's union dump; nothing written."""
+    import importlib.util
+
+    from lightning.pytorch.loggers import wandb
+    from lightning_utilities.core.imports import RequirementCache
+
+    if importlib.util.find_spec("wandb") is not None:  # installed here: Lightning's check made to fail as without it
+        monkeypatch.setattr(wandb, "_WANDB_AVAILABLE", RequirementCache("wandb>=999"))
+    out = tmp_path / "run"
+    code, _, err = _exit(["fit", "--config", CONFIG, "--data.max_prompts", "16", f"--federation.output_dir={out}",
+                          "--trainer.logger", "WandbLogger", "--trainer.logger.offline", "true"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Union" not in err, err
+    assert err.startswith("error: trainer.logger: WandbLogger needs the package 'wandb', which is not installed: "
+                          "pip install 'firm_lightning[loggers]' (or pip install wandb)"), err
+    assert not out.exists()
+    # A class path in a package that is not installed: named when the config is parsed.
+    code, _, err = _exit(["fit", "--config", CONFIG, "--trainer.logger", "not_installed_pkg.Logger"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Union" not in err, err
+    assert "trainer.logger: Logger needs the package 'not_installed_pkg', which is not installed" in err
+
+
+def test_the_extras_named_for_missing_packages_install_them():
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    from firm_lightning.extras import EXTRAS, install_hint
+
+    extras = tomllib.loads((Path(CONFIG).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for package, extra in EXTRAS.items():
+        names = {Requirement(r).name for r in extras[extra]}
+        assert package in names or any(n.startswith(package + "-") for n in names), (package, extra)  # mlflow-skinny
+    assert install_hint("comet-ml") == "pip install comet-ml"
+
+
+@pytest.mark.parametrize("command, example", [("fit", "configs/tiny.yaml"), ("compare", "configs/compare_tiny.yaml")])
+def test_a_command_without_a_config_points_at_one(command, example, capsys):
+    code, _, err = _exit([command], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert f"the following arguments are required: model.objectives, data; start from a config: " \
+           f"python -m firm_lightning {command} --config {example}" in err, err
+    assert (Path(CONFIG).parents[1] / example).is_file()
+
+
+def test_help_shows_the_federation_first_and_the_trainer_in_short_help_all_shows_every_option(capsys):
+    code, short, _ = _exit(["compare", "--help"], capsys)
+    assert code == 0
+    code, full, _ = _exit(["compare", "--help_all"], capsys)
+    assert code == 0
+    for text in (short, full):
+        order = [text.index(option) for option in ("--help_all", "--federation.num_rounds", "--compare.algorithms",
+                                                   "--model.objectives", "--data ", "--optimizer ", "--trainer ")]
+        assert order == sorted(order), order
+        assert text.startswith("usage: python -m firm_lightning compare --config X.yaml [--group.option value ...]")
+    hidden = ("--trainer.gradient_clip_val", "--trainer.max_epochs", "--trainer.limit_val_batches")
+    assert not any(option in short for option in hidden) and all(option in full for option in hidden)
+    assert "--trainer.max_steps" in short and "--trainer.logger " in short and "--help_all shows its" in short
+    assert len(short.splitlines()) < 0.8 * len(full.splitlines())
+
+
+CONSOLE_SCRIPT = """
+import contextlib, importlib, io, sys, tomllib
+target = tomllib.load(open("pyproject.toml", "rb"))["project"]["scripts"]["firm-lightning"]
+module, name = target.split(":")
+script = getattr(importlib.import_module(module), name)
+import firm_lightning.__main__
+assert script is firm_lightning.__main__.main, target  # what `python -m firm_lightning` runs
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    script(["--help"])
+assert "firm-lightning <command>" in out.getvalue() and "python -m firm_lightning <command>" in out.getvalue()
+print("imported:", sorted(m for m in ("torch", "lightning", "transformers", "firm_lightning.cli") if m in sys.modules))
+"""
+
+
+def test_the_console_script_is_python_m_firm_lightning_and_is_documented():
+    """``firm-lightning`` (pyproject's [project.scripts]) runs the same main as ``python -m firm_lightning`` (its help
+    imports nothing heavy either), and README and the getting-started page show it beside ``python -m``."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", CONSOLE_SCRIPT], capture_output=True, text=True, cwd=root,
+                          timeout=120)
+    assert proc.returncode == 0 and "imported: []" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    for page in ("README.md", "docs/getting-started.md"):
+        assert "firm-lightning fit --config configs/tiny.yaml" in (root / page).read_text(), page

@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -20,10 +22,12 @@ from safetensors.torch import load_file
 
 from conftest import make_datamodule, make_module
 from firm_lightning import checkpoint
+from firm_lightning.callbacks import FederationCallback
 from firm_lightning.checkpoint import CheckpointError
 from firm_lightning.cli import main
 from firm_lightning.gradients import WEIGHTING_EFFECT
 from firm_lightning.orchestrator import FederatedOrchestrator, FederationConfig, FederationState
+from firm_lightning.report import summary_table
 from firm_lightning.rewards import CharsetReward, HFRewardModel, NormalizedReward
 from firm_lightning.trainer_factory import TrainerFactory
 
@@ -338,3 +342,49 @@ def test_the_fingerprint_describes_callable_settings():
     described = checkpoint.describe(Holder())
     assert described["reward"] == {"class": "firm_lightning.rewards.CharsetReward", "name": "a", "charset": ["a", "b"]}
     assert described["scale"] == "math.sqrt" and described["net"] == "torch.nn.modules.linear.Linear"
+
+
+class _InterruptAfterRound(FederationCallback):
+    """Ctrl-C as round ``round_idx`` ends (its state is saved by then)."""
+
+    def __init__(self, round_idx: int) -> None:
+        self.round_idx = round_idx
+
+    def on_round_end(self, federation, state, row) -> None:
+        if state.round == self.round_idx:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_reports_the_time_of_all_its_segments(tmp_path, monkeypatch):
+    """summary.txt's time is the run's, summed over the processes that ran it: the first process's clock runs
+    1000 times fast, so its share dwarfs the second's. A finished run resumed again keeps its summary."""
+    from firm_lightning import engine
+
+    real = time.perf_counter
+    monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: 1000 * real()))
+    with pytest.raises(KeyboardInterrupt):
+        _orchestrator(tmp_path, num_rounds=2, callbacks=[_InterruptAfterRound(1)]).run()
+    first = checkpoint.load_state(tmp_path / "checkpoint", FederationState)[0]
+    assert first.round == 1 and not (tmp_path / "summary.txt").exists()
+    monkeypatch.undo()
+    tic = time.perf_counter()
+    state = _orchestrator(tmp_path, num_rounds=2, resume=True).run()
+    second = time.perf_counter() - tic
+    assert first.wall_s < state.wall_s < first.wall_s + second
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.startswith(f"FIRM federation: 2 rounds in {state.wall_s:.1f}s\n"), summary
+    _orchestrator(tmp_path, num_rounds=2, resume=True).run()  # finished: nothing is trained
+    assert (tmp_path / "summary.txt").read_text() == summary
+
+
+def test_a_checkpoint_without_a_recorded_time_resumes_with_the_time_unknown(tmp_path):
+    """Checkpoints written before the run's time was saved load with ``wall_s`` None; the summary then
+    states no time rather than only the last process's."""
+    checkpoint.save_state(tmp_path, FederationState(round=1, global_adapter={"w": torch.ones(2)}, wall_s=3.5), {})
+    meta = json.loads((tmp_path / "state.json").read_text())
+    assert meta["fields"].pop("wall_s") == 3.5
+    (tmp_path / "state.json").write_text(json.dumps(meta))
+    loaded, _ = checkpoint.load_state(tmp_path, FederationState)
+    assert loaded.wall_s is None
+    loaded.history = [{"round": 0, "eval/reward/a": 0.1}, {"round": 1, "eval/reward/a": 0.2}]
+    assert summary_table(loaded, ["a"], loaded.wall_s).splitlines()[0] == "FIRM federation: 1 rounds"
