@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -231,7 +232,8 @@ def plan(out: Path, cells: list[Cell], seed_options: list[int], family_size: int
 # --------------------------------------------------------------------------- report
 
 
-def report(out: Path, to: Path, cells: list[Cell], family_error_rate: float = 0.05) -> dict:
+def report(out: Path, to: Path, cells: list[Cell], family_error_rate: float = 0.05,
+           results: Optional[Path] = None) -> dict:
     table, levels = study_table(out, cells, family_error_rate)
     result = {
         "commit": _commit(), "trained_with": _trained_with(out), "config": CONFIG, "reference": REFERENCE,
@@ -249,6 +251,9 @@ def report(out: Path, to: Path, cells: list[Cell], family_error_rate: float = 0.
     to.with_suffix(".json").write_text(json.dumps(result, indent=1, default=_json_number) + "\n")
     to.with_suffix(".md").write_text(regime_map(table, levels, cells) + "\n")
     plot(table, levels, cells, to.with_suffix(".png"))
+    if results is not None:
+        command = "python benchmarks/regimes.py report OUT --cells " + " ".join(c.name for c in cells)
+        results.write_text(json.dumps(results_file(result, table, levels, cells, command), indent=1) + "\n")
     return result
 
 
@@ -294,15 +299,23 @@ MAP_COLUMNS = [  # (label, metric, baseline)
     ("worst client vs MGDA", "worst_client", "local_mgda"),
     ("eval roughness vs MGDA", "eval_roughness", "local_mgda"),
 ]
-MARKS = {stats.SUPPORTED: " ✅", stats.CONTRADICTED: " ❌", stats.INCONCLUSIVE: " ·", stats.EXPLORATORY: ""}
+MARKS = {stats.SUPPORTED: " supported", stats.CONTRADICTED: " contradicted", stats.INCONCLUSIVE: " inconclusive",
+         stats.EXPLORATORY: ""}
 
 
 def regime_map(table: list[dict], levels: dict, cells: list[Cell]) -> str:
-    """One line per cell: FIRM (β = 1) − baseline, 95 % interval and verdict; the weighting effect's levels."""
+    """The map as a markdown table (``map_rows``)."""
+    columns, rows = map_rows(table, levels, cells)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def map_rows(table: list[dict], levels: dict, cells: list[Cell]) -> tuple[list[str], list[list]]:
+    """One row per cell: FIRM (β = 1) − baseline, 95 % interval and verdict; the weighting effect's levels."""
     by_key = {(r["cell"], r["metric"], r["baseline"]): r for r in table}
-    lines = ["| regime | α | seeds | weighting effect MGDA → FIRM (after / before the optimiser) | "
-             + " | ".join(label for label, _, _ in MAP_COLUMNS) + " |",
-             "|---|---|---|---|" + "---|" * len(MAP_COLUMNS)]
+    columns = ["regime", "α", "seeds", "weighting effect MGDA → FIRM (after / before the optimiser)"]
+    columns += [label for label, _, _ in MAP_COLUMNS]
+    rows = []
     for cell in cells:
         if cell.name not in levels:
             continue
@@ -322,8 +335,31 @@ def regime_map(table: list[dict], levels: dict, cells: list[Cell]) -> str:
                 text += f" (MDE {r['mde']:.3f})"
             cells_text.append(text)
         seeds = next((r["interval"].n for r in table if r["cell"] == cell.name), 0)
-        lines.append(f"| {cell.regime.name} | {cell.alpha:g} | {seeds} | {effect} | " + " | ".join(cells_text) + " |")
-    return "\n".join(lines)
+        rows.append([cell.regime.name, f"{cell.alpha:g}", str(seeds), effect, *cells_text])
+    return columns, rows
+
+
+def results_file(result: dict, table: list[dict], levels: dict, cells: list[Cell], command: str) -> dict:
+    """The study in the docs' results format (``docs/hooks/results.py``): the map as a table, the levels and
+    intervals as values, what ran where as ``about``."""
+    columns, rows = map_rows(table, levels, cells)
+    jobs = result["wall"]
+    values = {
+        "levels": {cell: {alg: {k.replace("/", "_"): round(v, 4) for k, v in numbers.items()}
+                          for alg, numbers in by_alg.items()} for cell, by_alg in levels.items()},
+        "rows": {f"{r['cell']}.{r['metric'].replace('/', '_')}.{r['baseline']}":
+                 {"mean": r["interval"].mean, "low": r["interval"].low, "high": r["interval"].high,
+                  "p_holm": r["p_holm"], "mde": r["mde"], "verdict": r["verdict"]} for r in table},
+        "job_hours": round(jobs["job_seconds"] / 3600, 2), "jobs": jobs["jobs"], "family_size": result["family_size"],
+    }
+    about = {"title": "Regime study: FIRM (β = 1) against local MGDA and linear scalarisation per regime",
+             "command": command, "date": time.strftime("%Y-%m-%d"),
+             "machine": "2 shared CPU cores, one torch thread per process",
+             "load": "load average 3-9 while other work ran (per job in jobs.jsonl)",
+             "provenance": "written by benchmarks/regimes.py report from the runs it names; trained with "
+                           + ", ".join(c[:7] for c in result["trained_with"])}
+    return {"about": about, "values": json.loads(json.dumps(values, default=_json_number)),
+            "tables": {"map": {"columns": columns, "rows": rows}}}
 
 
 def _num(x: float) -> str:
@@ -387,6 +423,8 @@ def main() -> None:
     parser.add_argument("--family-size", type=int, default=None, help="plan: primary rows of the whole study")
     parser.add_argument("--with-ablation", nargs="*", default=[], help="cells that also run FIRM β = 0.1 and 10")
     parser.add_argument("--to", type=Path, default=None, help="report: path stem (default OUT/regimes)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="report: also the docs' results file (docs/results/regimes.json)")
     args = parser.parse_args()
     names = PILOT if args.cells == ["pilot"] else args.cells
     unknown = [n for n in names if n not in CELLS]
@@ -402,7 +440,7 @@ def main() -> None:
         family = args.family_size or primaries * len(BUDGETED)
         print(json.dumps(plan(args.out, cells, args.seeds_options, family), indent=1, default=_json_number))
     else:
-        result = report(args.out, args.to or args.out / "regimes", cells)
+        result = report(args.out, args.to or args.out / "regimes", cells, results=args.results)
         print(json.dumps({k: result[k] for k in ("commit", "family_size", "wall")}, indent=1))
 
 

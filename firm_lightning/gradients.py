@@ -198,7 +198,7 @@ def _simulated_step(optimizer: torch.optim.Optimizer, params: Params, gradient: 
     state = {p: {k: _copied(v) for k, v in s.items()} for p, s in optimizer.state.items()}
     groups = [{k: _copied(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     write_grad(params, gradient.clone())  # an optimiser may change .grad in place (maximize, weight decay)
-    optimizer.step()
+    _algorithm_step(optimizer)
     step = torch.cat([_widened(p.detach()).sub(_widened(s)).flatten() for p, s in zip(params, start)])
     with torch.no_grad():
         for p, s in zip(params, start):
@@ -209,6 +209,16 @@ def _simulated_step(optimizer: torch.optim.Optimizer, params: Params, gradient: 
     for group, saved in zip(optimizer.param_groups, groups):
         group.update(saved)
     return step
+
+
+def _algorithm_step(optimizer: torch.optim.Optimizer) -> None:
+    """The update rule alone: the ``step`` of the torch class the optimiser is built on, not a subclass's
+    override nor the step hooks (which may record, count or schedule steps: a simulated step is not taken)."""
+    for cls in type(optimizer).__mro__:
+        if cls.__module__.startswith("torch.optim.") and cls is not torch.optim.Optimizer and "step" in vars(cls):
+            cls.step(optimizer)
+            return
+    optimizer.step()  # an optimiser outside torch.optim: its own step
 
 
 def _widened(tensor: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ its ranks itself, and unsupported strategies are refused naming what is supporte
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -64,6 +65,9 @@ def test_a_two_rank_client_fit_equals_the_one_process_fit(tmp_path, two_rank_fit
         assert 0.02 < float(one["lambdas"][0].max()) < 0.98, "an interior λ: its equality says something"
         assert max(errors) <= 1e-5 and lambda_error <= 1e-5 and adapter_error <= 1e-5
         for key, value in one["summary"].items():  # whole-batch rewards, λ, KL, norm on every rank
+            if math.isnan(value):  # not measured (the weighting effect with gram_from logits): on no rank
+                assert math.isnan(rank0["summary"][key]), key
+                continue
             assert abs(rank0["summary"][key] - value) <= 1e-5 * max(1.0, abs(value)), key
 
 

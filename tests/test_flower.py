@@ -532,9 +532,12 @@ def test_a_tls_deployment_with_supernode_authentication_lets_only_registered_nod
             connection.request("GET", "/")
             connection.getresponse()
     assert alive(group) == [], "processes left behind"
-    # Flower 1.42's words (pinned): the link refused the unregistered key; the plaintext hello got no answer.
+    # Flower 1.42's words (pinned): the link refused the unregistered key; the plaintext client could not
+    # connect (exit code 305; the reason it prints, a reset or a disconnect, depends on timing) and never
+    # received a message.
     assert "Failed to activate SuperNode" in (work / "stranger.log").read_text()
-    assert "Server disconnected without sending a response" in (work / "plaintext.log").read_text()
+    plaintext_log = (work / "plaintext.log").read_text()
+    assert "Exit Code: 305" in plaintext_log and "Received successfully" not in plaintext_log
     assert [r["round"] for r in _rows(out / "metrics.csv")] == ["0", "1"]
     _in_process(tmp_path, tmp_path / "plain", "--federation.num_rounds", "1")
     secure = load_file(str(out / "adapters" / "final" / "adapter_model.safetensors"))

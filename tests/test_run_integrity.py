@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import os
+import signal
 import shutil
 import threading
 import time
@@ -256,6 +257,15 @@ def test_an_existing_output_dir_that_cannot_be_written_is_one_line(tmp_path, cap
 @pytest.mark.parametrize("call, where", [(1, "evaluation"), (2, "client fit")])
 def test_ctrl_c_ends_in_one_line_and_exit_code_130_and_the_run_resumes(finished, tmp_path, capsys, call, where):
     out, done = tmp_path / "run", tmp_path / "interrupted"
+    # Ctrl-C raises KeyboardInterrupt, as in a shell (a pytest-xdist worker ignores SIGINT by default).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _interrupt_and_resume(finished, out, done, capsys, call, where)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_and_resume(finished, out, done, capsys, call, where):
     interrupting = objectives("run_faults.InterruptsOnCall", call=call, done_file=str(done))
     one_round = "--federation.num_rounds=1"
     with pytest.raises(SystemExit) as stop:
