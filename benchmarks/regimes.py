@@ -2,7 +2,7 @@
 
     python benchmarks/regimes.py run OUT [--workers 2] [--cells NAME ...] [--seeds 0 1 ...]
     python benchmarks/regimes.py plan OUT --seeds-options 4 6 8     # MDE of the primary rows from a pilot
-    python benchmarks/regimes.py report OUT [--to docs/regimes]    # JSON, figure and markdown map
+    python benchmarks/regimes.py report OUT [--figure docs/regimes.png] [--results docs/results/regimes.json]
 
 A *regime* is a number of local steps K (``trainer.max_steps``) and a client optimiser: SGD, AdamW fresh
 every fit (``federation.client_optimizer_state: reset``) or AdamW persisted across a client's rounds
@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -345,12 +346,10 @@ def results_file(result: dict, table: list[dict], levels: dict, cells: list[Cell
     columns, rows = map_rows(table, levels, cells)
     jobs = result["wall"]
     values = {
-        "levels": {cell: {alg: {k.replace("/", "_"): round(v, 4) for k, v in numbers.items()}
-                          for alg, numbers in by_alg.items()} for cell, by_alg in levels.items()},
-        "rows": {f"{r['cell']}.{r['metric'].replace('/', '_')}.{r['baseline']}":
-                 {"mean": r["interval"].mean, "low": r["interval"].low, "high": r["interval"].high,
-                  "p_holm": r["p_holm"], "mde": r["mde"], "verdict": r["verdict"]} for r in table},
-        "job_hours": round(jobs["job_seconds"] / 3600, 2), "jobs": jobs["jobs"], "family_size": result["family_size"],
+        "levels": {_key(cell): {alg: {_key(k): round(v, 4) for k, v in numbers.items()}
+                               for alg, numbers in by_alg.items()} for cell, by_alg in levels.items()},
+        "rows": _nested_rows(table),
+        "confidence_percent": 95, "job_hours": round(jobs["job_seconds"] / 3600, 2), "jobs": jobs["jobs"], "family_size": result["family_size"],
     }
     about = {"title": "Regime study: FIRM (β = 1) against local MGDA and linear scalarisation per regime",
              "command": command, "date": time.strftime("%Y-%m-%d"),
@@ -360,6 +359,22 @@ def results_file(result: dict, table: list[dict], levels: dict, cells: list[Cell
                            + ", ".join(c[:7] for c in result["trained_with"])}
     return {"about": about, "values": json.loads(json.dumps(values, default=_json_number)),
             "tables": {"map": {"columns": columns, "rows": rows}}}
+
+
+def _nested_rows(table: list[dict]) -> dict:
+    """``rows[cell][metric][baseline]``: each row's interval, Holm-adjusted p, MDE and verdict."""
+    rows: dict = {}
+    for r in table:
+        i = r["interval"]
+        rows.setdefault(_key(r["cell"]), {}).setdefault(_key(r["metric"]), {})[r["baseline"]] = {
+            "mean": i.mean, "low": i.low, "high": i.high, "p_holm": r["p_holm"], "mde": r["mde"],
+            "verdict": r["verdict"]}
+    return rows
+
+
+def _key(name: str) -> str:
+    """A name as one part of a dotted results path: ``k1_adamw_a0.1`` → ``k1_adamw_a0_1``."""
+    return name.replace(".", "_").replace("/", "_")
 
 
 def _num(x: float) -> str:
@@ -422,7 +437,9 @@ def main() -> None:
     parser.add_argument("--seeds-options", type=int, nargs="+", default=[4, 6, 8, 12])
     parser.add_argument("--family-size", type=int, default=None, help="plan: primary rows of the whole study")
     parser.add_argument("--with-ablation", nargs="*", default=[], help="cells that also run FIRM β = 0.1 and 10")
-    parser.add_argument("--to", type=Path, default=None, help="report: path stem (default OUT/regimes)")
+    parser.add_argument("--to", type=Path, default=None, help="report: path stem of the JSON, markdown map and figure "
+                        "(default OUT/regimes)")
+    parser.add_argument("--figure", type=Path, default=None, help="report: also the figure here (docs/regimes.png)")
     parser.add_argument("--results", type=Path, default=None,
                         help="report: also the docs' results file (docs/results/regimes.json)")
     args = parser.parse_args()
@@ -441,6 +458,8 @@ def main() -> None:
         print(json.dumps(plan(args.out, cells, args.seeds_options, family), indent=1, default=_json_number))
     else:
         result = report(args.out, args.to or args.out / "regimes", cells, results=args.results)
+        if args.figure is not None:
+            shutil.copyfile((args.to or args.out / "regimes").with_suffix(".png"), args.figure)
         print(json.dumps({k: result[k] for k in ("commit", "family_size", "wall")}, indent=1))
 
 
