@@ -349,7 +349,8 @@ def results_file(result: dict, table: list[dict], levels: dict, cells: list[Cell
         "levels": {_key(cell): {alg: {_key(k): round(v, 4) for k, v in numbers.items()}
                                for alg, numbers in by_alg.items()} for cell, by_alg in levels.items()},
         "rows": _nested_rows(table),
-        "confidence_percent": 95, "job_hours": round(jobs["job_seconds"] / 3600, 2), "jobs": jobs["jobs"], "family_size": result["family_size"],
+        "confidence_percent": 95, "job_hours": round(jobs["job_seconds"] / 3600, 2), "jobs": jobs["jobs"],
+        "family_size": result["family_size"],
     }
     about = {"title": "Regime study: FIRM (β = 1) against local MGDA and linear scalarisation per regime",
              "command": command, "date": time.strftime("%Y-%m-%d"),
